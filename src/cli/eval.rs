@@ -1,0 +1,103 @@
+//! `synthrank eval`: trec_eval on files, without a pipeline.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use crate::formats::{self, FormatError};
+use crate::metrics::{self, EvalOptions, Measure, Qrels, Run};
+
+use super::CliError;
+
+pub const DEFAULT_MEASURES: &[&str] = &["ndcg_cut.10", "recall.100", "map", "mrr_cut.10"];
+
+pub fn read_qrels(path: &Path) -> Result<Qrels, CliError> {
+    let mut qrels = Qrels::default();
+    for row in formats::qrels(path).map_err(format_error)? {
+        let row = row.map_err(format_error)?;
+        let relevance = row.fields[2].trim().parse::<i32>().map_err(|_| {
+            format_error(FormatError::record(
+                path,
+                row.at,
+                format!("relevance `{}` is not an integer", row.fields[2]),
+            ))
+        })?;
+        qrels.insert(&row.fields[0], &row.fields[1], relevance);
+    }
+    Ok(qrels)
+}
+
+pub fn read_run(path: &Path) -> Result<Run, CliError> {
+    let mut run = Run::default();
+    let mut seen = HashSet::new();
+    for row in formats::trec_run(path).map_err(format_error)? {
+        let row = row.map_err(format_error)?;
+        if !seen.insert((row.fields[0].clone(), row.fields[1].clone())) {
+            return Err(format_error(FormatError::record(
+                path,
+                row.at,
+                format!(
+                    "document `{}` appears twice for query `{}`",
+                    row.fields[1], row.fields[0]
+                ),
+            )));
+        }
+        run.insert(
+            &row.fields[0],
+            &row.fields[1],
+            row.fields[2].parse().expect("checked by the reader"),
+        );
+    }
+    Ok(run)
+}
+
+fn format_error(e: FormatError) -> CliError {
+    CliError::Output(e.to_string())
+}
+
+pub fn parse_measures(specs: &[String]) -> Result<Vec<Measure>, CliError> {
+    let specs: Vec<&str> = if specs.is_empty() {
+        DEFAULT_MEASURES.to_vec()
+    } else {
+        specs.iter().map(String::as_str).collect()
+    };
+    let mut measures = Vec::new();
+    for spec in specs {
+        measures.extend(Measure::parse_list(spec).map_err(|e| CliError::Usage(e.to_string()))?);
+    }
+    Ok(measures)
+}
+
+/// Prints trec_eval's three-column format: `measure  query  value`, means under `all`.
+pub fn print(per_query: &metrics::PerQuery, measures: &[Measure], show_queries: bool) {
+    if show_queries {
+        for (query, values) in per_query {
+            for m in measures {
+                println!("{:<22}\t{query}\t{:.4}", m.name(), values[&m.name()]);
+            }
+        }
+    }
+    let means = metrics::mean(per_query);
+    println!("{:<22}\tall\t{}", "num_q", per_query.len());
+    for m in measures {
+        println!(
+            "{:<22}\tall\t{:.4}",
+            m.name(),
+            means.get(&m.name()).copied().unwrap_or(0.0)
+        );
+    }
+}
+
+pub fn run(
+    qrels: &Path,
+    run_file: &Path,
+    measures: &[String],
+    options: EvalOptions,
+    per_query: bool,
+) -> Result<(), CliError> {
+    let measures = parse_measures(measures)?;
+    let qrels = read_qrels(qrels)?;
+    let run = read_run(run_file)?;
+    let results = metrics::evaluate(&qrels, &run, &measures, options);
+    print(&results, &measures, per_query);
+    Ok(())
+}

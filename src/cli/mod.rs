@@ -1,0 +1,384 @@
+//! The command line: parses arguments, runs a command, and maps every error to a one-line
+//! message and an exit code (never a panic or a backtrace for a user's mistake).
+
+mod eval;
+mod output;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::pipeline::{
+    Pipeline, PipelineError, QueryError, RunOptions, Selection, StageState, query_session,
+    read_only_sql,
+};
+use crate::stages;
+use crate::table::{self, TableError};
+
+#[derive(Parser)]
+#[command(
+    name = "synthrank",
+    version,
+    about = "Train dense retrievers on LLM-written passages of graded relevance (SyCL), as a pipeline over Parquet tables"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the stale stages of a pipeline, in dependency order.
+    Run {
+        pipeline: PathBuf,
+        /// Run only this stage (its inputs must already be built).
+        #[arg(long, conflicts_with = "from")]
+        only: Option<String>,
+        /// Run this stage and everything downstream of it.
+        #[arg(long)]
+        from: Option<String>,
+        /// Run the selected stages even when they are fresh.
+        #[arg(long)]
+        force: bool,
+        /// Say what would run and why; run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        workdir: WorkdirArg,
+    },
+    /// Show each stage: fresh, stale (and why) or missing; rows; last run.
+    Status {
+        pipeline: PathBuf,
+        #[command(flatten)]
+        workdir: WorkdirArg,
+    },
+    /// Read-only SQL over every built table; a stage's tables are `stage` and `stage.table`.
+    Sql {
+        pipeline: PathBuf,
+        query: String,
+        #[arg(long, value_enum, default_value_t = SqlFormat::Table)]
+        format: SqlFormat,
+        #[command(flatten)]
+        workdir: WorkdirArg,
+    },
+    /// Evaluate a TREC run file against qrels with trec_eval semantics.
+    Eval {
+        /// Qrels: BEIR TSV or TREC format.
+        #[arg(long)]
+        qrels: PathBuf,
+        /// Run: TREC format (`qid Q0 doc rank score tag`).
+        #[arg(long)]
+        run: PathBuf,
+        /// Measures in trec_eval names (`ndcg_cut.10`, `P.5,10`, `map`, `recip_rank`, `mrr_cut.10`,
+        /// `recall.100`, `success.1`, `Rprec`, `ndcg`, `map_cut.10`). Default: ndcg_cut.10
+        /// recall.100 map mrr_cut.10.
+        #[arg(long, short = 'm', num_args = 1..)]
+        measure: Vec<String>,
+        /// Judgments at or above this level are relevant for binary measures (trec_eval -l).
+        #[arg(long, short = 'l', default_value_t = 1)]
+        relevance_level: i32,
+        /// Score judged queries missing from the run as zeros (trec_eval -c).
+        #[arg(short = 'c', long)]
+        complete: bool,
+        /// Also print each query's values (trec_eval -q).
+        #[arg(short = 'q', long)]
+        per_query: bool,
+    },
+    /// Print the schema of a table kind, or list the kinds.
+    Schema { kind: Option<String> },
+    /// Write a table (`stage` or `stage.table`) in another format.
+    Export {
+        pipeline: PathBuf,
+        table: String,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Output file (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Run tag (last column of a TREC run file); default: the stage name.
+        #[arg(long)]
+        tag: Option<String>,
+        #[command(flatten)]
+        workdir: WorkdirArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct WorkdirArg {
+    /// Use this work directory instead of the spec's `workdir`.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SqlFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum ExportFormat {
+    Jsonl,
+    Csv,
+    Tsv,
+    /// TREC run (`qid Q0 doc rank score tag`) or qrels (`qid 0 doc rel`) lines.
+    Trec,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("{0}")]
+    Output(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl CliError {
+    /// 2: the spec or the request is wrong; 1: work failed.
+    fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Pipeline(PipelineError::Spec(_))
+            | CliError::Pipeline(PipelineError::UnknownStage { .. })
+            | CliError::Pipeline(PipelineError::UnknownTable { .. })
+            | CliError::Query(QueryError::ReadOnly(_))
+            | CliError::Usage(_)
+            | CliError::Table(TableError::UnknownKind { .. }) => 2,
+            _ => 1,
+        }
+    }
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SYNTHRANK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        tokio::spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                // Outputs are replaced atomically, so exiting here loses nothing: the stage in
+                // progress keeps its previous table and stays stale.
+                eprintln!("\ninterrupted: the stage in progress keeps its previous output");
+                std::process::exit(130);
+            }
+        });
+        match execute(cli.command).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e}");
+                e.exit_code()
+            }
+        }
+    })
+}
+
+fn load(path: &Path, workdir: &WorkdirArg) -> Result<Pipeline, CliError> {
+    Ok(Pipeline::load(
+        path,
+        &stages::registry(),
+        workdir.workdir.as_deref(),
+    )?)
+}
+
+async fn execute(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Run {
+            pipeline,
+            only,
+            from,
+            force,
+            dry_run,
+            workdir,
+        } => {
+            let pipeline = load(&pipeline, &workdir)?;
+            let selection = match (only, from) {
+                (Some(s), _) => Selection::Only(s),
+                (None, Some(s)) => Selection::From(s),
+                (None, None) => Selection::All,
+            };
+            let options = RunOptions {
+                selection,
+                force,
+                dry_run,
+            };
+            let summary = if dry_run {
+                pipeline.run(&options, &mut std::io::stdout()).await?
+            } else {
+                pipeline.run(&options, &mut std::io::stderr()).await?
+            };
+            if !dry_run {
+                eprintln!(
+                    "{} stage(s) ran, {} fresh; tables in {}",
+                    summary.ran.len(),
+                    summary.skipped_fresh.len(),
+                    pipeline.workdir().display()
+                );
+            }
+            Ok(())
+        }
+        Command::Status { pipeline, workdir } => {
+            let pipeline = load(&pipeline, &workdir)?;
+            print_status(&pipeline)
+        }
+        Command::Sql {
+            pipeline,
+            query,
+            format,
+            workdir,
+        } => {
+            let pipeline = load(&pipeline, &workdir)?;
+            let ctx = query_session(&pipeline).await?;
+            let frame = read_only_sql(&ctx, &query).await?;
+            let batches = frame.collect().await.map_err(QueryError::from)?;
+            let mut out = std::io::stdout().lock();
+            match format {
+                SqlFormat::Table => output::pretty(&batches, &mut out),
+                SqlFormat::Csv => output::csv(&batches, &mut out),
+                SqlFormat::Json => output::json_lines(&batches, &mut out),
+            }
+        }
+        Command::Schema { kind } => print_schema(kind.as_deref()),
+        Command::Eval {
+            qrels,
+            run,
+            measure,
+            relevance_level,
+            complete,
+            per_query,
+        } => {
+            let options = crate::metrics::EvalOptions {
+                relevance_level,
+                complete,
+            };
+            eval::run(&qrels, &run, &measure, options, per_query)
+        }
+        Command::Export {
+            pipeline,
+            table,
+            format,
+            output,
+            tag,
+            workdir,
+        } => {
+            let pipeline = load(&pipeline, &workdir)?;
+            pipeline.table_path(&table)?;
+            let ctx = query_session(&pipeline).await?;
+            let frame = ctx.table(table.as_str()).await.map_err(QueryError::from)?;
+            let batches = frame.collect().await.map_err(QueryError::from)?;
+            let tag = tag.unwrap_or_else(|| table.split('.').next().unwrap_or("run").to_string());
+            match output {
+                Some(path) => {
+                    let file = std::fs::File::create(&path).map_err(|source| CliError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    let mut writer = std::io::BufWriter::new(file);
+                    output::export(&batches, format, &tag, &mut writer)?;
+                    writer
+                        .flush()
+                        .map_err(|source| CliError::Io { path, source })
+                }
+                None => output::export(&batches, format, &tag, &mut std::io::stdout().lock()),
+            }
+        }
+    }
+}
+
+fn print_status(pipeline: &Pipeline) -> Result<(), CliError> {
+    let assessments = pipeline.assess_all()?;
+    println!(
+        "pipeline `{}` ({}), workdir {}",
+        pipeline.spec.name,
+        pipeline.spec.path.display(),
+        pipeline.workdir().display()
+    );
+    let rows: Vec<[String; 5]> = pipeline
+        .stages
+        .iter()
+        .zip(&assessments)
+        .map(|(stage, a)| {
+            let (rows, last) = match &a.manifest {
+                Some(m) => (
+                    m.rows().to_string(),
+                    format!("{} ({:.2}s)", m.started_at, m.duration_s),
+                ),
+                None => ("-".to_string(), "-".to_string()),
+            };
+            [
+                stage.name().to_string(),
+                stage.spec.kind.clone(),
+                a.state.describe(),
+                rows,
+                last,
+            ]
+        })
+        .collect();
+    output::aligned(&["STAGE", "KIND", "STATE", "ROWS", "LAST RUN"], &rows);
+    let stale = assessments
+        .iter()
+        .filter(|a| a.state != StageState::Fresh)
+        .count();
+    if stale > 0 {
+        println!(
+            "{stale} stage(s) to run: synthrank run {}",
+            pipeline.spec.path.display()
+        );
+    }
+    Ok(())
+}
+
+fn print_schema(kind: Option<&str>) -> Result<(), CliError> {
+    match kind {
+        None => {
+            let rows: Vec<[String; 2]> = table::kinds()
+                .into_iter()
+                .map(|k| {
+                    [
+                        k.to_string(),
+                        table::schema(k).expect("listed").description.clone(),
+                    ]
+                })
+                .collect();
+            output::aligned(&["KIND", "DESCRIPTION"], &rows);
+        }
+        Some(kind) => {
+            let schema = table::schema(kind)?;
+            println!("{}: {}", schema.kind, schema.description);
+            let rows: Vec<[String; 4]> = schema
+                .columns
+                .iter()
+                .map(|c| {
+                    [
+                        c.name.clone(),
+                        c.data_type.arrow().to_string(),
+                        if c.nullable { "null" } else { "not null" }.to_string(),
+                        c.description.clone(),
+                    ]
+                })
+                .collect();
+            output::aligned(&["COLUMN", "TYPE", "NULLS", "DESCRIPTION"], &rows);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! synthrank: train dense retrievers on LLM-written passages of graded relevance (SyCL), as a
+//! dataflow pipeline of declarative stages over Arrow/Parquet tables.
+//!
+//! Layering (see ARCHITECTURE.md): `spec` and `table` know nothing of stages; `pipeline` runs
+//! stages through a narrow contract; `stages` adapt tables to the pipeline-free modules
+//! (`formats`, ...); `cli` maps everything to commands, messages and exit codes.
+
+pub mod cli;
+pub mod formats;
+pub mod loss;
+pub mod metrics;
+pub mod pipeline;
+pub mod spec;
+pub mod stages;
+pub mod table;

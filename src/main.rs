@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(synthrank::cli::main());
+}

@@ -1,0 +1,210 @@
+//! A stage's fingerprint: a hash over everything its output depends on — its kind and config,
+//! the content of its input tables and named files, and the program version.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::table::{FileStamp, Manifest, hash_file};
+
+use super::{PipelineError, PlannedStage};
+
+pub const PROGRAM_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Components {
+    pub version: String,
+    pub kind: String,
+    pub config: serde_json::Value,
+    pub inputs: BTreeMap<String, InputComponent>,
+    pub files: BTreeMap<String, FileComponent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputComponent {
+    pub stage: String,
+    pub table: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileComponent {
+    pub path: String,
+    pub hash: String,
+    /// Not part of the fingerprint: lets an unchanged file skip re-hashing.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub stamp: Option<FileStamp>,
+}
+
+impl Components {
+    pub fn fingerprint(&self) -> String {
+        let mut hashed = self.clone();
+        for file in hashed.files.values_mut() {
+            file.stamp = None;
+        }
+        // serde_json maps are sorted by key, so this serialization is canonical.
+        let bytes = serde_json::to_vec(&hashed).expect("components serialize");
+        blake3::hash(&bytes).to_hex().to_string()
+    }
+
+    /// Human-readable reasons why `self` differs from what a previous run recorded.
+    pub fn differences(&self, previous: &Components) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if self.version != previous.version {
+            reasons.push(format!(
+                "program version changed ({} -> {})",
+                previous.version, self.version
+            ));
+        }
+        if self.kind != previous.kind {
+            reasons.push(format!("kind changed ({} -> {})", previous.kind, self.kind));
+        }
+        if self.config != previous.config {
+            reasons.push(format!(
+                "config changed ({})",
+                changed_keys(&self.config, &previous.config).join(", ")
+            ));
+        }
+        for (role, input) in &self.inputs {
+            match previous.inputs.get(role) {
+                None => reasons.push(format!("new input `{role}`")),
+                Some(old) if old.stage != input.stage || old.table != input.table => reasons.push(
+                    format!("input `{role}` now reads `{}.{}`", input.stage, input.table),
+                ),
+                Some(old) if old.filter != input.filter => {
+                    reasons.push(format!("sql filter of input `{role}` changed"))
+                }
+                Some(old) if old.hash != input.hash => reasons.push(format!(
+                    "input `{role}` changed (stage `{}` has new output)",
+                    input.stage
+                )),
+                Some(_) => {}
+            }
+        }
+        for role in previous.inputs.keys() {
+            if !self.inputs.contains_key(role) {
+                reasons.push(format!("input `{role}` removed"));
+            }
+        }
+        for (field, file) in &self.files {
+            match previous.files.get(field) {
+                Some(old) if old.path == file.path && old.hash == file.hash => {}
+                Some(old) if old.path == file.path => {
+                    reasons.push(format!("file `{}` changed", file.path))
+                }
+                _ => reasons.push(format!("`{field}` now names `{}`", file.path)),
+            }
+        }
+        if reasons.is_empty() {
+            reasons.push("fingerprint changed".to_string());
+        }
+        reasons
+    }
+}
+
+fn changed_keys(new: &serde_json::Value, old: &serde_json::Value) -> Vec<String> {
+    match (new, old) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            let mut keys: Vec<String> = a
+                .iter()
+                .filter(|(k, v)| b.get(*k) != Some(*v))
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.extend(b.keys().filter(|k| !a.contains_key(*k)).cloned());
+            keys.sort();
+            keys
+        }
+        _ => vec!["config".to_string()],
+    }
+}
+
+/// Hash of a named file, reusing the previous run's hash while size and mtime are unchanged.
+fn file_component(
+    path: &Path,
+    previous: Option<&FileComponent>,
+) -> Result<FileComponent, PipelineError> {
+    let shown = path.to_string_lossy().into_owned();
+    let stamp = FileStamp::of(path)?;
+    if let Some(old) = previous
+        && old.path == shown
+        && old.stamp == Some(stamp)
+    {
+        return Ok(old.clone());
+    }
+    Ok(FileComponent {
+        path: shown,
+        hash: hash_file(path)?,
+        stamp: Some(stamp),
+    })
+}
+
+/// The input tables' hashes come from their producers' manifests (verified against the file's
+/// stamp, re-hashed if it was modified), so assessing a pipeline reads no table data.
+pub fn table_hash(
+    dir: &Path,
+    table: &str,
+    manifest: &Manifest,
+) -> Result<Option<String>, PipelineError> {
+    let Some(entry) = manifest.tables.get(table) else {
+        return Ok(None);
+    };
+    let path = dir.join(&entry.file);
+    if !path.exists() {
+        return Ok(None);
+    }
+    if FileStamp::of(&path)? == entry.stamp {
+        Ok(Some(entry.hash.clone()))
+    } else {
+        Ok(Some(hash_file(&path)?))
+    }
+}
+
+pub enum Computed {
+    Ready(Components),
+    /// An input table does not exist yet.
+    InputMissing(String),
+}
+
+pub fn compute(
+    stage: &PlannedStage,
+    producers: &[&PlannedStage],
+    previous: Option<&Components>,
+) -> Result<Computed, PipelineError> {
+    let mut inputs = BTreeMap::new();
+    for input in &stage.inputs {
+        let producer = producers
+            .iter()
+            .find(|p| p.name() == input.stage)
+            .expect("inputs are stages of the pipeline");
+        let Some(manifest) = producer.manifest() else {
+            return Ok(Computed::InputMissing(input.stage.clone()));
+        };
+        let Some(hash) = table_hash(&producer.dir, &input.table, &manifest)? else {
+            return Ok(Computed::InputMissing(input.stage.clone()));
+        };
+        inputs.insert(
+            input.role.clone(),
+            InputComponent {
+                stage: input.stage.clone(),
+                table: input.table.clone(),
+                filter: input.filter.as_ref().map(|(text, _)| text.clone()),
+                hash,
+            },
+        );
+    }
+    let mut files = BTreeMap::new();
+    for file in &stage.files {
+        let old = previous.and_then(|p| p.files.get(&file.field));
+        files.insert(file.field.clone(), file_component(&file.path, old)?);
+    }
+    Ok(Computed::Ready(Components {
+        version: PROGRAM_VERSION.to_string(),
+        kind: stage.spec.kind.clone(),
+        config: stage.spec.config.clone(),
+        inputs,
+        files,
+    }))
+}

@@ -1,0 +1,440 @@
+//! The pipeline engine: binds a spec to stage kinds, orders stages, decides what is stale, runs
+//! stages into atomically replaced output directories, and answers SQL over their tables.
+
+mod fingerprint;
+mod plan;
+mod progress;
+mod query;
+mod run;
+pub mod stage;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use plan::{Assessment, StageState};
+pub use query::{QueryError, query_session, read_only_sql};
+pub use run::{RunOptions, RunSummary, Selection};
+pub use stage::{
+    BoundInput, ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext,
+    StageError, StageKind, parse_config,
+};
+
+use crate::spec::{PipelineSpec, SpecError, SpecErrorKind, SqlSource, StageSpec};
+use crate::table::{MANIFEST_FILE, Manifest, TableError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("stage `{stage}` failed: {source}")]
+    Stage {
+        stage: String,
+        source: Box<StageError>,
+    },
+    #[error("unknown stage `{name}` (stages: {known})")]
+    UnknownStage { name: String, known: String },
+    #[error("unknown table `{name}` (built tables: {known})")]
+    UnknownTable { name: String, known: String },
+    #[error(
+        "stage `{stage}` needs input `{input}`, which has not been built: run stage `{input}` first"
+    )]
+    InputNotBuilt { stage: String, input: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The stage kinds a pipeline may use.
+pub struct Registry {
+    kinds: Vec<Box<dyn StageKind>>,
+}
+
+impl Registry {
+    pub fn new(kinds: Vec<Box<dyn StageKind>>) -> Registry {
+        Registry { kinds }
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&dyn StageKind> {
+        self.kinds.iter().find(|k| k.kind() == kind).map(|k| &**k)
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &dyn StageKind> {
+        self.kinds.iter().map(|k| &**k)
+    }
+}
+
+/// One input of a planned stage, resolved to the table that feeds it.
+#[derive(Debug, Clone)]
+pub struct ResolvedInput {
+    pub role: String,
+    pub stage: String,
+    pub table: String,
+    pub kind: Option<&'static str>,
+    pub filter: Option<(String, Option<PathBuf>)>,
+}
+
+/// A stage bound to its kind, with resolved inputs, outputs and files.
+pub struct PlannedStage {
+    pub spec: StageSpec,
+    pub stage: Box<dyn Stage>,
+    pub inputs: Vec<ResolvedInput>,
+    pub outputs: Vec<OutputDecl>,
+    pub files: Vec<NamedFile>,
+    pub dir: PathBuf,
+}
+
+impl PlannedStage {
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn manifest(&self) -> Option<Manifest> {
+        let path = self.dir.join(MANIFEST_FILE);
+        path.exists().then(|| Manifest::read(&path).ok()).flatten()
+    }
+}
+
+/// A validated pipeline: stages in dependency order, ready to assess and run.
+pub struct Pipeline {
+    pub spec: PipelineSpec,
+    pub stages: Vec<PlannedStage>,
+}
+
+impl Pipeline {
+    /// Loads and fully validates a spec against the registry's stage kinds.
+    pub fn load(
+        path: &Path,
+        registry: &Registry,
+        workdir: Option<&Path>,
+    ) -> Result<Pipeline, PipelineError> {
+        let mut spec = PipelineSpec::load(path)?;
+        if let Some(w) = workdir {
+            spec.workdir = w.to_path_buf();
+        }
+        Self::bind(spec, registry)
+    }
+
+    fn bind(spec: PipelineSpec, registry: &Registry) -> Result<Pipeline, PipelineError> {
+        let err = |line: u64, kind: SpecErrorKind| SpecError::new(&spec.path, Some(line), kind);
+        let mut bound: BTreeMap<String, Vec<OutputDecl>> = BTreeMap::new();
+        let mut planned = Vec::new();
+
+        for stage_spec in topological_order(&spec) {
+            let kind = registry.get(&stage_spec.kind).ok_or_else(|| {
+                err(
+                    stage_spec.kind_line,
+                    SpecErrorKind::UnknownKind {
+                        stage: stage_spec.name.clone(),
+                        kind: stage_spec.kind.clone(),
+                        known: registry
+                            .kinds()
+                            .map(|k| k.kind())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    },
+                )
+            })?;
+            let stage = kind
+                .prepare(&stage_spec.config, &spec.base_dir)
+                .map_err(|e| {
+                    err(
+                        spec.config_field_line(stage_spec, &e.field),
+                        SpecErrorKind::Config {
+                            stage: stage_spec.name.clone(),
+                            field: e.field,
+                            message: e.message,
+                        },
+                    )
+                })?;
+            let files = stage.files();
+            for file in &files {
+                if !file.path.exists() {
+                    return Err(err(
+                        spec.config_field_line(stage_spec, &file.field),
+                        SpecErrorKind::MissingFile {
+                            stage: stage_spec.name.clone(),
+                            field: file.field.clone(),
+                            path: file.path.clone(),
+                        },
+                    )
+                    .into());
+                }
+            }
+            let inputs = resolve_inputs(&spec, stage_spec, kind, &bound)?;
+            let outputs = stage.outputs();
+            bound.insert(stage_spec.name.clone(), outputs.clone());
+            planned.push(PlannedStage {
+                dir: spec.workdir.join(&stage_spec.name),
+                spec: stage_spec.clone(),
+                stage,
+                inputs,
+                outputs,
+                files,
+            });
+        }
+        Ok(Pipeline {
+            spec,
+            stages: planned,
+        })
+    }
+
+    pub fn workdir(&self) -> &Path {
+        &self.spec.workdir
+    }
+
+    pub fn stage(&self, name: &str) -> Result<&PlannedStage, PipelineError> {
+        self.stages
+            .iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| PipelineError::UnknownStage {
+                name: name.to_string(),
+                known: self.stage_names().join(", "),
+            })
+    }
+
+    pub fn stage_names(&self) -> Vec<&str> {
+        self.stages.iter().map(|s| s.name()).collect()
+    }
+
+    /// `stage` and every stage that depends on it, directly or not.
+    pub fn downstream_of(&self, name: &str) -> Vec<String> {
+        let mut set = vec![name.to_string()];
+        for stage in &self.stages {
+            if stage.inputs.iter().any(|i| set.contains(&i.stage))
+                && !set.iter().any(|s| s == stage.name())
+            {
+                set.push(stage.name().to_string());
+            }
+        }
+        set
+    }
+
+    /// The Parquet file of a built table, `stage` (its primary table) or `stage.table`.
+    pub fn table_path(&self, reference: &str) -> Result<PathBuf, PipelineError> {
+        let (stage_name, table) = match reference.split_once('.') {
+            Some((s, t)) => (s, Some(t)),
+            None => (reference, None),
+        };
+        let stage = self.stage(stage_name)?;
+        let table = match table {
+            Some(t) => stage.outputs.iter().find(|o| o.name == t).ok_or_else(|| {
+                PipelineError::UnknownTable {
+                    name: reference.to_string(),
+                    known: stage
+                        .outputs
+                        .iter()
+                        .map(|o| format!("{stage_name}.{}", o.name))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            })?,
+            None => &stage.outputs[0],
+        };
+        let path = stage.dir.join(format!("{}.parquet", table.name));
+        if !path.exists() {
+            return Err(PipelineError::InputNotBuilt {
+                stage: "export".to_string(),
+                input: stage_name.to_string(),
+            });
+        }
+        Ok(path)
+    }
+}
+
+/// Stages ordered so that every stage comes after its inputs; ties keep spec order.
+fn topological_order(spec: &PipelineSpec) -> Vec<&StageSpec> {
+    let mut done: Vec<&str> = Vec::new();
+    let mut order = Vec::new();
+    while order.len() < spec.stages.len() {
+        let next = spec
+            .stages
+            .iter()
+            .find(|s| {
+                !done.contains(&s.name.as_str())
+                    && s.inputs.iter().all(|i| done.contains(&i.stage.as_str()))
+            })
+            .expect("the spec was checked for cycles");
+        done.push(&next.name);
+        order.push(next);
+    }
+    order
+}
+
+fn resolve_inputs(
+    spec: &PipelineSpec,
+    stage: &StageSpec,
+    kind: &dyn StageKind,
+    bound: &BTreeMap<String, Vec<OutputDecl>>,
+) -> Result<Vec<ResolvedInput>, SpecError> {
+    let err = |line: u64, message: String| {
+        SpecError::new(
+            &spec.path,
+            Some(line),
+            SpecErrorKind::Inputs {
+                stage: stage.name.clone(),
+                kind: stage.kind.clone(),
+                message,
+            },
+        )
+    };
+    let mut resolved: Vec<ResolvedInput> = Vec::new();
+    for input in &stage.inputs {
+        let outputs = &bound[&input.stage];
+        let output = match &input.table {
+            Some(t) => outputs.iter().find(|o| &o.name == t).ok_or_else(|| {
+                SpecError::new(
+                    &spec.path,
+                    Some(input.line),
+                    SpecErrorKind::UnknownInputTable {
+                        stage: stage.name.clone(),
+                        target: input.stage.clone(),
+                        table: t.clone(),
+                        known: outputs
+                            .iter()
+                            .map(|o| o.name.clone())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    },
+                )
+            })?,
+            None => &outputs[0],
+        };
+        let role = match (&input.role, kind.inputs()) {
+            (Some(role), _) => role.clone(),
+            (None, InputRoles::Any) => match &input.table {
+                Some(t) => format!("{}_{t}", input.stage),
+                None => input.stage.clone(),
+            },
+            (None, InputRoles::Fixed(_)) => output
+                .kind
+                .map(str::to_string)
+                .unwrap_or_else(|| input.stage.clone()),
+        };
+        if resolved.iter().any(|r| r.role == role) {
+            return Err(err(
+                input.line,
+                format!(
+                    "two inputs are bound to `{role}`; name the roles (`inputs: {{role: stage}}`)"
+                ),
+            ));
+        }
+        let role_kind = match kind.inputs() {
+            InputRoles::Any => output.kind,
+            InputRoles::Fixed(roles) => {
+                let expected = roles.iter().find(|r| r.name == role).ok_or_else(|| {
+                    err(
+                        input.line,
+                        format!(
+                            "no input role `{role}` (it takes: {})",
+                            describe_roles(roles)
+                        ),
+                    )
+                })?;
+                if let Some(want) = expected.kind
+                    && output.kind != Some(want)
+                {
+                    return Err(err(
+                        input.line,
+                        format!(
+                            "input `{role}` needs a `{want}` table, but `{}.{}` is {}",
+                            input.stage,
+                            output.name,
+                            output
+                                .kind
+                                .map_or("a free-form table".to_string(), |k| format!(
+                                    "a `{k}` table"
+                                ))
+                        ),
+                    ));
+                }
+                expected.kind
+            }
+        };
+        resolved.push(ResolvedInput {
+            role,
+            stage: input.stage.clone(),
+            table: output.name.clone(),
+            kind: role_kind,
+            filter: None,
+        });
+    }
+    if let InputRoles::Fixed(roles) = kind.inputs() {
+        for role in roles.iter().filter(|r| r.required) {
+            if !resolved.iter().any(|r| r.role == role.name) {
+                return Err(err(
+                    stage.line,
+                    format!(
+                        "missing input `{}` (it takes: {})",
+                        role.name,
+                        describe_roles(roles)
+                    ),
+                ));
+            }
+        }
+    }
+    for filter in &stage.sql {
+        let target = match &filter.role {
+            Some(role) => resolved.iter_mut().find(|r| &r.role == role),
+            None if resolved.len() == 1 => resolved.first_mut(),
+            None => {
+                return Err(SpecError::new(
+                    &spec.path,
+                    Some(filter.line),
+                    SpecErrorKind::Sql {
+                        stage: stage.name.clone(),
+                        message: "the stage has several inputs: give one query per input role (`sql: {role: SELECT ...}`)".to_string(),
+                    },
+                ));
+            }
+        };
+        let Some(target) = target else {
+            return Err(SpecError::new(
+                &spec.path,
+                Some(filter.line),
+                SpecErrorKind::Sql {
+                    stage: stage.name.clone(),
+                    message: format!(
+                        "filters input `{}`, which the stage does not have",
+                        filter.role.as_deref().unwrap_or("")
+                    ),
+                },
+            ));
+        };
+        target.filter = Some(match &filter.source {
+            SqlSource::Inline(text) => (text.clone(), None),
+            SqlSource::File(file) => {
+                let path = spec.resolve(file);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    SpecError::new(
+                        &spec.path,
+                        Some(filter.line),
+                        SpecErrorKind::Sql {
+                            stage: stage.name.clone(),
+                            message: format!("cannot read `{}`: {e}", path.display()),
+                        },
+                    )
+                })?;
+                (text, Some(path))
+            }
+        });
+    }
+    Ok(resolved)
+}
+
+fn describe_roles(roles: &[InputRole]) -> String {
+    roles
+        .iter()
+        .map(|r| {
+            let kind = r
+                .kind
+                .map_or("any table".to_string(), |k| format!("a `{k}` table"));
+            let optional = if r.required { "" } else { ", optional" };
+            format!("`{}` ({kind}{optional})", r.name)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

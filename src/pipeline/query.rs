@@ -1,0 +1,86 @@
+//! Read-only SQL over every built table of a pipeline.
+
+use std::sync::Arc;
+
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::error::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::prelude::{
+    DataFrame, ParquetReadOptions, SQLOptions, SessionConfig, SessionContext,
+};
+
+use super::{Pipeline, PipelineError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("`synthrank sql` is read-only: {0}")]
+    ReadOnly(String),
+    #[error(transparent)]
+    DataFusion(Box<DataFusionError>),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+}
+
+impl From<DataFusionError> for QueryError {
+    fn from(e: DataFusionError) -> QueryError {
+        QueryError::DataFusion(Box::new(e))
+    }
+}
+
+/// A session where each built stage's primary table is `stage` and every table is also
+/// `stage.table` (a schema per stage).
+pub async fn query_session(pipeline: &Pipeline) -> Result<SessionContext, QueryError> {
+    let config = SessionConfig::new().with_information_schema(true);
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_default_features()
+        .build();
+    let ctx = SessionContext::new_with_state(state);
+    let catalog = ctx
+        .catalog("datafusion")
+        .expect("the default catalog exists");
+    for stage in &pipeline.stages {
+        let Some(manifest) = stage.manifest() else {
+            continue;
+        };
+        catalog
+            .register_schema(stage.name(), Arc::new(MemorySchemaProvider::new()))
+            .map_err(QueryError::from)?;
+        for (i, output) in stage.outputs.iter().enumerate() {
+            let Some(entry) = manifest.tables.get(&output.name) else {
+                continue;
+            };
+            let path = stage.dir.join(&entry.file).to_string_lossy().into_owned();
+            let options = ParquetReadOptions::default();
+            ctx.register_parquet(
+                format!("{}.{}", stage.name(), output.name),
+                &path,
+                options.clone(),
+            )
+            .await?;
+            if i == 0 {
+                ctx.register_parquet(stage.name(), &path, options).await?;
+            }
+        }
+    }
+    Ok(ctx)
+}
+
+/// Plans `sql` and refuses anything but queries: no DDL (CREATE, DROP), DML (INSERT, COPY) or
+/// session statements (SET).
+pub async fn read_only_sql(ctx: &SessionContext, sql: &str) -> Result<DataFrame, QueryError> {
+    let plan = ctx.state().create_logical_plan(sql).await?;
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(&plan)
+        .map_err(|e| {
+            QueryError::ReadOnly(
+                e.strip_backtrace()
+                    .trim_start_matches("Error during planning: ")
+                    .to_string(),
+            )
+        })?;
+    Ok(ctx.execute_logical_plan(plan).await?)
+}

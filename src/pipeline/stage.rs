@@ -1,0 +1,305 @@
+//! The contract between the pipeline engine and a stage kind.
+//!
+//! A stage kind validates its config once (`prepare`), declares the tables it writes and the
+//! files it depends on, and then runs as a function from input tables to output tables through a
+//! [`StageContext`]. It never sees paths of other stages, manifests or fingerprints.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::{DataFrame, ParquetReadOptions, SessionContext};
+use futures::future::BoxFuture;
+use indicatif::ProgressBar;
+use serde::de::DeserializeOwned;
+
+use crate::table::{self, TableError, TableSchema, TableWriter, WrittenTable};
+
+use super::progress;
+
+/// An input a stage kind expects, under a role name.
+#[derive(Debug, Clone, Copy)]
+pub struct InputRole {
+    pub name: &'static str,
+    /// The table kind the role requires; `None` accepts any table.
+    pub kind: Option<&'static str>,
+    pub required: bool,
+}
+
+/// What inputs a stage kind takes.
+#[derive(Debug, Clone, Copy)]
+pub enum InputRoles {
+    /// These roles, each bound to one table.
+    Fixed(&'static [InputRole]),
+    /// Any number of tables, each under its own name (the `sql` stage).
+    Any,
+}
+
+/// A table a stage writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputDecl {
+    pub name: String,
+    /// The table kind (schema) it must have; `None` for free-form tables.
+    pub kind: Option<&'static str>,
+}
+
+/// A file a stage's output depends on (a template, a SQL file, a data file, model weights).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedFile {
+    /// The config field that names it, for error messages.
+    pub field: String,
+    pub path: PathBuf,
+}
+
+/// A config problem, reported by field so the pipeline can point at the spec line.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Deserializes a stage's `config:` block into its typed form, reporting the failing field.
+pub fn parse_config<T: DeserializeOwned>(config: &serde_json::Value) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(config).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.inner().to_string();
+        // serde names unknown and missing fields only in the message.
+        let named = ["unknown field `", "missing field `"]
+            .iter()
+            .find_map(|p| message.strip_prefix(p))
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string);
+        let field = match (path.as_str(), named) {
+            (".", Some(name)) => name,
+            (".", None) => "config".to_string(),
+            (p, _) => p.to_string(),
+        };
+        ConfigError::new(field, message)
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("SQL: {0}")]
+    Sql(Box<DataFusionError>),
+    /// A malformed record in an input file, located by line or row.
+    #[error(transparent)]
+    Format(#[from] crate::formats::FormatError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<DataFusionError> for StageError {
+    fn from(e: DataFusionError) -> StageError {
+        StageError::Sql(Box::new(e))
+    }
+}
+
+impl StageError {
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StageError {
+        let path = path.into();
+        move |source| StageError::Io { path, source }
+    }
+}
+
+pub trait StageKind: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn summary(&self) -> &'static str;
+    fn inputs(&self) -> InputRoles;
+    /// Validates the config; paths in it resolve against `base_dir` (the spec's directory).
+    fn prepare(
+        &self,
+        config: &serde_json::Value,
+        base_dir: &Path,
+    ) -> Result<Box<dyn Stage>, ConfigError>;
+}
+
+pub trait Stage: Send + Sync {
+    /// The tables it writes; the first is its primary table (what `stage` alone refers to).
+    fn outputs(&self) -> Vec<OutputDecl>;
+    /// The files its output depends on; their content is part of its fingerprint.
+    fn files(&self) -> Vec<NamedFile> {
+        Vec::new()
+    }
+    fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>>;
+}
+
+/// An input table as a running stage sees it.
+#[derive(Debug, Clone)]
+pub struct BoundInput {
+    pub role: String,
+    pub stage: String,
+    pub table: String,
+    pub path: PathBuf,
+    pub kind: Option<&'static str>,
+    /// SQL that replaces this input's rows (the stage's `sql:` filter).
+    pub filter: Option<String>,
+}
+
+/// Everything a running stage may touch: its inputs, its output writers, progress and stats.
+pub struct StageContext {
+    stage: String,
+    inputs: BTreeMap<String, BoundInput>,
+    outputs: Vec<OutputDecl>,
+    staging: PathBuf,
+    written: Vec<WrittenTable>,
+    stats: serde_json::Map<String, serde_json::Value>,
+    session: Option<SessionContext>,
+}
+
+impl StageContext {
+    pub(super) fn new(
+        stage: &str,
+        inputs: Vec<BoundInput>,
+        outputs: Vec<OutputDecl>,
+        staging: &Path,
+    ) -> StageContext {
+        StageContext {
+            stage: stage.to_string(),
+            inputs: inputs.into_iter().map(|i| (i.role.clone(), i)).collect(),
+            outputs,
+            staging: staging.to_path_buf(),
+            written: Vec::new(),
+            stats: serde_json::Map::new(),
+            session: None,
+        }
+    }
+
+    pub fn stage_name(&self) -> &str {
+        &self.stage
+    }
+
+    pub fn inputs(&self) -> impl Iterator<Item = &BoundInput> {
+        self.inputs.values()
+    }
+
+    pub fn has_input(&self, role: &str) -> bool {
+        self.inputs.contains_key(role)
+    }
+
+    /// A SQL session in which every input is registered under its role name (and, where that
+    /// differs, under its stage name).
+    pub async fn session(&mut self) -> Result<&SessionContext, StageError> {
+        if self.session.is_none() {
+            let ctx = SessionContext::new();
+            for input in self.inputs.values() {
+                let path = input.path.to_string_lossy().into_owned();
+                ctx.register_parquet(&input.role, &path, ParquetReadOptions::default())
+                    .await?;
+                if input.stage != input.role && !self.inputs.contains_key(&input.stage) {
+                    ctx.register_parquet(&input.stage, &path, ParquetReadOptions::default())
+                        .await?;
+                }
+            }
+            self.session = Some(ctx);
+        }
+        Ok(self.session.as_ref().expect("just set"))
+    }
+
+    pub async fn sql(&mut self, query: &str) -> Result<DataFrame, StageError> {
+        Ok(self.session().await?.sql(query).await?)
+    }
+
+    /// All rows of the input bound to `role`, after the stage's `sql:` filter if it has one,
+    /// conformed to the role's table kind.
+    pub async fn read_input(&mut self, role: &str) -> Result<Vec<RecordBatch>, StageError> {
+        let input = self
+            .inputs
+            .get(role)
+            .cloned()
+            .ok_or_else(|| StageError::Invalid(format!("stage has no input `{role}`")))?;
+        let batches = match &input.filter {
+            None => table::read_batches(&input.path)?,
+            Some(query) => self.sql(query).await?.collect().await?,
+        };
+        let Some(kind) = input.kind else {
+            return Ok(batches);
+        };
+        let schema = table::schema(kind)?;
+        batches
+            .iter()
+            .map(|b| {
+                schema.conform(b).map_err(|problem| {
+                    StageError::Table(TableError::SchemaMismatch {
+                        table: format!("input `{role}`"),
+                        kind: kind.to_string(),
+                        problem,
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// A writer for the declared output table `name`.
+    pub fn create_table(&self, name: &str, schema: SchemaRef) -> Result<TableWriter, StageError> {
+        let decl = self
+            .outputs
+            .iter()
+            .find(|o| o.name == name)
+            .ok_or_else(|| {
+                StageError::Invalid(format!("stage declares no output table `{name}`"))
+            })?;
+        let kind: Option<&'static TableSchema> = decl.kind.map(table::schema).transpose()?;
+        let path = self.staging.join(format!("{name}.parquet"));
+        Ok(TableWriter::create(name, kind, schema, &path)?)
+    }
+
+    pub fn finish_table(&mut self, writer: TableWriter) -> Result<(), StageError> {
+        self.written.push(writer.finish()?);
+        Ok(())
+    }
+
+    /// Writes a whole output table from batches (which may be empty: the schema is given).
+    pub fn write_table(
+        &mut self,
+        name: &str,
+        schema: SchemaRef,
+        batches: &[RecordBatch],
+    ) -> Result<(), StageError> {
+        let mut writer = self.create_table(name, schema)?;
+        for batch in batches {
+            writer.write(batch)?;
+        }
+        self.finish_table(writer)
+    }
+
+    /// A progress bar for this stage (hidden when stderr is not a terminal).
+    pub fn progress(&self, total: Option<u64>, unit: &str) -> ProgressBar {
+        progress::bar(&self.stage, total, unit)
+    }
+
+    pub fn set_stat(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        self.stats.insert(key.to_string(), value.into());
+    }
+
+    pub(super) fn into_results(
+        self,
+    ) -> (
+        Vec<WrittenTable>,
+        serde_json::Map<String, serde_json::Value>,
+    ) {
+        (self.written, self.stats)
+    }
+}
+
+/// Shared handle used by the registry; stage kinds are stateless singletons.
+pub type StageKindRef = Arc<dyn StageKind>;

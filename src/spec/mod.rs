@@ -1,0 +1,288 @@
+//! Pipeline specs: the YAML a user writes, parsed into typed values that remember the line each
+//! came from, so that every later validation error can point at the file and line.
+
+mod error;
+mod raw;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use error::{SpecError, SpecErrorKind};
+
+/// A parsed, structurally valid pipeline spec. Stage-kind-specific checks (config fields, input
+/// roles, named files) are made by the pipeline layer, which knows the stage kinds.
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    /// The spec file.
+    pub path: PathBuf,
+    /// Directory relative paths in the spec are resolved against (the spec file's directory).
+    pub base_dir: PathBuf,
+    pub name: String,
+    pub description: Option<String>,
+    pub workdir: PathBuf,
+    pub stages: Vec<StageSpec>,
+    source: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    pub name: String,
+    pub line: u64,
+    pub kind: String,
+    pub kind_line: u64,
+    pub description: Option<String>,
+    pub inputs: Vec<InputRef>,
+    /// SQL filters over the stage's inputs, keyed by the input role they replace (`None`: the
+    /// stage's only input).
+    pub sql: Vec<SqlFilter>,
+    pub config: serde_json::Value,
+    pub config_line: u64,
+}
+
+/// One input of a stage: the table `stage[.table]`, under an explicit role or (list form) under
+/// the role its table kind implies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRef {
+    pub role: Option<String>,
+    pub stage: String,
+    pub table: Option<String>,
+    pub line: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SqlFilter {
+    pub role: Option<String>,
+    pub source: SqlSource,
+    pub line: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlSource {
+    Inline(String),
+    File(PathBuf),
+}
+
+/// Names that would collide with SQL schemas DataFusion defines.
+const RESERVED_STAGE_NAMES: &[&str] = &["public", "information_schema", "datafusion"];
+
+impl PipelineSpec {
+    pub fn load(path: &Path) -> Result<PipelineSpec, SpecError> {
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| SpecError::new(path, None, SpecErrorKind::Io(e)))?;
+        Self::parse(path, source)
+    }
+
+    /// Parses spec text as if read from `path` (relative paths resolve against its directory).
+    pub fn parse(path: &Path, source: String) -> Result<PipelineSpec, SpecError> {
+        let raw = raw::parse(path, &source)?;
+        let base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        let err = |line: u64, kind: SpecErrorKind| SpecError::new(path, Some(line), kind);
+
+        if !is_valid_pipeline_name(&raw.name.value) {
+            return Err(err(
+                raw.name.referenced.line(),
+                SpecErrorKind::BadPipelineName(raw.name.value.clone()),
+            ));
+        }
+        let workdir = match &raw.workdir {
+            Some(w) => base_dir.join(&w.value),
+            None => base_dir.join("work").join(&raw.name.value),
+        };
+
+        let mut stages: Vec<StageSpec> = Vec::with_capacity(raw.stages.len());
+        let mut first_line: BTreeMap<String, u64> = BTreeMap::new();
+        for raw_stage in raw.stages {
+            let name = raw_stage.name.value.clone();
+            let line = raw_stage.name.referenced.line();
+            check_stage_name(&name).map_err(|kind| err(line, kind))?;
+            if let Some(first) = first_line.insert(name.clone(), line) {
+                return Err(err(line, SpecErrorKind::DuplicateStage { name, first }));
+            }
+            let inputs = raw_stage
+                .inputs
+                .map(|i| raw::input_refs(i, &name))
+                .transpose()
+                .map_err(|(line, kind)| err(line, kind))?
+                .unwrap_or_default();
+            let sql = raw_stage.sql.map(raw::sql_filters).unwrap_or_default();
+            let (config, config_line) = match raw_stage.config {
+                Some(c) => (c.value, c.referenced.line()),
+                None => (serde_json::Value::Object(Default::default()), line),
+            };
+            stages.push(StageSpec {
+                name,
+                line,
+                kind: raw_stage.kind.value,
+                kind_line: raw_stage.kind.referenced.line(),
+                description: raw_stage.description,
+                inputs,
+                sql,
+                config,
+                config_line,
+            });
+        }
+
+        // Input references must name stages of this pipeline.
+        for stage in &stages {
+            for input in &stage.inputs {
+                if !first_line.contains_key(&input.stage) {
+                    return Err(err(
+                        input.line,
+                        SpecErrorKind::UnknownInput {
+                            stage: stage.name.clone(),
+                            target: input.stage.clone(),
+                            known: first_line.keys().cloned().collect::<Vec<_>>().join(", "),
+                        },
+                    ));
+                }
+            }
+        }
+
+        let spec = PipelineSpec {
+            path: path.to_path_buf(),
+            base_dir,
+            name: raw.name.value,
+            description: raw.description,
+            workdir,
+            stages,
+            source,
+        };
+        spec.check_acyclic()?;
+        Ok(spec)
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&StageSpec> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Resolves a path written in the spec (relative to the spec file's directory).
+    pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
+        self.base_dir.join(path)
+    }
+
+    /// The line of `field:` within the `config:` block of `stage`, for pointing at a config
+    /// error that the typed config parser reports by field path only (`sample.n`,
+    /// `levels[2]`): each segment is looked for below the previous one.
+    pub fn config_field_line(&self, stage: &StageSpec, field: &str) -> u64 {
+        let lines: Vec<&str> = self.source.lines().collect();
+        let indent_of = |l: &str| l.len() - l.trim_start().len();
+        let mut line = stage.config_line.saturating_sub(1) as usize;
+        for segment in field.split('.').map(|s| s.split('[').next().unwrap_or(s)) {
+            let block_indent = lines.get(line).map_or(0, |l| indent_of(l));
+            let found = lines.iter().enumerate().skip(line).find_map(|(i, text)| {
+                let trimmed = text.trim_start().trim_start_matches("- ");
+                let after_key = trimmed.strip_prefix(segment)?;
+                // `key:` in block style, or `{key: ...}` / `, key:` in flow style.
+                let flow = text.contains(&format!("{{{segment}:"))
+                    || text.contains(&format!(" {segment}:"));
+                (after_key.trim_start().starts_with(':') || flow).then_some(i)
+            });
+            match found {
+                Some(i)
+                    if i == line || lines.get(i).is_some_and(|l| indent_of(l) >= block_indent) =>
+                {
+                    line = i
+                }
+                _ => break,
+            }
+        }
+        line as u64 + 1
+    }
+
+    /// Depth-first search for a cycle through input references; reports the cycle's path.
+    fn check_acyclic(&self) -> Result<(), SpecError> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            Active,
+            Done,
+        }
+        let index: BTreeMap<&str, usize> = self
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let mut marks = vec![Mark::New; self.stages.len()];
+        let mut path: Vec<usize> = Vec::new();
+
+        fn visit(
+            spec: &PipelineSpec,
+            index: &BTreeMap<&str, usize>,
+            marks: &mut [Mark],
+            path: &mut Vec<usize>,
+            i: usize,
+        ) -> Result<(), SpecError> {
+            marks[i] = Mark::Active;
+            path.push(i);
+            for input in &spec.stages[i].inputs {
+                let j = index[input.stage.as_str()];
+                match marks[j] {
+                    Mark::Active => {
+                        let from = path.iter().position(|&k| k == j).expect("on path");
+                        let mut names: Vec<&str> = path[from..]
+                            .iter()
+                            .map(|&k| spec.stages[k].name.as_str())
+                            .collect();
+                        names.push(&spec.stages[j].name);
+                        names.reverse();
+                        return Err(SpecError::new(
+                            &spec.path,
+                            Some(input.line),
+                            SpecErrorKind::Cycle(names.join(" -> ")),
+                        ));
+                    }
+                    Mark::New => visit(spec, index, marks, path, j)?,
+                    Mark::Done => {}
+                }
+            }
+            path.pop();
+            marks[i] = Mark::Done;
+            Ok(())
+        }
+
+        for i in 0..self.stages.len() {
+            if marks[i] == Mark::New {
+                visit(self, &index, &mut marks, &mut path, i)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_valid_pipeline_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Stage names become directory names in the workdir and SQL table names, so they are plain
+/// lowercase identifiers: no path separators, no `..`, nothing DataFusion would case-fold.
+fn check_stage_name(name: &str) -> Result<(), SpecErrorKind> {
+    let bad = |why: &str| SpecErrorKind::BadStageName {
+        name: name.to_string(),
+        why: why.to_string(),
+    };
+    if name.contains('/') || name.contains('\\') || name.contains("..") || name.starts_with('.') {
+        return Err(bad("it would escape the workdir"));
+    }
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    if !first_ok || !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+        return Err(bad(
+            "stage names are lowercase identifiers ([a-z_][a-z0-9_]*), used as directory and SQL table names",
+        ));
+    }
+    if RESERVED_STAGE_NAMES.contains(&name) {
+        return Err(bad("it is a reserved SQL schema name"));
+    }
+    Ok(())
+}

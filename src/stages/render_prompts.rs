@@ -1,0 +1,247 @@
+//! `render_prompts`: queries -> chat prompts asking for passages at graded relevance levels.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, Int32Array, StringArray};
+use arrow::record_batch::RecordBatch;
+use futures::future::BoxFuture;
+use minijinja::{Environment, ErrorKind, UndefinedBehavior, Value, context};
+use serde::Deserialize;
+
+use crate::pipeline::{
+    ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
+    StageKind, parse_config,
+};
+use crate::table;
+
+pub struct RenderPrompts;
+
+const INPUTS: &[InputRole] = &[InputRole {
+    name: "queries",
+    kind: Some("queries"),
+    required: true,
+}];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Mode {
+    /// One prompt per query asking for every level at once (one JSON answer).
+    AllLevels,
+    /// One prompt per (query, level), for models that cannot follow a JSON format.
+    PerLevel,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// A minijinja template with a `user` block and an optional `system` block.
+    template: PathBuf,
+    #[serde(default = "default_mode")]
+    mode: Mode,
+    /// The relevance levels to ask for, best first.
+    #[serde(default = "default_levels")]
+    levels: Vec<i32>,
+    /// Extra variables for the template.
+    #[serde(default)]
+    vars: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_mode() -> Mode {
+    Mode::AllLevels
+}
+
+fn default_levels() -> Vec<i32> {
+    vec![3, 2, 1, 0]
+}
+
+impl StageKind for RenderPrompts {
+    fn kind(&self) -> &'static str {
+        "render_prompts"
+    }
+    fn summary(&self) -> &'static str {
+        "render one chat prompt per query (or per query and level) from a minijinja template"
+    }
+    fn inputs(&self) -> InputRoles {
+        InputRoles::Fixed(INPUTS)
+    }
+    fn prepare(
+        &self,
+        config: &serde_json::Value,
+        base_dir: &Path,
+    ) -> Result<Box<dyn Stage>, ConfigError> {
+        let config: Config = parse_config(config)?;
+        if config.levels.is_empty() {
+            return Err(ConfigError::new("levels", "give at least one level"));
+        }
+        let template = base_dir.join(&config.template);
+        Ok(Box::new(Prepared { config, template }))
+    }
+}
+
+struct Prepared {
+    config: Config,
+    template: PathBuf,
+}
+
+impl Stage for Prepared {
+    fn outputs(&self) -> Vec<OutputDecl> {
+        vec![OutputDecl {
+            name: "prompts".to_string(),
+            kind: Some("prompts"),
+        }]
+    }
+
+    fn files(&self) -> Vec<NamedFile> {
+        vec![NamedFile {
+            field: "template".to_string(),
+            path: self.template.clone(),
+        }]
+    }
+
+    fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {
+        Box::pin(self.render_all(ctx))
+    }
+}
+
+/// A rendered prompt.
+struct Prompt {
+    prompt_id: String,
+    query_id: String,
+    level: Option<i32>,
+    system: Option<String>,
+    user: String,
+}
+
+impl Prepared {
+    async fn render_all(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let source =
+            std::fs::read_to_string(&self.template).map_err(StageError::io(&self.template))?;
+        let name = self.template.file_name().map_or_else(
+            || "template".to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let mut env = Environment::new();
+        // A misspelt variable is an error, not a silently empty prompt.
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.add_template_owned(name.clone(), source)
+            .map_err(|e| self.template_error(&e))?;
+        let template = env
+            .get_template(&name)
+            .map_err(|e| self.template_error(&e))?;
+
+        let mut prompts = Vec::new();
+        let bar = ctx.progress(None, "prompts");
+        for batch in ctx.read_input("queries").await? {
+            let ids = string_column(&batch, "query_id");
+            let texts = string_column(&batch, "text");
+            for row in 0..batch.num_rows() {
+                let (query_id, query) = (ids.value(row), texts.value(row));
+                let levels: Vec<Option<i32>> = match self.config.mode {
+                    Mode::AllLevels => vec![None],
+                    Mode::PerLevel => self.config.levels.iter().map(|&l| Some(l)).collect(),
+                };
+                for level in levels {
+                    let values = context! {
+                        query_id => query_id,
+                        query => query,
+                        level => level,
+                        levels => &self.config.levels,
+                        vars => Value::from(minijinja::value::Serde(&self.config.vars)),
+                    };
+                    let mut captured = template.render_captured(values).map_err(|e| {
+                        StageError::Invalid(format!("query `{query_id}`: {}", self.describe(&e)))
+                    })?;
+                    let system = captured.with_state_mut(|s| match s.render_block("system") {
+                        Ok(text) => Ok(Some(text.trim().to_string())),
+                        Err(e) if e.kind() == ErrorKind::UnknownBlock => Ok(None),
+                        Err(e) => Err(e),
+                    });
+                    let user = captured.with_state_mut(|s| s.render_block("user"));
+                    let (system, user) = match (system, user) {
+                        (Ok(s), Ok(u)) => (s, u.trim().to_string()),
+                        (Err(e), _) | (_, Err(e)) => {
+                            return Err(StageError::Invalid(format!(
+                                "query `{query_id}`: {}",
+                                self.describe(&e)
+                            )));
+                        }
+                    };
+                    prompts.push(Prompt {
+                        prompt_id: match level {
+                            None => query_id.to_string(),
+                            Some(l) => format!("{query_id}:{l}"),
+                        },
+                        query_id: query_id.to_string(),
+                        level,
+                        system,
+                        user,
+                    });
+                    bar.inc(1);
+                }
+            }
+        }
+        bar.finish_and_clear();
+        let schema = table::schema("prompts")?.arrow();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(
+                    prompts
+                        .iter()
+                        .map(|p| Some(p.prompt_id.as_str()))
+                        .collect::<StringArray>(),
+                ),
+                Arc::new(
+                    prompts
+                        .iter()
+                        .map(|p| Some(p.query_id.as_str()))
+                        .collect::<StringArray>(),
+                ),
+                Arc::new(prompts.iter().map(|p| p.level).collect::<Int32Array>()),
+                Arc::new(
+                    prompts
+                        .iter()
+                        .map(|p| p.system.as_deref())
+                        .collect::<StringArray>(),
+                ),
+                Arc::new(
+                    prompts
+                        .iter()
+                        .map(|p| Some(p.user.as_str()))
+                        .collect::<StringArray>(),
+                ),
+                Arc::new(
+                    prompts
+                        .iter()
+                        .map(|_| Some(name.as_str()))
+                        .collect::<StringArray>(),
+                ),
+            ],
+        )
+        .expect("columns follow the prompts kind");
+        ctx.write_table("prompts", schema, &[batch])
+    }
+
+    fn describe(&self, e: &minijinja::Error) -> String {
+        match e.line() {
+            Some(line) => format!(
+                "{}:{line}: {}",
+                self.template.display(),
+                e.detail().unwrap_or(&e.kind().to_string())
+            ),
+            None => format!("{}: {e}", self.template.display()),
+        }
+    }
+
+    fn template_error(&self, e: &minijinja::Error) -> StageError {
+        StageError::Invalid(format!("template {}", self.describe(e)))
+    }
+}
+
+fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> &'a StringArray {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .expect("input conformed to its kind")
+}

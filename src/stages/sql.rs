@@ -1,0 +1,133 @@
+//! `sql`: any query over the stage's inputs, registered under their names, becomes a table.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+
+use crate::pipeline::{
+    ConfigError, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError, StageKind,
+    parse_config,
+};
+use crate::table::{self, TableError};
+
+pub struct SqlStage;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// A `.sql` file (relative to the spec) ...
+    #[serde(default)]
+    file: Option<PathBuf>,
+    /// ... or the query itself.
+    #[serde(default)]
+    query: Option<String>,
+    /// The table kind the result must have (and is cast to), so downstream stages can take it
+    /// as, say, `queries`. Without it the result is a free-form table.
+    #[serde(default)]
+    schema: Option<String>,
+}
+
+impl StageKind for SqlStage {
+    fn kind(&self) -> &'static str {
+        "sql"
+    }
+    fn summary(&self) -> &'static str {
+        "run a SQL query (DataFusion) over the inputs, each registered under its name"
+    }
+    fn inputs(&self) -> InputRoles {
+        InputRoles::Any
+    }
+    fn prepare(
+        &self,
+        config: &serde_json::Value,
+        base_dir: &Path,
+    ) -> Result<Box<dyn Stage>, ConfigError> {
+        let config: Config = parse_config(config)?;
+        let kind: Option<&'static str> = config
+            .schema
+            .as_deref()
+            .map(|k| table::schema(k).map(|s| s.kind.as_str()))
+            .transpose()
+            .map_err(|e| ConfigError::new("schema", e.to_string()))?;
+        let query = match (&config.file, &config.query) {
+            (Some(file), None) => Query::File(base_dir.join(file)),
+            (None, Some(text)) => Query::Inline(text.clone()),
+            _ => {
+                return Err(ConfigError::new(
+                    "query",
+                    "give exactly one of `file` and `query`",
+                ));
+            }
+        };
+        Ok(Box::new(Prepared { kind, query }))
+    }
+}
+
+enum Query {
+    File(PathBuf),
+    Inline(String),
+}
+
+struct Prepared {
+    kind: Option<&'static str>,
+    query: Query,
+}
+
+impl Stage for Prepared {
+    fn outputs(&self) -> Vec<OutputDecl> {
+        vec![OutputDecl {
+            name: self.kind.unwrap_or("result").to_string(),
+            kind: self.kind,
+        }]
+    }
+
+    fn files(&self) -> Vec<NamedFile> {
+        match &self.query {
+            Query::File(path) => vec![NamedFile {
+                field: "file".to_string(),
+                path: path.clone(),
+            }],
+            Query::Inline(_) => Vec::new(),
+        }
+    }
+
+    fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {
+        Box::pin(self.execute(ctx))
+    }
+}
+
+impl Prepared {
+    async fn execute(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let text = match &self.query {
+            Query::File(path) => std::fs::read_to_string(path).map_err(StageError::io(path))?,
+            Query::Inline(text) => text.clone(),
+        };
+        let frame = ctx.sql(&text).await?;
+        let kind = self.kind.map(table::schema).transpose()?;
+        let schema = match kind {
+            Some(k) => k.arrow(),
+            None => Arc::new(frame.schema().as_arrow().clone()),
+        };
+        let name = self.outputs().remove(0).name;
+        let mut writer = ctx.create_table(&name, schema)?;
+        let mut stream = frame.execute_stream().await?;
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            let batch = match kind {
+                Some(k) => k
+                    .conform(&batch)
+                    .map_err(|problem| TableError::SchemaMismatch {
+                        table: name.clone(),
+                        kind: k.kind.clone(),
+                        problem,
+                    })?,
+                None => batch,
+            };
+            writer.write(&batch)?;
+        }
+        ctx.finish_table(writer)
+    }
+}

@@ -1,0 +1,145 @@
+//! Reading and writing one table as one Parquet file.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use super::{FileStamp, TableError, TableSchema, hash_file};
+
+/// Writes record batches to a Parquet file, checking each against the table's declared kind.
+pub struct TableWriter {
+    name: String,
+    kind: Option<&'static TableSchema>,
+    path: PathBuf,
+    schema: SchemaRef,
+    writer: ArrowWriter<File>,
+    rows: u64,
+}
+
+/// A finished table: where it is, how many rows, and its content hash.
+#[derive(Debug, Clone)]
+pub struct WrittenTable {
+    pub name: String,
+    pub kind: Option<String>,
+    pub path: PathBuf,
+    pub rows: u64,
+    pub hash: String,
+    pub stamp: FileStamp,
+}
+
+impl TableWriter {
+    /// `kind` is the declared table kind; `None` for free-form tables (a `sql` stage without a
+    /// declared schema), whose schema is whatever the first batch has.
+    pub fn create(
+        name: &str,
+        kind: Option<&'static TableSchema>,
+        schema: SchemaRef,
+        path: &Path,
+    ) -> Result<TableWriter, TableError> {
+        if let Some(kind) = kind {
+            kind.check(&schema)
+                .map_err(|problem| TableError::SchemaMismatch {
+                    table: name.to_string(),
+                    kind: kind.kind.clone(),
+                    problem,
+                })?;
+        }
+        let file = File::create(path).map_err(TableError::io(path))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|source| {
+            TableError::Parquet {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(TableWriter {
+            name: name.to_string(),
+            kind,
+            path: path.to_path_buf(),
+            schema,
+            writer,
+            rows: 0,
+        })
+    }
+
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<(), TableError> {
+        if batch.schema() != self.schema {
+            let problem = match self.kind {
+                Some(kind) => kind
+                    .check(&batch.schema())
+                    .err()
+                    .unwrap_or_else(|| "schema metadata differs".to_string()),
+                None => format!(
+                    "batch schema {:?} differs from the table's {:?}",
+                    batch.schema(),
+                    self.schema
+                ),
+            };
+            return Err(TableError::SchemaMismatch {
+                table: self.name.clone(),
+                kind: self.kind.map_or("any".to_string(), |k| k.kind.clone()),
+                problem,
+            });
+        }
+        self.rows += batch.num_rows() as u64;
+        self.writer
+            .write(batch)
+            .map_err(|source| TableError::Parquet {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    pub fn finish(self) -> Result<WrittenTable, TableError> {
+        let TableWriter {
+            name,
+            kind,
+            path,
+            writer,
+            rows,
+            ..
+        } = self;
+        let file = writer.into_inner().map_err(|source| TableError::Parquet {
+            path: path.clone(),
+            source,
+        })?;
+        file.sync_all().map_err(TableError::io(&path))?;
+        drop(file);
+        Ok(WrittenTable {
+            name,
+            kind: kind.map(|k| k.kind.clone()),
+            hash: hash_file(&path)?,
+            stamp: FileStamp::of(&path)?,
+            path,
+            rows,
+        })
+    }
+}
+
+/// Reads a whole Parquet file. Tables that do not fit in memory are read through DataFusion.
+pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
+    let parquet_err = |source| TableError::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(TableError::io(path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(parquet_err)?
+        .build()
+        .map_err(parquet_err)?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| parquet_err(e.into()))
+}

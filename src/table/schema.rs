@@ -1,0 +1,174 @@
+//! Table kinds: the Arrow schema of every table a stage reads or writes, defined in `schemas/`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::ArrayRef;
+use arrow::compute::{CastOptions, cast_with_options};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use serde::Deserialize;
+
+use super::TableError;
+
+/// Schema files compiled into the binary so it works from any directory.
+const SCHEMA_FILES: &[(&str, &str)] = &[
+    ("queries", include_str!("../../schemas/queries.yaml")),
+    ("corpus", include_str!("../../schemas/corpus.yaml")),
+    ("qrels", include_str!("../../schemas/qrels.yaml")),
+    ("prompts", include_str!("../../schemas/prompts.yaml")),
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSchema {
+    pub kind: String,
+    pub description: String,
+    pub columns: Vec<ColumnSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnSpec {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub data_type: ColumnType,
+    #[serde(default)]
+    pub nullable: bool,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ColumnType {
+    #[serde(rename = "utf8")]
+    Utf8,
+    #[serde(rename = "int32")]
+    Int32,
+    #[serde(rename = "int64")]
+    Int64,
+    #[serde(rename = "float64")]
+    Float64,
+    #[serde(rename = "bool")]
+    Bool,
+}
+
+impl ColumnType {
+    pub fn arrow(self) -> DataType {
+        match self {
+            ColumnType::Utf8 => DataType::Utf8,
+            ColumnType::Int32 => DataType::Int32,
+            ColumnType::Int64 => DataType::Int64,
+            ColumnType::Float64 => DataType::Float64,
+            ColumnType::Bool => DataType::Boolean,
+        }
+    }
+}
+
+impl TableSchema {
+    pub fn arrow(&self) -> SchemaRef {
+        let fields: Vec<Field> = self
+            .columns
+            .iter()
+            .map(|c| Field::new(&c.name, c.data_type.arrow(), c.nullable))
+            .collect();
+        Arc::new(Schema::new(fields))
+    }
+
+    /// Checks that `actual` has exactly this kind's columns, in order, with its types, and no
+    /// nullable column where the kind forbids nulls.
+    pub fn check(&self, actual: &Schema) -> Result<(), String> {
+        let names: Vec<&str> = actual.fields().iter().map(|f| f.name().as_str()).collect();
+        let expected: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
+        if names != expected {
+            return Err(format!(
+                "columns are [{}], a `{}` table has [{}]",
+                names.join(", "),
+                self.kind,
+                expected.join(", ")
+            ));
+        }
+        for (column, field) in self.columns.iter().zip(actual.fields()) {
+            if field.data_type() != &column.data_type.arrow() {
+                return Err(format!(
+                    "column `{}` has type {}, a `{}` table needs {}",
+                    column.name,
+                    field.data_type(),
+                    self.kind,
+                    column.data_type.arrow()
+                ));
+            }
+            if field.is_nullable() && !column.nullable {
+                return Err(format!(
+                    "column `{}` is nullable, a `{}` table forbids nulls there",
+                    column.name, self.kind
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TableSchema {
+    /// Reshapes rows computed elsewhere (by SQL) into this kind: its columns picked by name and
+    /// in its order, cast to its types (SQL integer literals are Int64, say), nulls refused where
+    /// the kind forbids them. Extra columns are dropped.
+    pub fn conform(&self, batch: &RecordBatch) -> Result<RecordBatch, String> {
+        let options = CastOptions {
+            safe: false,
+            ..Default::default()
+        };
+        let columns = self
+            .columns
+            .iter()
+            .map(|spec| {
+                let column = batch.column_by_name(&spec.name).ok_or_else(|| {
+                    format!(
+                        "has no column `{}` (a `{}` table needs it)",
+                        spec.name, self.kind
+                    )
+                })?;
+                let column: ArrayRef = cast_with_options(column, &spec.data_type.arrow(), &options)
+                    .map_err(|e| format!("column `{}`: {e}", spec.name))?;
+                if !spec.nullable && column.null_count() > 0 {
+                    let row = (0..column.len()).find(|&i| column.is_null(i)).unwrap_or(0);
+                    return Err(format!(
+                        "column `{}` is null in row {row}; a `{}` table forbids nulls there",
+                        spec.name, self.kind
+                    ));
+                }
+                Ok(column)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        RecordBatch::try_new(self.arrow(), columns).map_err(|e| e.to_string())
+    }
+}
+
+fn registry() -> &'static BTreeMap<String, TableSchema> {
+    static REGISTRY: OnceLock<BTreeMap<String, TableSchema>> = OnceLock::new();
+    REGISTRY.get_or_init(|| {
+        SCHEMA_FILES
+            .iter()
+            .map(|(file, text)| {
+                // The files are part of the build; a malformed one is a programming error that
+                // the schema tests catch.
+                let schema: TableSchema = serde_saphyr::from_str(text)
+                    .unwrap_or_else(|e| panic!("schemas/{file}.yaml is invalid: {e}"));
+                assert_eq!(&schema.kind, file, "schemas/{file}.yaml names another kind");
+                (schema.kind.clone(), schema)
+            })
+            .collect()
+    })
+}
+
+/// The schema of a table kind.
+pub fn schema(kind: &str) -> Result<&'static TableSchema, TableError> {
+    registry().get(kind).ok_or_else(|| TableError::UnknownKind {
+        kind: kind.to_string(),
+        known: kinds().join(", "),
+    })
+}
+
+/// Every table kind, sorted.
+pub fn kinds() -> Vec<&'static str> {
+    registry().keys().map(String::as_str).collect()
+}

@@ -1,0 +1,160 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use synthrank::pipeline::{Pipeline, RunOptions, RunSummary, Selection};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared` beside the repository: the shared datasets and reference numbers.
+pub fn shared() -> PathBuf {
+    let path = repo().join("../shared");
+    assert!(
+        path.is_dir(),
+        "the shared data directory {} is missing",
+        path.display()
+    );
+    path
+}
+
+pub fn load(spec: &Path, workdir: &Path) -> Pipeline {
+    Pipeline::load(spec, &synthrank::stages::registry(), Some(workdir))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn run(pipeline: &Pipeline, selection: Selection, force: bool) -> RunSummary {
+    try_run(pipeline, selection, force).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn try_run(
+    pipeline: &Pipeline,
+    selection: Selection,
+    force: bool,
+) -> Result<RunSummary, synthrank::pipeline::PipelineError> {
+    let options = RunOptions {
+        selection,
+        force,
+        dry_run: false,
+    };
+    runtime().block_on(pipeline.run(&options, &mut std::io::sink()))
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Writes a spec file into `dir` and returns its path.
+pub fn write_spec(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs the synthrank binary.
+pub fn synthrank(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_synthrank"))
+        .args(args)
+        .output()
+        .expect("the synthrank binary runs")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A tiny BEIR dataset (4 queries, 5 documents, test qrels) written into `dir`.
+pub fn tiny_dataset(dir: &Path) {
+    std::fs::create_dir_all(dir.join("qrels")).unwrap();
+    std::fs::write(
+        dir.join("queries.jsonl"),
+        r#"{"_id": "q1", "text": "what causes rain"}
+{"_id": "q2", "text": "how do vaccines work"}
+{"_id": "q3", "text": "boiling point of water"}
+{"_id": 4, "text": "who wrote hamlet"}
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("corpus.jsonl"),
+        r#"{"_id": "d1", "title": "Rain", "text": "Rain forms when water vapour condenses."}
+{"_id": "d2", "title": "Vaccines", "text": "Vaccines train the immune system."}
+{"_id": "d3", "text": "Water boils at 100 degrees Celsius at sea level."}
+{"_id": "d4", "title": "Hamlet", "text": "Hamlet is a tragedy by William Shakespeare."}
+{"_id": "d5", "title": "Clouds", "text": "Clouds are made of droplets."}
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("qrels/test.tsv"),
+        "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td5\t1\nq2\td2\t1\nq3\td3\t1\n",
+    )
+    .unwrap();
+}
+
+/// An eight-stage pipeline over `tiny_dataset`, with its template, in `dir`.
+pub fn eight_stage_pipeline(dir: &Path) -> PathBuf {
+    tiny_dataset(&dir.join("data"));
+    std::fs::copy(
+        repo().join("pipelines/prompts/graded-passages.j2"),
+        dir.join("graded.j2"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("judged.sql"),
+        "SELECT DISTINCT c.* FROM corpus c JOIN qrels q ON q.doc_id = c.doc_id ORDER BY c.doc_id\n",
+    )
+    .unwrap();
+    write_spec(
+        dir,
+        "pipeline.yaml",
+        r#"name: eight
+workdir: work
+stages:
+  - name: corpus
+    kind: load_corpus
+    config: {path: data}
+  - name: queries
+    kind: load_queries
+    config: {path: data}
+  - name: qrels
+    kind: load_qrels
+    inputs: [queries, corpus]
+    config: {path: data, split: test}
+  - name: judged_queries
+    kind: sql
+    inputs: {queries: queries, qrels: qrels}
+    config:
+      query: SELECT * FROM queries WHERE query_id IN (SELECT query_id FROM qrels)
+      schema: queries
+  - name: prompts
+    kind: render_prompts
+    inputs: {queries: judged_queries}
+    config: {template: graded.j2}
+  - name: level_prompts
+    kind: render_prompts
+    inputs: {queries: judged_queries}
+    config: {template: graded.j2, mode: per_level, levels: [3, 0]}
+  - name: judged_docs
+    kind: sql
+    inputs: {corpus: corpus, qrels: qrels}
+    config: {file: judged.sql, schema: corpus}
+  - name: prompt_counts
+    kind: sql
+    inputs: [prompts, level_prompts]
+    config:
+      query: SELECT (SELECT count(*) FROM prompts) AS all_levels, (SELECT count(*) FROM level_prompts) AS per_level
+"#,
+    )
+}

@@ -1,0 +1,255 @@
+//! Fingerprints decide what runs: nothing when nothing changed, exactly the changed stage and
+//! what depends on it otherwise.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use synthrank::pipeline::{RunOptions, Selection, StageState};
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn ran(summary: &synthrank::pipeline::RunSummary) -> BTreeSet<String> {
+    summary.ran.iter().cloned().collect()
+}
+
+const ALL: &[&str] = &[
+    "corpus",
+    "queries",
+    "qrels",
+    "judged_queries",
+    "prompts",
+    "level_prompts",
+    "judged_docs",
+    "prompt_counts",
+];
+
+#[test]
+fn unchanged_pipeline_reruns_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::eight_stage_pipeline(dir.path());
+    let work = dir.path().join("work");
+    let pipeline = common::load(&spec, &work);
+    assert_eq!(
+        ran(&common::run(&pipeline, Selection::All, false)),
+        set(ALL)
+    );
+    let again = common::run(&pipeline, Selection::All, false);
+    assert!(again.ran.is_empty(), "reran {:?}", again.ran);
+    assert_eq!(again.skipped_fresh.len(), 8);
+    for a in pipeline.assess_all().unwrap() {
+        assert_eq!(a.state, StageState::Fresh, "{}", a.stage);
+    }
+}
+
+#[test]
+fn config_edit_reruns_the_stage_and_its_downstream_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::eight_stage_pipeline(dir.path());
+    let work = dir.path().join("work");
+    common::run(&common::load(&spec, &work), Selection::All, false);
+
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, text.replace("levels: [3, 0]", "levels: [3, 1, 0]")).unwrap();
+    let pipeline = common::load(&spec, &work);
+    let states = pipeline.assess_all().unwrap();
+    let level = states.iter().find(|a| a.stage == "level_prompts").unwrap();
+    assert_eq!(
+        level.state,
+        StageState::Stale(vec!["config changed (levels)".to_string()])
+    );
+    let counts = states.iter().find(|a| a.stage == "prompt_counts").unwrap();
+    assert_eq!(
+        counts.state,
+        StageState::Stale(vec!["upstream `level_prompts` is stale".to_string()])
+    );
+
+    let summary = common::run(&pipeline, Selection::All, false);
+    assert_eq!(ran(&summary), set(&["level_prompts", "prompt_counts"]));
+}
+
+#[test]
+fn edited_template_file_makes_its_stages_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::eight_stage_pipeline(dir.path());
+    let work = dir.path().join("work");
+    common::run(&common::load(&spec, &work), Selection::All, false);
+    let template = dir.path().join("graded.j2");
+    let text = std::fs::read_to_string(&template).unwrap();
+    std::fs::write(
+        &template,
+        text.replace("realistic passages", "realistic, varied passages"),
+    )
+    .unwrap();
+    let pipeline = common::load(&spec, &work);
+    let prompts = pipeline
+        .assess(pipeline.stage("prompts").unwrap(), &[])
+        .unwrap();
+    match prompts.state {
+        StageState::Stale(reasons) => assert!(
+            reasons[0].starts_with("file `") && reasons[0].ends_with("graded.j2` changed"),
+            "{reasons:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let summary = common::run(&pipeline, Selection::All, false);
+    assert_eq!(
+        ran(&summary),
+        set(&["prompts", "level_prompts", "prompt_counts"])
+    );
+}
+
+#[test]
+fn touching_an_input_file_without_changing_it_reruns_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::eight_stage_pipeline(dir.path());
+    let work = dir.path().join("work");
+    let pipeline = common::load(&spec, &work);
+    common::run(&pipeline, Selection::All, false);
+    let corpus = dir.path().join("data/corpus.jsonl");
+    let bytes = std::fs::read(&corpus).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&corpus, bytes).unwrap(); // new mtime, same content
+    assert!(common::run(&pipeline, Selection::All, false).ran.is_empty());
+}
+
+#[test]
+fn identical_new_output_stops_the_wave() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::eight_stage_pipeline(dir.path());
+    let work = dir.path().join("work");
+    let pipeline = common::load(&spec, &work);
+    common::run(&pipeline, Selection::All, false);
+    // Forcing `queries` rewrites an identical table: nothing downstream needs to run.
+    let summary = common::run(&pipeline, Selection::From("queries".into()), true);
+    assert!(summary.ran.contains(&"queries".to_string()));
+    let without_force = common::run(&pipeline, Selection::From("queries".into()), false);
+    assert!(without_force.ran.is_empty(), "{:?}", without_force.ran);
+}
+
+#[test]
+fn only_and_from_select_stages() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::eight_stage_pipeline(dir.path());
+    let work = dir.path().join("work");
+    let pipeline = common::load(&spec, &work);
+    let err = common::try_run(&pipeline, Selection::Only("prompts".into()), false).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "stage `prompts` needs input `judged_queries`, which has not been built: run stage `judged_queries` first"
+    );
+    common::run(&pipeline, Selection::All, false);
+    let only = common::run(&pipeline, Selection::Only("prompts".into()), true);
+    assert_eq!(ran(&only), set(&["prompts"]));
+    let from = common::run(&pipeline, Selection::From("judged_queries".into()), true);
+    assert_eq!(
+        ran(&from),
+        set(&[
+            "judged_queries",
+            "prompts",
+            "level_prompts",
+            "prompt_counts"
+        ])
+    );
+}
+
+#[test]
+fn dry_run_says_what_and_why_and_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::eight_stage_pipeline(dir.path());
+    let work = dir.path().join("work");
+    let pipeline = common::load(&spec, &work);
+    let mut log = Vec::new();
+    let options = RunOptions {
+        selection: Selection::All,
+        force: false,
+        dry_run: true,
+    };
+    let summary = common::runtime()
+        .block_on(pipeline.run(&options, &mut log))
+        .unwrap();
+    assert!(summary.ran.is_empty());
+    assert!(!work.join("corpus").exists());
+    let log = String::from_utf8(log).unwrap();
+    assert!(
+        log.contains("corpus (load_corpus): would run — missing"),
+        "{log}"
+    );
+    assert!(
+        log.contains("prompt_counts (sql): would run — missing"),
+        "{log}"
+    );
+
+    common::run(&pipeline, Selection::All, false);
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(
+        &spec,
+        text.replace(
+            "{path: data, split: test}",
+            "{path: data, split: test, format: beir}",
+        ),
+    )
+    .unwrap();
+    let pipeline = common::load(&spec, &work);
+    let mut log = Vec::new();
+    common::runtime()
+        .block_on(pipeline.run(&options, &mut log))
+        .unwrap();
+    let log = String::from_utf8(log).unwrap();
+    assert!(
+        log.contains("qrels (load_qrels): would run — stale: config changed (format)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("judged_docs (sql): would run — stale: upstream `qrels` is stale"),
+        "{log}"
+    );
+    assert!(log.contains("corpus: fresh, skipped"), "{log}");
+}
+
+#[test]
+fn output_edited_by_hand_is_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::eight_stage_pipeline(dir.path());
+    let work = dir.path().join("work");
+    let pipeline = common::load(&spec, &work);
+    common::run(&pipeline, Selection::All, false);
+    std::fs::copy(
+        work.join("queries/queries.parquet"),
+        work.join("corpus/corpus.parquet"),
+    )
+    .unwrap();
+    let corpus = pipeline
+        .assess(pipeline.stage("corpus").unwrap(), &[])
+        .unwrap();
+    assert_eq!(
+        corpus.state,
+        StageState::Stale(vec![
+            "output `corpus.parquet` was modified outside synthrank".to_string()
+        ])
+    );
+}
+
+/// The bar: `status` on an up-to-date eight-stage pipeline answers in under a second.
+#[test]
+fn status_of_an_up_to_date_pipeline_is_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::eight_stage_pipeline(dir.path());
+    let work = dir.path().join("work");
+    common::run(&common::load(&spec, &work), Selection::All, false);
+    let started = Instant::now();
+    let out = common::synthrank(&[
+        "status",
+        spec.to_str().unwrap(),
+        "--workdir",
+        work.to_str().unwrap(),
+    ]);
+    let elapsed = started.elapsed();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert_eq!(text.matches(" fresh ").count(), 8, "{text}");
+    assert!(elapsed.as_secs_f64() < 1.0, "status took {elapsed:?}");
+}

@@ -1,0 +1,210 @@
+//! Every class of spec error is reported with the file, the line and the field or stage.
+
+mod common;
+
+/// Loads `text` as a spec in a fresh directory (with a small queries file beside it) and
+/// returns the error message.
+fn error_of(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("q.jsonl"),
+        "{\"_id\": \"1\", \"text\": \"a\"}\n",
+    )
+    .unwrap();
+    let spec = common::write_spec(dir.path(), "p.yaml", text);
+    let result = synthrank::pipeline::Pipeline::load(&spec, &synthrank::stages::registry(), None);
+    let message = match result {
+        Ok(_) => panic!("spec was accepted:\n{text}"),
+        Err(e) => e.to_string(),
+    };
+    // Messages start with the spec's path; compare the rest.
+    let prefix = spec.display().to_string();
+    assert!(
+        message.starts_with(&prefix),
+        "message does not name the file: {message}"
+    );
+    message[prefix.len()..].to_string()
+}
+
+const QUERIES: &str = "  - name: q\n    kind: load_queries\n    config:\n      path: q.jsonl\n";
+
+#[test]
+fn invalid_yaml_names_the_line() {
+    let msg = error_of("name: p\nstages:\n  - name: q\n    kind: [unclosed\n");
+    assert!(msg.starts_with(":4") || msg.starts_with(":5"), "{msg}");
+    assert!(msg.contains("invalid YAML"), "{msg}");
+}
+
+#[test]
+fn unknown_top_level_field() {
+    let msg = error_of(&format!("name: p\nstagez: []\nstages:\n{QUERIES}"));
+    assert!(msg.starts_with(":2:"), "{msg}");
+    assert!(msg.contains("stagez"), "{msg}");
+}
+
+#[test]
+fn unknown_kind() {
+    let msg = error_of("name: p\nstages:\n  - name: q\n    kind: load_quries\n");
+    assert_eq!(
+        msg.split(" (known").next().unwrap(),
+        ":4: stage `q`: unknown kind `load_quries`"
+    );
+    assert!(msg.contains("load_queries"), "lists the known kinds: {msg}");
+}
+
+#[test]
+fn duplicate_stage() {
+    let msg = error_of(&format!("name: p\nstages:\n{QUERIES}{QUERIES}"));
+    assert_eq!(
+        msg,
+        ":7: duplicate stage name `q` (first defined on line 3)"
+    );
+}
+
+#[test]
+fn unknown_input_stage() {
+    let msg = error_of(&format!(
+        "name: p\nstages:\n{QUERIES}  - name: p\n    kind: render_prompts\n    inputs: [quries]\n    config: {{template: t.j2}}\n"
+    ));
+    assert!(
+        msg.starts_with(":9: stage `p`: input refers to unknown stage `quries`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_input_table() {
+    let msg = error_of(&format!(
+        "name: p\nstages:\n{QUERIES}  - name: p\n    kind: render_prompts\n    inputs: [q.nope]\n    config: {{template: q.jsonl}}\n"
+    ));
+    assert_eq!(
+        msg,
+        ":9: stage `p`: input `q.nope`: stage `q` writes no table `nope` (it writes: queries)"
+    );
+}
+
+#[test]
+fn cycle() {
+    let msg = error_of(
+        "name: p\nstages:\n  - name: a\n    kind: sql\n    inputs: [b]\n    config: {query: SELECT 1}\n  - name: b\n    kind: sql\n    inputs: [a]\n    config: {query: SELECT 1}\n",
+    );
+    assert!(
+        msg.contains("cycle between stages: a -> b -> a")
+            || msg.contains("cycle between stages: b -> a -> b"),
+        "{msg}"
+    );
+    assert!(msg.starts_with(":5:") || msg.starts_with(":9:"), "{msg}");
+}
+
+#[test]
+fn missing_file_names_the_field_line() {
+    let msg = error_of(
+        "name: p\nstages:\n  - name: q\n    kind: load_queries\n    config:\n      split: test\n      path: nowhere.jsonl\n",
+    );
+    // A BEIR split needs a directory: that is reported first, at the `split` line.
+    assert!(msg.starts_with(":6: stage `q`, field `split`"), "{msg}");
+    let msg = error_of(
+        "name: p\nstages:\n  - name: q\n    kind: load_queries\n    config:\n      format: beir\n      path: nowhere.jsonl\n",
+    );
+    assert!(
+        msg.starts_with(":7: stage `q`, field `path`: file `"),
+        "{msg}"
+    );
+    assert!(msg.ends_with("nowhere.jsonl` does not exist"), "{msg}");
+}
+
+#[test]
+fn stage_name_escaping_the_workdir() {
+    let msg = error_of(
+        "name: p\nstages:\n  - name: ../evil\n    kind: load_queries\n    config: {path: q.jsonl}\n",
+    );
+    assert_eq!(
+        msg,
+        ":3: stage name `../evil` is not allowed: it would escape the workdir"
+    );
+    let msg = error_of(
+        "name: p\nstages:\n  - name: Queries\n    kind: load_queries\n    config: {path: q.jsonl}\n",
+    );
+    assert!(
+        msg.starts_with(
+            ":3: stage name `Queries` is not allowed: stage names are lowercase identifiers"
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_config_field_points_at_its_line() {
+    let msg = error_of(
+        "name: p\nstages:\n  - name: q\n    kind: load_queries\n    config:\n      path: q.jsonl\n      sampel: {n: 3, seed: 1}\n",
+    );
+    assert!(
+        msg.starts_with(":7: stage `q`, field `sampel`: unknown field `sampel`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_config_type_names_the_field() {
+    let msg = error_of(
+        "name: p\nstages:\n  - name: q\n    kind: load_queries\n    config:\n      path: q.jsonl\n      sample: {n: many, seed: 1}\n",
+    );
+    assert!(
+        msg.starts_with(":7: stage `q`, field `sample.n`: invalid type"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn input_of_the_wrong_kind() {
+    let msg = error_of(
+        "name: p\nstages:\n  - name: c\n    kind: load_corpus\n    config: {path: q.jsonl, format: beir}\n  - name: p\n    kind: render_prompts\n    inputs: {queries: c}\n    config: {template: q.jsonl}\n",
+    );
+    assert_eq!(
+        msg,
+        ":8: stage `p` (render_prompts): input `queries` needs a `queries` table, but `c.corpus` is a `corpus` table"
+    );
+}
+
+#[test]
+fn missing_required_input() {
+    let msg = error_of(
+        "name: p\nstages:\n  - name: p\n    kind: render_prompts\n    config: {template: q.jsonl}\n",
+    );
+    assert!(
+        msg.starts_with(":3: stage `p` (render_prompts): missing input `queries`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn sql_filter_on_several_inputs_needs_roles() {
+    let msg = error_of(&format!(
+        "name: p\nstages:\n{QUERIES}  - name: j\n    kind: sql\n    inputs: [q, q.queries]\n    sql: SELECT 1\n    config: {{query: SELECT 1}}\n"
+    ));
+    assert!(
+        msg.starts_with(":10: stage `j`, `sql:` the stage has several inputs"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn cli_reports_spec_errors_in_one_line_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::write_spec(
+        dir.path(),
+        "p.yaml",
+        "name: p\nstages:\n  - name: q\n    kind: nope\n",
+    );
+    let out = common::synthrank(&["status", spec.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = common::stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "error: {}:4: stage `q`: unknown kind `nope`",
+            spec.display()
+        )),
+        "{err}"
+    );
+}
