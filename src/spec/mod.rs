@@ -89,7 +89,7 @@ impl PipelineSpec {
             ));
         }
         let workdir = match &raw.workdir {
-            Some(w) => base_dir.join(&w.value),
+            Some(w) => clean_path(&base_dir.join(&w.value)),
             None => base_dir.join("work").join(&raw.name.value),
         };
 
@@ -161,7 +161,7 @@ impl PipelineSpec {
 
     /// Resolves a path written in the spec (relative to the spec file's directory).
     pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
-        self.base_dir.join(path)
+        clean_path(&self.base_dir.join(path))
     }
 
     /// The line of `field:` within the `config:` block of `stage`, for pointing at a config
@@ -251,6 +251,27 @@ impl PipelineSpec {
             }
         }
         Ok(())
+    }
+}
+
+/// Removes `.` and `dir/..` pairs lexically, so paths read well in messages
+/// (`pipelines/../work` becomes `work`).
+pub fn clean_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.is_empty() {
+        PathBuf::from(".")
+    } else {
+        out.iter().collect()
     }
 }
 

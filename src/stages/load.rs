@@ -15,6 +15,7 @@ use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
     StageKind, parse_config,
 };
+use crate::spec::clean_path;
 use crate::table;
 
 const BATCH_ROWS: usize = 8192;
@@ -178,7 +179,7 @@ struct Loader {
 
 impl Loader {
     fn new(target: Target, config: LoadConfig, base_dir: &Path) -> Result<Loader, ConfigError> {
-        let path = base_dir.join(&config.path);
+        let path = clean_path(&base_dir.join(&config.path));
         let is_dir = path.is_dir();
         let file = if is_dir {
             path.join(target.beir_file(config.split.as_deref()))
@@ -220,7 +221,7 @@ impl Loader {
             return Err(ConfigError::new("sample", "`n` must be at least 1"));
         }
         let judged_by = match (target, &config.split, &config.qrels) {
-            (Target::Queries, _, Some(q)) => Some(base_dir.join(q)),
+            (Target::Queries, _, Some(q)) => Some(clean_path(&base_dir.join(q))),
             (Target::Queries, Some(split), None) if is_dir => {
                 Some(path.join(Target::Qrels.beir_file(Some(split))))
             }

@@ -13,6 +13,7 @@ use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
     StageKind, parse_config,
 };
+use crate::spec::clean_path;
 use crate::table;
 
 pub struct RenderPrompts;
@@ -74,7 +75,7 @@ impl StageKind for RenderPrompts {
         if config.levels.is_empty() {
             return Err(ConfigError::new("levels", "give at least one level"));
         }
-        let template = base_dir.join(&config.template);
+        let template = clean_path(&base_dir.join(&config.template));
         Ok(Box::new(Prepared { config, template }))
     }
 }

@@ -11,6 +11,7 @@ use crate::pipeline::{
     ConfigError, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError, StageKind,
     parse_config,
 };
+use crate::spec::clean_path;
 use crate::table::{self, TableError};
 
 pub struct SqlStage;
@@ -53,7 +54,7 @@ impl StageKind for SqlStage {
             .transpose()
             .map_err(|e| ConfigError::new("schema", e.to_string()))?;
         let query = match (&config.file, &config.query) {
-            (Some(file), None) => Query::File(base_dir.join(file)),
+            (Some(file), None) => Query::File(clean_path(&base_dir.join(file))),
             (None, Some(text)) => Query::Inline(text.clone()),
             _ => {
                 return Err(ConfigError::new(
