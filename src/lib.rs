@@ -10,6 +10,8 @@ pub mod formats;
 pub mod loss;
 pub mod metrics;
 pub mod pipeline;
+pub mod plot;
+pub mod retrieval;
 pub mod spec;
 pub mod stages;
 pub mod table;

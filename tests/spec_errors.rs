@@ -162,7 +162,7 @@ fn input_of_the_wrong_kind() {
     );
     assert_eq!(
         msg,
-        ":8: stage `p` (render_prompts): input `queries` needs a `queries` table, but `c.corpus` is a `corpus` table"
+        ":8: stage `p` (render_prompts): input `queries` needs a table of kind `queries`, but `c.corpus` is of kind `corpus`"
     );
 }
 

@@ -8,8 +8,6 @@ use crate::metrics::{self, EvalOptions, Measure, Qrels, Run};
 
 use super::CliError;
 
-pub const DEFAULT_MEASURES: &[&str] = &["ndcg_cut.10", "recall.100", "map", "mrr_cut.10"];
-
 pub fn read_qrels(path: &Path) -> Result<Qrels, CliError> {
     let mut qrels = Qrels::default();
     for row in formats::qrels(path).map_err(format_error)? {
@@ -56,7 +54,7 @@ fn format_error(e: FormatError) -> CliError {
 
 pub fn parse_measures(specs: &[String]) -> Result<Vec<Measure>, CliError> {
     let specs: Vec<&str> = if specs.is_empty() {
-        DEFAULT_MEASURES.to_vec()
+        metrics::DEFAULT_MEASURES.to_vec()
     } else {
         specs.iter().map(String::as_str).collect()
     };

@@ -371,7 +371,7 @@ fn print_schema(kind: Option<&str>) -> Result<(), CliError> {
                 .map(|c| {
                     [
                         c.name.clone(),
-                        c.data_type.arrow().to_string(),
+                        c.data_type.describe(),
                         if c.nullable { "null" } else { "not null" }.to_string(),
                         c.description.clone(),
                     ]

@@ -13,6 +13,10 @@ use std::collections::{BTreeMap, HashMap};
 
 pub use measure::{Measure, MeasureError};
 
+/// What `synthrank eval` and the `evaluate` stage report unless told otherwise: the paper's
+/// nDCG@10 and recall@100, with MAP and MS MARCO's MRR@10.
+pub const DEFAULT_MEASURES: &[&str] = &["ndcg_cut.10", "recall.100", "map", "mrr_cut.10"];
+
 /// Judgments: query -> document -> relevance.
 #[derive(Debug, Clone, Default)]
 pub struct Qrels {

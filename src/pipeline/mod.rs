@@ -326,13 +326,15 @@ fn resolve_inputs(
             InputRoles::Any => output.kind,
             InputRoles::Fixed(roles) => {
                 let expected = roles.iter().find(|r| r.name == role).ok_or_else(|| {
-                    err(
-                        input.line,
-                        format!(
-                            "no input role `{role}` (it takes: {})",
+                    let message = match &input.role {
+                        Some(_) => format!("no input role `{role}` (it takes: {})", describe_roles(roles)),
+                        None => format!(
+                            "input `{}` fills no role by its kind `{role}`; name the roles (it takes: {})",
+                            input.stage,
                             describe_roles(roles)
                         ),
-                    )
+                    };
+                    err(input.line, message)
                 })?;
                 if let Some(want) = expected.kind
                     && output.kind != Some(want)
@@ -340,14 +342,12 @@ fn resolve_inputs(
                     return Err(err(
                         input.line,
                         format!(
-                            "input `{role}` needs a `{want}` table, but `{}.{}` is {}",
+                            "input `{role}` needs a table of kind `{want}`, but `{}.{}` is {}",
                             input.stage,
                             output.name,
                             output
                                 .kind
-                                .map_or("a free-form table".to_string(), |k| format!(
-                                    "a `{k}` table"
-                                ))
+                                .map_or("free-form".to_string(), |k| format!("of kind `{k}`"))
                         ),
                     ));
                 }
@@ -431,7 +431,7 @@ fn describe_roles(roles: &[InputRole]) -> String {
         .map(|r| {
             let kind = r
                 .kind
-                .map_or("any table".to_string(), |k| format!("a `{k}` table"));
+                .map_or("any kind".to_string(), |k| format!("kind `{k}`"));
             let optional = if r.required { "" } else { ", optional" };
             format!("`{}` ({kind}{optional})", r.name)
         })

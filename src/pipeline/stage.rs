@@ -282,6 +282,16 @@ impl StageContext {
         self.finish_table(writer)
     }
 
+    /// A path in the stage's output directory for a file that is not a table (a report, a
+    /// plot); it is replaced atomically together with the tables.
+    pub fn output_path(&self, relative: &str) -> Result<PathBuf, StageError> {
+        let path = self.staging.join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(StageError::io(parent))?;
+        }
+        Ok(path)
+    }
+
     /// A progress bar for this stage (hidden when stderr is not a terminal).
     pub fn progress(&self, total: Option<u64>, unit: &str) -> ProgressBar {
         progress::bar(&self.stage, total, unit)

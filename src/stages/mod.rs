@@ -1,7 +1,10 @@
 //! Stage kinds, one module each; each adapts tables to a lower-level module and back.
 
+mod evaluate;
 mod load;
 mod render_prompts;
+mod report;
+mod search;
 mod sql;
 
 use crate::pipeline::Registry;
@@ -14,5 +17,8 @@ pub fn registry() -> Registry {
         Box::new(load::LoadQrels),
         Box::new(render_prompts::RenderPrompts),
         Box::new(sql::SqlStage),
+        Box::new(search::Search),
+        Box::new(evaluate::Evaluate),
+        Box::new(report::Report),
     ])
 }

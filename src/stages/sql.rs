@@ -107,14 +107,13 @@ impl Prepared {
             Query::Inline(text) => text.clone(),
         };
         let frame = ctx.sql(&text).await?;
+        let frame_schema = frame.schema().as_arrow().clone();
         let kind = self.kind.map(table::schema).transpose()?;
-        let schema = match kind {
-            Some(k) => k.arrow(),
-            None => Arc::new(frame.schema().as_arrow().clone()),
-        };
         let name = self.outputs().remove(0).name;
-        let mut writer = ctx.create_table(&name, schema)?;
         let mut stream = frame.execute_stream().await?;
+        // The writer is made from the first conformed batch: a vector column's dimension is
+        // only known from the data.
+        let mut writer = None;
         while let Some(batch) = stream.next().await {
             let batch = batch?;
             let batch = match kind {
@@ -127,8 +126,21 @@ impl Prepared {
                     })?,
                 None => batch,
             };
-            writer.write(&batch)?;
+            if writer.is_none() {
+                writer = Some(ctx.create_table(&name, batch.schema())?);
+            }
+            writer.as_mut().expect("just made").write(&batch)?;
         }
+        let writer = match writer {
+            Some(w) => w,
+            None => {
+                let schema = match kind {
+                    Some(k) => k.arrow_with_dim(Some(0)),
+                    None => Arc::new(frame_schema),
+                };
+                ctx.create_table(&name, schema)?
+            }
+        };
         ctx.finish_table(writer)
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
-use arrow::array::ArrayRef;
+use arrow::array::{Array, ArrayRef};
 use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -17,6 +17,9 @@ const SCHEMA_FILES: &[(&str, &str)] = &[
     ("corpus", include_str!("../../schemas/corpus.yaml")),
     ("qrels", include_str!("../../schemas/qrels.yaml")),
     ("prompts", include_str!("../../schemas/prompts.yaml")),
+    ("embeddings", include_str!("../../schemas/embeddings.yaml")),
+    ("runs", include_str!("../../schemas/runs.yaml")),
+    ("metrics", include_str!("../../schemas/metrics.yaml")),
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -50,11 +53,24 @@ pub enum ColumnType {
     Float64,
     #[serde(rename = "bool")]
     Bool,
+    /// FixedSizeList<Float32>; the size is the table's, not the kind's.
+    #[serde(rename = "vector")]
+    Vector,
 }
 
 impl ColumnType {
-    pub fn arrow(self) -> DataType {
+    /// How `synthrank schema` shows the type.
+    pub fn describe(self) -> String {
         match self {
+            ColumnType::Vector => "FixedSizeList<Float32, DIM>".to_string(),
+            other => other.arrow(None).to_string(),
+        }
+    }
+
+    /// The Arrow type; `dim` sizes a vector column.
+    pub fn arrow(self, dim: Option<i32>) -> DataType {
+        match self {
+            ColumnType::Vector => vector_type(dim.expect("a vector column needs its dimension")),
             ColumnType::Utf8 => DataType::Utf8,
             ColumnType::Int32 => DataType::Int32,
             ColumnType::Int64 => DataType::Int64,
@@ -64,14 +80,37 @@ impl ColumnType {
     }
 }
 
+/// FixedSizeList<Float32> of `dim`, the Arrow type of embedding vectors.
+pub fn vector_type(dim: i32) -> DataType {
+    DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), dim)
+}
+
 impl TableSchema {
+    /// The Arrow schema of a kind without vector columns.
     pub fn arrow(&self) -> SchemaRef {
+        self.arrow_with_dim(None)
+    }
+
+    /// The Arrow schema, with vector columns of dimension `dim`.
+    pub fn arrow_with_dim(&self, dim: Option<i32>) -> SchemaRef {
         let fields: Vec<Field> = self
             .columns
             .iter()
-            .map(|c| Field::new(&c.name, c.data_type.arrow(), c.nullable))
+            .map(|c| Field::new(&c.name, c.data_type.arrow(dim), c.nullable))
             .collect();
         Arc::new(Schema::new(fields))
+    }
+
+    /// The vector dimension a schema of this kind has (None when the kind has no vector).
+    fn dim_of(&self, actual: &Schema) -> Option<i32> {
+        let column = self
+            .columns
+            .iter()
+            .find(|c| c.data_type == ColumnType::Vector)?;
+        match actual.field_with_name(&column.name).ok()?.data_type() {
+            DataType::FixedSizeList(_, n) => Some(*n),
+            _ => None,
+        }
     }
 
     /// Checks that `actual` has exactly this kind's columns, in order, with its types, and no
@@ -87,14 +126,23 @@ impl TableSchema {
                 expected.join(", ")
             ));
         }
+        let dim = self.dim_of(actual).or(Some(0));
         for (column, field) in self.columns.iter().zip(actual.fields()) {
-            if field.data_type() != &column.data_type.arrow() {
+            let expected = column.data_type.arrow(dim);
+            let same = match (field.data_type(), &expected) {
+                // The item field's nullability of a vector does not matter.
+                (DataType::FixedSizeList(a, n), DataType::FixedSizeList(b, m)) => {
+                    n == m && a.data_type() == b.data_type()
+                }
+                (a, b) => a == b,
+            };
+            if !same {
                 return Err(format!(
                     "column `{}` has type {}, a `{}` table needs {}",
                     column.name,
                     field.data_type(),
                     self.kind,
-                    column.data_type.arrow()
+                    expected
                 ));
             }
             if field.is_nullable() && !column.nullable {
@@ -117,6 +165,7 @@ impl TableSchema {
             safe: false,
             ..Default::default()
         };
+        let dim = self.conform_dim(batch)?;
         let columns = self
             .columns
             .iter()
@@ -127,8 +176,9 @@ impl TableSchema {
                         spec.name, self.kind
                     )
                 })?;
-                let column: ArrayRef = cast_with_options(column, &spec.data_type.arrow(), &options)
-                    .map_err(|e| format!("column `{}`: {e}", spec.name))?;
+                let column: ArrayRef =
+                    cast_with_options(column, &spec.data_type.arrow(dim), &options)
+                        .map_err(|e| format!("column `{}`: {e}", spec.name))?;
                 if !spec.nullable && column.null_count() > 0 {
                     let row = (0..column.len()).find(|&i| column.is_null(i)).unwrap_or(0);
                     return Err(format!(
@@ -139,7 +189,40 @@ impl TableSchema {
                 Ok(column)
             })
             .collect::<Result<Vec<_>, String>>()?;
-        RecordBatch::try_new(self.arrow(), columns).map_err(|e| e.to_string())
+        RecordBatch::try_new(self.arrow_with_dim(dim), columns).map_err(|e| e.to_string())
+    }
+
+    /// The vector dimension rows computed elsewhere have: a fixed-size list's size, or the
+    /// length of a variable list's first row (SQL `make_array` yields lists).
+    fn conform_dim(&self, batch: &RecordBatch) -> Result<Option<i32>, String> {
+        let Some(column) = self
+            .columns
+            .iter()
+            .find(|c| c.data_type == ColumnType::Vector)
+        else {
+            return Ok(None);
+        };
+        let array = batch.column_by_name(&column.name).ok_or_else(|| {
+            format!(
+                "has no column `{}` (a `{}` table needs it)",
+                column.name, self.kind
+            )
+        })?;
+        match array.data_type() {
+            DataType::FixedSizeList(_, n) => Ok(Some(*n)),
+            DataType::List(_) => {
+                let lists = arrow::array::as_list_array(array.as_ref());
+                Ok(Some(if lists.is_empty() {
+                    0
+                } else {
+                    lists.value_length(0)
+                }))
+            }
+            other => Err(format!(
+                "column `{}` has type {other}, a `{}` table needs a list of floats",
+                column.name, self.kind
+            )),
+        }
     }
 }
 

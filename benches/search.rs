@@ -1,0 +1,61 @@
+//! Exact search throughput, the work of `peers.py search` (FAISS IndexFlatIP): 1,000 queries
+//! against 200,000 documents of 384 dimensions, top-100, 2 threads. Prints one JSON line.
+//! Run: `cargo bench --bench search` (options: --docs N --nq N --dim N --k N --threads N).
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use synthrank::retrieval::{self, SearchOptions, Vectors};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| v.parse().expect("a number"))
+}
+
+/// Standard normal values (Box-Muller), like the peer's numpy generator.
+fn normal(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let (u, v): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        })
+        .collect()
+}
+
+fn main() {
+    let (docs, nq, dim, k, threads) = (
+        arg("--docs", 200_000),
+        arg("--nq", 1000),
+        arg("--dim", 384),
+        arg("--k", 100),
+        arg("--threads", 2),
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let d = normal(&mut rng, docs * dim);
+    let q = normal(&mut rng, nq * dim);
+    let ids: Vec<String> = (0..docs).map(|i| i.to_string()).collect();
+    let ranks = retrieval::id_ranks(&ids);
+    let options = SearchOptions {
+        k,
+        threads,
+        ..SearchOptions::default()
+    };
+    let started = Instant::now();
+    let hits = retrieval::search(
+        Vectors { data: &q, dim },
+        Vectors { data: &d, dim },
+        &ranks,
+        &[],
+        options,
+    )
+    .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(hits.len(), nq);
+    println!(
+        "{{\"bench\": \"search\", \"impl\": \"synthrank\", \"docs\": {docs}, \"dim\": {dim}, \"queries\": {nq}, \"k\": {k}, \"threads\": {threads}, \"seconds\": {seconds:.3}, \"queries_per_s\": {:.1}}}",
+        nq as f64 / seconds
+    );
+}

@@ -1,0 +1,82 @@
+//! A bounded min-heap keeping the k best (score, id rank) pairs seen.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use super::{Hit, hit_order};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Key {
+    score: f32,
+    id_rank: u32,
+    doc: u32,
+}
+
+impl Eq for Key {}
+
+impl Ord for Key {
+    /// Better keys compare greater: higher score, then larger id.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        hit_order((other.score, other.id_rank), (self.score, self.id_rank))
+    }
+}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+pub struct TopK {
+    k: usize,
+    heap: BinaryHeap<Reverse<Key>>,
+    /// The worst score kept once full: most candidates fail this one comparison.
+    floor: f32,
+}
+
+impl TopK {
+    pub fn new(k: usize) -> TopK {
+        TopK {
+            k,
+            heap: BinaryHeap::with_capacity(k + 1),
+            floor: f32::NEG_INFINITY,
+        }
+    }
+
+    #[inline]
+    pub fn offer(&mut self, score: f32, id_rank: u32, doc: u32) {
+        // -0.0 and 0.0 are one score (trec_eval compares with `>`), not two.
+        let score = score + 0.0;
+        if self.k == 0 || (self.heap.len() == self.k && score < self.floor) || score.is_nan() {
+            return;
+        }
+        let key = Key {
+            score,
+            id_rank,
+            doc,
+        };
+        if self.heap.len() < self.k {
+            self.heap.push(Reverse(key));
+        } else if key > self.heap.peek().expect("full").0 {
+            self.heap.pop();
+            self.heap.push(Reverse(key));
+        } else {
+            return;
+        }
+        if self.heap.len() == self.k {
+            self.floor = self.heap.peek().expect("full").0.score;
+        }
+    }
+
+    /// The kept hits, best first.
+    pub fn into_sorted(self) -> Vec<Hit> {
+        let mut keys: Vec<Key> = self.heap.into_iter().map(|r| r.0).collect();
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        keys.into_iter()
+            .map(|k| Hit {
+                doc: k.doc,
+                score: k.score,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,230 @@
+//! `search`: exact inner-product top-k of query embeddings over corpus embeddings -> runs.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, FixedSizeListArray, Float32Array, Float64Array, Int32Array, RecordBatch, StringArray,
+};
+use futures::future::BoxFuture;
+use serde::Deserialize;
+
+use crate::pipeline::{
+    ConfigError, InputRole, InputRoles, OutputDecl, Stage, StageContext, StageError, StageKind,
+    parse_config,
+};
+use crate::retrieval::{self, SearchOptions, Vectors};
+use crate::table;
+
+pub struct Search;
+
+const INPUTS: &[InputRole] = &[
+    InputRole {
+        name: "queries",
+        kind: Some("embeddings"),
+        required: true,
+    },
+    InputRole {
+        name: "corpus",
+        kind: Some("embeddings"),
+        required: true,
+    },
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// Documents kept per query.
+    #[serde(default = "default_k")]
+    k: usize,
+    /// Never retrieve a document whose id equals the query's (BEIR's ArguAna and Quora).
+    #[serde(default)]
+    exclude_self: bool,
+    /// Worker threads (default: all cores).
+    #[serde(default)]
+    threads: Option<usize>,
+}
+
+fn default_k() -> usize {
+    100
+}
+
+impl StageKind for Search {
+    fn kind(&self) -> &'static str {
+        "search"
+    }
+    fn summary(&self) -> &'static str {
+        "exact inner-product top-k of query embeddings over corpus embeddings"
+    }
+    fn inputs(&self) -> InputRoles {
+        InputRoles::Fixed(INPUTS)
+    }
+    fn prepare(&self, config: &serde_json::Value, _: &Path) -> Result<Box<dyn Stage>, ConfigError> {
+        let config: Config = parse_config(config)?;
+        if config.k == 0 {
+            return Err(ConfigError::new("k", "must be at least 1"));
+        }
+        if config.threads == Some(0) {
+            return Err(ConfigError::new("threads", "must be at least 1"));
+        }
+        Ok(Box::new(Prepared { config }))
+    }
+}
+
+struct Prepared {
+    config: Config,
+}
+
+impl Stage for Prepared {
+    fn outputs(&self) -> Vec<OutputDecl> {
+        vec![OutputDecl {
+            name: "runs".to_string(),
+            kind: Some("runs"),
+        }]
+    }
+
+    fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {
+        Box::pin(self.search(ctx))
+    }
+}
+
+/// Ids and row-major vectors of an embeddings table.
+pub(crate) struct Embeddings {
+    pub ids: Vec<String>,
+    pub data: Vec<f32>,
+    pub dim: usize,
+}
+
+impl Embeddings {
+    pub(crate) fn from_batches(
+        role: &str,
+        batches: &[RecordBatch],
+    ) -> Result<Embeddings, StageError> {
+        let mut out = Embeddings {
+            ids: Vec::new(),
+            data: Vec::new(),
+            dim: 0,
+        };
+        for batch in batches {
+            let ids = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("conformed");
+            let vectors = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<FixedSizeListArray>()
+                .expect("conformed");
+            let dim = vectors.value_length() as usize;
+            if out.ids.is_empty() {
+                out.dim = dim;
+            } else if dim != out.dim {
+                return Err(StageError::Invalid(format!(
+                    "input `{role}` mixes dimensions {} and {dim}",
+                    out.dim
+                )));
+            }
+            let values = vectors
+                .values()
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .expect("conformed");
+            let start = vectors.value_offset(0) as usize;
+            out.data
+                .extend_from_slice(&values.values()[start..start + vectors.len() * dim]);
+            out.ids
+                .extend(ids.iter().map(|s| s.unwrap_or_default().to_string()));
+        }
+        Ok(out)
+    }
+}
+
+impl Prepared {
+    async fn search(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let queries = Embeddings::from_batches("queries", &ctx.read_input("queries").await?)?;
+        let corpus = Embeddings::from_batches("corpus", &ctx.read_input("corpus").await?)?;
+        if !queries.ids.is_empty() && !corpus.ids.is_empty() && queries.dim != corpus.dim {
+            return Err(StageError::Invalid(format!(
+                "query embeddings have dimension {}, corpus embeddings {}: were they made by the same model?",
+                queries.dim, corpus.dim
+            )));
+        }
+        let exclude: Vec<Option<u32>> = if self.config.exclude_self {
+            let index: HashMap<&str, u32> = corpus
+                .ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.as_str(), i as u32))
+                .collect();
+            queries
+                .ids
+                .iter()
+                .map(|q| index.get(q.as_str()).copied())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut options = SearchOptions {
+            k: self.config.k,
+            ..SearchOptions::default()
+        };
+        if let Some(t) = self.config.threads {
+            options.threads = t;
+        }
+        let bar = ctx.progress(Some(queries.ids.len() as u64), "queries");
+        let ranks = retrieval::id_ranks(&corpus.ids);
+        let dim = queries.dim.max(corpus.dim);
+        let hits = tokio::task::block_in_place(|| {
+            retrieval::search(
+                Vectors {
+                    data: &queries.data,
+                    dim,
+                },
+                Vectors {
+                    data: &corpus.data,
+                    dim,
+                },
+                &ranks,
+                &exclude,
+                options,
+            )
+        })
+        .map_err(|e| StageError::Invalid(e.to_string()))?;
+        bar.finish_and_clear();
+
+        let schema = table::schema("runs")?.arrow();
+        let mut writer = ctx.create_table("runs", schema.clone())?;
+        for (chunk_queries, chunk_hits) in queries.ids.chunks(1024).zip(hits.chunks(1024)) {
+            let rows: Vec<(&str, &str, i32, f64)> = chunk_queries
+                .iter()
+                .zip(chunk_hits)
+                .flat_map(|(q, hits)| {
+                    hits.iter().enumerate().map(|(rank, h)| {
+                        (
+                            q.as_str(),
+                            corpus.ids[h.doc as usize].as_str(),
+                            rank as i32 + 1,
+                            f64::from(h.score),
+                        )
+                    })
+                })
+                .collect();
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(rows.iter().map(|r| Some(r.0)).collect::<StringArray>()),
+                    Arc::new(rows.iter().map(|r| Some(r.1)).collect::<StringArray>()),
+                    Arc::new(rows.iter().map(|r| r.2).collect::<Int32Array>()),
+                    Arc::new(rows.iter().map(|r| r.3).collect::<Float64Array>()),
+                ],
+            )
+            .expect("columns follow the runs kind");
+            writer.write(&batch)?;
+        }
+        ctx.set_stat("queries", queries.ids.len() as u64);
+        ctx.set_stat("documents", corpus.ids.len() as u64);
+        ctx.finish_table(writer)
+    }
+}
