@@ -1,9 +1,8 @@
 //! `evaluate`: runs + qrels -> metrics, per query and mean, with trec_eval semantics.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use arrow::array::{Array, Float64Array, Int32Array, RecordBatch, StringArray};
+use arrow::array::{Float64Array, Int32Array, RecordBatch, StringArray};
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
@@ -12,7 +11,7 @@ use crate::pipeline::{
     ConfigError, InputRole, InputRoles, OutputDecl, Stage, StageContext, StageError, StageKind,
     parse_config,
 };
-use crate::table;
+use crate::table::{self, columns};
 
 pub struct Evaluate;
 
@@ -96,44 +95,24 @@ impl Stage for Prepared {
     }
 }
 
-fn strings(batch: &RecordBatch, i: usize) -> &StringArray {
-    batch
-        .column(i)
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .expect("conformed")
-}
-
 impl Prepared {
     async fn evaluate(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let mut qrels = Qrels::default();
         for batch in ctx.read_input("qrels").await? {
-            let relevance = batch
-                .column(2)
-                .as_any()
-                .downcast_ref::<Int32Array>()
-                .expect("conformed");
+            let queries = columns::get::<StringArray>(&batch, "query_id");
+            let docs = columns::get::<StringArray>(&batch, "doc_id");
+            let relevance = columns::get::<Int32Array>(&batch, "relevance");
             for row in 0..batch.num_rows() {
-                qrels.insert(
-                    strings(&batch, 0).value(row),
-                    strings(&batch, 1).value(row),
-                    relevance.value(row),
-                );
+                qrels.insert(queries.value(row), docs.value(row), relevance.value(row));
             }
         }
         let mut run = Run::default();
         for batch in ctx.read_input("runs").await? {
-            let scores = batch
-                .column(3)
-                .as_any()
-                .downcast_ref::<Float64Array>()
-                .expect("conformed");
+            let queries = columns::get::<StringArray>(&batch, "query_id");
+            let docs = columns::get::<StringArray>(&batch, "doc_id");
+            let scores = columns::get::<Float64Array>(&batch, "score");
             for row in 0..batch.num_rows() {
-                run.insert(
-                    strings(&batch, 0).value(row),
-                    strings(&batch, 1).value(row),
-                    scores.value(row),
-                );
+                run.insert(queries.value(row), docs.value(row), scores.value(row));
             }
         }
         let per_query = metrics::evaluate(&qrels, &run, &self.measures, self.options);
@@ -156,17 +135,9 @@ impl Prepared {
         let batch = RecordBatch::try_new(
             schema.clone(),
             vec![
-                Arc::new(
-                    rows.iter()
-                        .map(|r| Some(r.0.as_str()))
-                        .collect::<StringArray>(),
-                ),
-                Arc::new(
-                    rows.iter()
-                        .map(|r| Some(r.1.as_str()))
-                        .collect::<StringArray>(),
-                ),
-                Arc::new(rows.iter().map(|r| r.2).collect::<Float64Array>()),
+                columns::utf8(rows.iter().map(|r| r.0.as_str())),
+                columns::utf8(rows.iter().map(|r| r.1.as_str())),
+                columns::float64(rows.iter().map(|r| r.2)),
             ],
         )
         .expect("columns follow the metrics kind");

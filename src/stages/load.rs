@@ -16,7 +16,7 @@ use crate::pipeline::{
     StageKind, parse_config,
 };
 use crate::spec::clean_path;
-use crate::table;
+use crate::table::{self, columns};
 
 const BATCH_ROWS: usize = 8192;
 
@@ -483,10 +483,7 @@ impl Loader {
         }
         let mut ids = HashSet::new();
         for batch in ctx.read_input(role).await? {
-            let array = batch
-                .column_by_name(column)
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-                .expect("conformed to its kind");
+            let array = columns::get::<StringArray>(&batch, column);
             ids.extend(array.iter().flatten().map(str::to_string));
         }
         Ok(Some(ids))
@@ -516,11 +513,7 @@ impl Loader {
                             })
                             .collect::<Result<Int32Array, _>>()?,
                     ),
-                    _ => Arc::new(
-                        rows.iter()
-                            .map(|r| Some(r.fields[i].as_str()))
-                            .collect::<StringArray>(),
-                    ),
+                    _ => columns::utf8(rows.iter().map(|r| r.fields[i].as_str())),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -1,9 +1,8 @@
 //! `render_prompts`: queries -> chat prompts asking for passages at graded relevance levels.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use arrow::array::{Array, Int32Array, StringArray};
+use arrow::array::StringArray;
 use arrow::record_batch::RecordBatch;
 use futures::future::BoxFuture;
 use minijinja::{Environment, ErrorKind, UndefinedBehavior, Value, context};
@@ -14,7 +13,7 @@ use crate::pipeline::{
     StageKind, parse_config,
 };
 use crate::spec::clean_path;
-use crate::table;
+use crate::table::{self, columns};
 
 pub struct RenderPrompts;
 
@@ -134,8 +133,8 @@ impl Prepared {
         let mut prompts = Vec::new();
         let bar = ctx.progress(None, "prompts");
         for batch in ctx.read_input("queries").await? {
-            let ids = string_column(&batch, "query_id");
-            let texts = string_column(&batch, "text");
+            let ids = columns::get::<StringArray>(&batch, "query_id");
+            let texts = columns::get::<StringArray>(&batch, "text");
             for row in 0..batch.num_rows() {
                 let (query_id, query) = (ids.value(row), texts.value(row));
                 let levels: Vec<Option<i32>> = match self.config.mode {
@@ -187,37 +186,12 @@ impl Prepared {
         let batch = RecordBatch::try_new(
             schema.clone(),
             vec![
-                Arc::new(
-                    prompts
-                        .iter()
-                        .map(|p| Some(p.prompt_id.as_str()))
-                        .collect::<StringArray>(),
-                ),
-                Arc::new(
-                    prompts
-                        .iter()
-                        .map(|p| Some(p.query_id.as_str()))
-                        .collect::<StringArray>(),
-                ),
-                Arc::new(prompts.iter().map(|p| p.level).collect::<Int32Array>()),
-                Arc::new(
-                    prompts
-                        .iter()
-                        .map(|p| p.system.as_deref())
-                        .collect::<StringArray>(),
-                ),
-                Arc::new(
-                    prompts
-                        .iter()
-                        .map(|p| Some(p.user.as_str()))
-                        .collect::<StringArray>(),
-                ),
-                Arc::new(
-                    prompts
-                        .iter()
-                        .map(|_| Some(name.as_str()))
-                        .collect::<StringArray>(),
-                ),
+                columns::utf8(prompts.iter().map(|p| p.prompt_id.as_str())),
+                columns::utf8(prompts.iter().map(|p| p.query_id.as_str())),
+                columns::nullable_int32(prompts.iter().map(|p| p.level)),
+                columns::nullable_utf8(prompts.iter().map(|p| p.system.as_deref())),
+                columns::utf8(prompts.iter().map(|p| p.user.as_str())),
+                columns::utf8(prompts.iter().map(|_| name.as_str())),
             ],
         )
         .expect("columns follow the prompts kind");
@@ -238,11 +212,4 @@ impl Prepared {
     fn template_error(&self, e: &minijinja::Error) -> StageError {
         StageError::Invalid(format!("template {}", self.describe(e)))
     }
-}
-
-fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> &'a StringArray {
-    batch
-        .column_by_name(name)
-        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-        .expect("input conformed to its kind")
 }

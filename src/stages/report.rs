@@ -6,7 +6,7 @@ use std::fmt::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow::array::{Float64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use futures::future::BoxFuture;
 use serde::Deserialize;
@@ -15,6 +15,7 @@ use crate::pipeline::{
     ConfigError, InputRoles, OutputDecl, Stage, StageContext, StageError, StageKind, parse_config,
 };
 use crate::plot::{self, Series};
+use crate::table::columns;
 
 pub struct Report;
 
@@ -157,24 +158,12 @@ impl Prepared {
             per_query: BTreeMap::new(),
         };
         for batch in ctx.read_input(role).await? {
-            let strings = |i: usize| {
-                batch
-                    .column(i)
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .expect("conformed")
-            };
-            let values = batch
-                .column(2)
-                .as_any()
-                .downcast_ref::<Float64Array>()
-                .expect("conformed");
+            let queries = columns::get::<StringArray>(&batch, "query_id");
+            let names = columns::get::<StringArray>(&batch, "measure");
+            let values = columns::get::<Float64Array>(&batch, "value");
             for row in 0..batch.num_rows() {
-                let (query, measure, value) = (
-                    strings(0).value(row),
-                    strings(1).value(row),
-                    values.value(row),
-                );
+                let (query, measure, value) =
+                    (queries.value(row), names.value(row), values.value(row));
                 if query == "all" {
                     run.means.insert(measure.to_string(), value);
                 } else {
@@ -212,10 +201,10 @@ impl Prepared {
         let batch = RecordBatch::try_new(
             schema.clone(),
             vec![
-                Arc::new(rows.iter().map(|r| Some(r.0)).collect::<StringArray>()),
-                Arc::new(rows.iter().map(|r| Some(r.1)).collect::<StringArray>()),
-                Arc::new(rows.iter().map(|r| r.2).collect::<Float64Array>()),
-                Arc::new(rows.iter().map(|r| r.3).collect::<Int64Array>()),
+                columns::utf8(rows.iter().map(|r| r.0)),
+                columns::utf8(rows.iter().map(|r| r.1)),
+                columns::nullable_float64(rows.iter().map(|r| r.2)),
+                columns::int64(rows.iter().map(|r| r.3)),
             ],
         )
         .expect("summary columns");

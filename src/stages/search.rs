@@ -2,11 +2,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
-use arrow::array::{
-    Array, FixedSizeListArray, Float32Array, Float64Array, Int32Array, RecordBatch, StringArray,
-};
+use arrow::array::{Array, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
@@ -15,7 +12,7 @@ use crate::pipeline::{
     parse_config,
 };
 use crate::retrieval::{self, SearchOptions, Vectors};
-use crate::table;
+use crate::table::{self, columns};
 
 pub struct Search;
 
@@ -107,16 +104,8 @@ impl Embeddings {
             dim: 0,
         };
         for batch in batches {
-            let ids = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .expect("conformed");
-            let vectors = batch
-                .column(1)
-                .as_any()
-                .downcast_ref::<FixedSizeListArray>()
-                .expect("conformed");
+            let ids = columns::get::<StringArray>(batch, "id");
+            let vectors = columns::get::<FixedSizeListArray>(batch, "vector");
             let dim = vectors.value_length() as usize;
             if out.ids.is_empty() {
                 out.dim = dim;
@@ -214,10 +203,10 @@ impl Prepared {
             let batch = RecordBatch::try_new(
                 schema.clone(),
                 vec![
-                    Arc::new(rows.iter().map(|r| Some(r.0)).collect::<StringArray>()),
-                    Arc::new(rows.iter().map(|r| Some(r.1)).collect::<StringArray>()),
-                    Arc::new(rows.iter().map(|r| r.2).collect::<Int32Array>()),
-                    Arc::new(rows.iter().map(|r| r.3).collect::<Float64Array>()),
+                    columns::utf8(rows.iter().map(|r| r.0)),
+                    columns::utf8(rows.iter().map(|r| r.1)),
+                    columns::int32(rows.iter().map(|r| r.2)),
+                    columns::float64(rows.iter().map(|r| r.3)),
                 ],
             )
             .expect("columns follow the runs kind");

@@ -2,6 +2,7 @@
 //! atomic replacement of a stage's output directory.
 
 mod atomic;
+pub mod columns;
 mod hash;
 mod io;
 mod manifest;
