@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod formats;
+pub mod llm;
 pub mod loss;
 pub mod metrics;
 pub mod pipeline;

@@ -186,6 +186,11 @@ impl Pipeline {
         &self.spec.workdir
     }
 
+    /// Where a stage keeps what must survive its failed runs (journals, checkpoints).
+    pub fn state_dir(&self, stage: &str) -> PathBuf {
+        self.spec.workdir.join(".state").join(stage)
+    }
+
     pub fn stage(&self, name: &str) -> Result<&PlannedStage, PipelineError> {
         self.stages
             .iter()

@@ -152,8 +152,13 @@ impl Pipeline {
                 filter: i.filter.as_ref().map(|(text, _)| text.clone()),
             })
             .collect();
-        let mut ctx =
-            StageContext::new(stage.name(), inputs, stage.outputs.clone(), staging.path());
+        let mut ctx = StageContext::new(
+            stage.name(),
+            inputs,
+            stage.outputs.clone(),
+            staging.path(),
+            &self.state_dir(stage.name()),
+        );
         let failed = |source: StageError| PipelineError::Stage {
             stage: stage.name().to_string(),
             source: Box::new(source),

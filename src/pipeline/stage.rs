@@ -161,6 +161,7 @@ pub struct StageContext {
     inputs: BTreeMap<String, BoundInput>,
     outputs: Vec<OutputDecl>,
     staging: PathBuf,
+    state: PathBuf,
     written: Vec<WrittenTable>,
     stats: serde_json::Map<String, serde_json::Value>,
     session: Option<SessionContext>,
@@ -172,12 +173,14 @@ impl StageContext {
         inputs: Vec<BoundInput>,
         outputs: Vec<OutputDecl>,
         staging: &Path,
+        state: &Path,
     ) -> StageContext {
         StageContext {
             stage: stage.to_string(),
             inputs: inputs.into_iter().map(|i| (i.role.clone(), i)).collect(),
             outputs,
             staging: staging.to_path_buf(),
+            state: state.to_path_buf(),
             written: Vec::new(),
             stats: serde_json::Map::new(),
             session: None,
@@ -290,6 +293,13 @@ impl StageContext {
             std::fs::create_dir_all(parent).map_err(StageError::io(parent))?;
         }
         Ok(path)
+    }
+
+    /// A directory that survives failed and repeated runs of this stage (not replaced
+    /// atomically, not part of its output): for journals and checkpoints that let work resume.
+    pub fn state_dir(&self) -> Result<&Path, StageError> {
+        std::fs::create_dir_all(&self.state).map_err(StageError::io(&self.state))?;
+        Ok(&self.state)
     }
 
     /// A progress bar for this stage (hidden when stderr is not a terminal).

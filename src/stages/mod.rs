@@ -1,6 +1,7 @@
 //! Stage kinds, one module each; each adapts tables to a lower-level module and back.
 
 mod evaluate;
+mod generate;
 mod load;
 mod render_prompts;
 mod report;
@@ -16,6 +17,7 @@ pub fn registry() -> Registry {
         Box::new(load::LoadCorpus),
         Box::new(load::LoadQrels),
         Box::new(render_prompts::RenderPrompts),
+        Box::new(generate::Generate),
         Box::new(sql::SqlStage),
         Box::new(search::Search),
         Box::new(evaluate::Evaluate),

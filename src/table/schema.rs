@@ -20,6 +20,15 @@ const SCHEMA_FILES: &[(&str, &str)] = &[
     ("embeddings", include_str!("../../schemas/embeddings.yaml")),
     ("runs", include_str!("../../schemas/runs.yaml")),
     ("metrics", include_str!("../../schemas/metrics.yaml")),
+    (
+        "generations",
+        include_str!("../../schemas/generations.yaml"),
+    ),
+    (
+        "graded_docs",
+        include_str!("../../schemas/graded_docs.yaml"),
+    ),
+    ("rejects", include_str!("../../schemas/rejects.yaml")),
 ];
 
 #[derive(Debug, Clone, Deserialize)]

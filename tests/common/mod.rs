@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a subset
 
+pub mod llm_server;
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 

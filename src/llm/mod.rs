@@ -1,0 +1,98 @@
+//! Chat-completion backends: any OpenAI-compatible HTTP endpoint, with retries, rate limits and
+//! a durable journal of responses. Knows nothing of pipelines or tables.
+
+mod journal;
+mod openai;
+mod parse;
+mod retry;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+pub use journal::{Journal, JournalEntry, JournalError};
+pub use openai::{OpenAiBackend, OpenAiConfig};
+pub use parse::{GradedPassage, ParseError, parse_all_levels, parse_single_level};
+pub use retry::RetryPolicy;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// What is sent, minus where it is sent: its hash keys the journal, so a response is reused
+/// whichever endpoint answered it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub stop: Vec<String>,
+}
+
+impl ChatRequest {
+    /// BLAKE3 of the request's canonical JSON (fields in declaration order, no endpoint, no key).
+    pub fn hash(&self) -> String {
+        let bytes = serde_json::to_vec(self).expect("requests serialize");
+        blake3::hash(&bytes).to_hex().to_string()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatResponse {
+    pub text: String,
+    /// The model the server says answered.
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum LlmError {
+    #[error("HTTP {status}: {body}")]
+    Status {
+        status: u16,
+        body: String,
+        /// Seconds the server asked to wait (Retry-After).
+        retry_after: Option<f64>,
+    },
+    #[error("timed out after {0:.1}s")]
+    Timeout(f64),
+    #[error("connection failed: {0}")]
+    Connection(String),
+    #[error("malformed response: {0}")]
+    Malformed(String),
+    #[error("invalid backend configuration: {0}")]
+    Config(String),
+}
+
+impl LlmError {
+    /// Worth another try: rate limits, server errors, timeouts, dropped connections, and
+    /// responses cut off mid-body.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LlmError::Status { status, .. } => *status == 429 || *status >= 500,
+            LlmError::Timeout(_) | LlmError::Connection(_) | LlmError::Malformed(_) => true,
+            LlmError::Config(_) => false,
+        }
+    }
+}
+
+/// A chat-completion backend.
+pub trait ChatBackend: Send + Sync {
+    /// One attempt, no retries (the caller owns the retry policy).
+    fn complete<'a>(
+        &'a self,
+        request: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<ChatResponse, LlmError>>;
+}

@@ -1,0 +1,63 @@
+//! Retries with exponential backoff and full jitter, honouring the server's Retry-After.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use super::{ChatBackend, ChatRequest, ChatResponse, LlmError};
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 5,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// How long to wait before retry number `retry` (0-based) after `error`.
+    pub fn delay(&self, retry: u32, error: &LlmError) -> Duration {
+        if let LlmError::Status {
+            retry_after: Some(seconds),
+            ..
+        } = error
+        {
+            return Duration::from_secs_f64(seconds.max(0.0)).min(self.max_delay);
+        }
+        let ceiling = self
+            .base_delay
+            .saturating_mul(2u32.saturating_pow(retry))
+            .min(self.max_delay);
+        // Full jitter: uniform in [0, ceiling], so many clients backing off do not stampede.
+        ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+
+    /// Calls `backend` until it answers, fails for good, or retries run out. Returns the outcome
+    /// and the number of attempts made.
+    pub async fn run(
+        &self,
+        backend: &dyn ChatBackend,
+        request: &ChatRequest,
+    ) -> (Result<ChatResponse, LlmError>, u32) {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match backend.complete(request).await {
+                Ok(response) => return (Ok(response), attempts),
+                Err(e) if e.is_retryable() && attempts <= self.max_retries => {
+                    tokio::time::sleep(self.delay(attempts - 1, &e)).await;
+                }
+                Err(e) => return (Err(e), attempts),
+            }
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! `generate`: prompts -> LLM answers (journaled) -> generations, graded_docs and rejects.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Int32Array, RecordBatch, StringArray};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+
+use crate::llm::{
+    ChatBackend, ChatRequest, Journal, JournalEntry, Message, OpenAiBackend, OpenAiConfig,
+    RetryPolicy, parse_all_levels, parse_single_level,
+};
+use crate::pipeline::{
+    ConfigError, InputRole, InputRoles, OutputDecl, Stage, StageContext, StageError, StageKind,
+    parse_config,
+};
+use crate::table::{self, columns};
+
+pub struct Generate;
+
+const INPUTS: &[InputRole] = &[InputRole {
+    name: "prompts",
+    kind: Some("prompts"),
+    required: true,
+}];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// Base URLs of OpenAI-compatible servers (`http://host:8000/v1`); requests are spread
+    /// over them.
+    endpoints: Vec<String>,
+    model: String,
+    /// The environment variable holding the API key (never the key itself).
+    #[serde(default)]
+    api_key_env: Option<String>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Vec<String>,
+    /// Requests in flight at once.
+    #[serde(default = "default_concurrency")]
+    concurrency: usize,
+    #[serde(default = "default_timeout")]
+    timeout_s: f64,
+    #[serde(default = "default_retries")]
+    max_retries: u32,
+    /// Base of the exponential backoff between retries.
+    #[serde(default = "default_backoff")]
+    backoff_s: f64,
+    #[serde(default)]
+    requests_per_second: Option<f64>,
+    /// The levels an all-levels answer must contain.
+    #[serde(default = "default_levels")]
+    levels: Vec<i32>,
+}
+
+fn default_concurrency() -> usize {
+    16
+}
+fn default_timeout() -> f64 {
+    120.0
+}
+fn default_retries() -> u32 {
+    5
+}
+fn default_backoff() -> f64 {
+    0.5
+}
+fn default_levels() -> Vec<i32> {
+    vec![3, 2, 1, 0]
+}
+
+impl StageKind for Generate {
+    fn kind(&self) -> &'static str {
+        "generate"
+    }
+    fn summary(&self) -> &'static str {
+        "ask an LLM for graded passages (journaled, resumable) and parse the answers"
+    }
+    fn inputs(&self) -> InputRoles {
+        InputRoles::Fixed(INPUTS)
+    }
+    fn prepare(&self, config: &serde_json::Value, _: &Path) -> Result<Box<dyn Stage>, ConfigError> {
+        let config: Config = parse_config(config)?;
+        if config.endpoints.is_empty() {
+            return Err(ConfigError::new("endpoints", "list at least one endpoint"));
+        }
+        if config.concurrency == 0 {
+            return Err(ConfigError::new("concurrency", "must be at least 1"));
+        }
+        if config.timeout_s.is_nan() || config.timeout_s <= 0.0 {
+            return Err(ConfigError::new("timeout_s", "must be positive"));
+        }
+        Ok(Box::new(Prepared { config }))
+    }
+}
+
+struct Prepared {
+    config: Config,
+}
+
+impl Stage for Prepared {
+    fn outputs(&self) -> Vec<OutputDecl> {
+        ["generations", "graded_docs", "rejects"]
+            .iter()
+            .map(|k| OutputDecl {
+                name: k.to_string(),
+                kind: Some(table::schema(k).expect("built-in kind").kind.as_str()),
+            })
+            .collect()
+    }
+
+    fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {
+        Box::pin(self.generate(ctx))
+    }
+}
+
+/// A prompt row and the request it becomes.
+struct Job {
+    prompt_id: String,
+    query_id: String,
+    level: Option<i32>,
+    request: ChatRequest,
+    hash: String,
+}
+
+impl Prepared {
+    fn backend(&self) -> Result<OpenAiBackend, StageError> {
+        let api_key = match &self.config.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                StageError::Invalid(format!(
+                    "the environment variable `{var}` (api_key_env) is not set"
+                ))
+            })?),
+            None => None,
+        };
+        OpenAiBackend::new(OpenAiConfig {
+            endpoints: self.config.endpoints.clone(),
+            api_key,
+            timeout: Duration::from_secs_f64(self.config.timeout_s),
+            requests_per_second: self.config.requests_per_second,
+        })
+        .map_err(|e| StageError::Invalid(e.to_string()))
+    }
+
+    fn jobs(&self, batches: &[RecordBatch]) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        for batch in batches {
+            let prompt_ids = columns::get::<StringArray>(batch, "prompt_id");
+            let query_ids = columns::get::<StringArray>(batch, "query_id");
+            let levels = columns::get::<Int32Array>(batch, "level");
+            let systems = columns::get::<StringArray>(batch, "system");
+            let users = columns::get::<StringArray>(batch, "user");
+            for row in 0..batch.num_rows() {
+                let mut messages = Vec::new();
+                if !arrow::array::Array::is_null(systems, row) {
+                    messages.push(Message {
+                        role: "system".to_string(),
+                        content: systems.value(row).to_string(),
+                    });
+                }
+                messages.push(Message {
+                    role: "user".to_string(),
+                    content: users.value(row).to_string(),
+                });
+                let request = ChatRequest {
+                    model: self.config.model.clone(),
+                    messages,
+                    temperature: self.config.temperature,
+                    top_p: self.config.top_p,
+                    max_tokens: self.config.max_tokens,
+                    seed: self.config.seed,
+                    stop: self.config.stop.clone(),
+                };
+                jobs.push(Job {
+                    prompt_id: prompt_ids.value(row).to_string(),
+                    query_id: query_ids.value(row).to_string(),
+                    level: (!arrow::array::Array::is_null(levels, row)).then(|| levels.value(row)),
+                    hash: request.hash(),
+                    request,
+                });
+            }
+        }
+        jobs
+    }
+
+    async fn generate(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let jobs = self.jobs(&ctx.read_input("prompts").await?);
+        let journal_path = ctx.state_dir()?.join("journal.jsonl");
+        let (journal, mut answered) =
+            Journal::open(&journal_path).map_err(|e| StageError::Invalid(e.to_string()))?;
+        let mut seen = std::collections::HashSet::new();
+        // Indices, not references: the stream's items must not borrow (higher-ranked lifetimes).
+        let pending: Vec<usize> = (0..jobs.len())
+            .filter(|&i| !answered.contains_key(&jobs[i].hash) && seen.insert(jobs[i].hash.clone()))
+            .collect();
+        let cached = jobs.len() - pending.len();
+
+        if !pending.is_empty() {
+            let backend = self.backend()?;
+            let policy = RetryPolicy {
+                max_retries: self.config.max_retries,
+                base_delay: Duration::from_secs_f64(self.config.backoff_s),
+                ..RetryPolicy::default()
+            };
+            let bar = ctx.progress(Some(pending.len() as u64), "requests");
+            let tokens = AtomicU64::new(0);
+            let failures = AtomicU64::new(0);
+            let started = Instant::now();
+            let last_sync = std::sync::Mutex::new(Instant::now());
+            let jobs_ref = &jobs;
+            let outcomes: Vec<(usize, Result<JournalEntry, String>)> =
+                futures::stream::iter(pending.iter().copied())
+                    .map(|index| {
+                        let job = &jobs_ref[index];
+                        let (backend, policy, journal) = (&backend, &policy, &journal);
+                        let (bar, tokens, failures, last_sync) =
+                            (&bar, &tokens, &failures, &last_sync);
+                        async move {
+                            let (result, attempts) =
+                                policy.run(backend as &dyn ChatBackend, &job.request).await;
+                            let outcome = match result {
+                                Ok(response) => {
+                                    let entry = JournalEntry {
+                                        hash: job.hash.clone(),
+                                        response,
+                                        attempts,
+                                    };
+                                    match journal.append(&entry) {
+                                        Ok(()) => Ok(entry),
+                                        Err(e) => Err(e.to_string()),
+                                    }
+                                }
+                                Err(e) => Err(format!("{e} (after {attempts} attempts)")),
+                            };
+                            match &outcome {
+                                Ok(entry) => {
+                                    let total = tokens.fetch_add(
+                                        entry.response.completion_tokens,
+                                        Ordering::Relaxed,
+                                    ) + entry.response.completion_tokens;
+                                    let rate =
+                                        total as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                                    bar.set_message(format!(
+                                        "{rate:.0} tok/s, {} failed",
+                                        failures.load(Ordering::Relaxed)
+                                    ));
+                                }
+                                Err(_) => {
+                                    failures.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            bar.inc(1);
+                            let mut last = last_sync.lock().expect("sync clock");
+                            if last.elapsed() > Duration::from_secs(2) {
+                                let _ = journal.sync();
+                                *last = Instant::now();
+                            }
+                            (index, outcome)
+                        }
+                    })
+                    .buffer_unordered(self.config.concurrency)
+                    .collect()
+                    .await;
+            bar.finish_and_clear();
+            journal
+                .sync()
+                .map_err(|e| StageError::Invalid(e.to_string()))?;
+            let mut failed = Vec::new();
+            for (index, outcome) in outcomes {
+                let job = &jobs[index];
+                match outcome {
+                    Ok(entry) => {
+                        answered.insert(job.hash.clone(), entry);
+                    }
+                    Err(e) => failed.push(format!("prompt `{}`: {e}", job.prompt_id)),
+                }
+            }
+            ctx.set_stat("requests_answered", (pending.len() - failed.len()) as u64);
+            if !failed.is_empty() {
+                return Err(StageError::Invalid(format!(
+                    "{} of {} requests failed; the {} answered are journaled in {} and a rerun sends only the rest. First failure: {}",
+                    failed.len(),
+                    pending.len(),
+                    pending.len() - failed.len(),
+                    journal.path().display(),
+                    failed[0]
+                )));
+            }
+        }
+        ctx.set_stat("requests_from_journal", cached as u64);
+        self.write_tables(ctx, &jobs, &answered)
+    }
+
+    fn write_tables(
+        &self,
+        ctx: &mut StageContext,
+        jobs: &[Job],
+        answered: &HashMap<String, JournalEntry>,
+    ) -> Result<(), StageError> {
+        let mut generations = Vec::new();
+        let mut docs = Vec::new();
+        let mut rejects = Vec::new();
+        let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
+        for job in jobs {
+            let entry = &answered[&job.hash];
+            let response = &entry.response;
+            prompt_tokens += response.prompt_tokens;
+            completion_tokens += response.completion_tokens;
+            generations.push((job, response));
+            let (passages, problems) = match job.level {
+                None => parse_all_levels(&response.text, &self.config.levels),
+                Some(level) => match parse_single_level(&response.text, level) {
+                    Ok(p) => (vec![p], Vec::new()),
+                    Err(e) => (Vec::new(), vec![e]),
+                },
+            };
+            for passage in passages {
+                let doc_id = format!("{}:{}:{}", job.query_id, passage.level, &job.hash[..12]);
+                docs.push((job, doc_id, passage, response.model.as_str()));
+            }
+            for problem in problems {
+                rejects.push((job, problem, response.text.as_str()));
+            }
+        }
+        let schema = table::schema("generations")?.arrow();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                columns::utf8(generations.iter().map(|(j, _)| j.prompt_id.as_str())),
+                columns::utf8(generations.iter().map(|(j, _)| j.query_id.as_str())),
+                columns::nullable_int32(generations.iter().map(|(j, _)| j.level)),
+                columns::utf8(generations.iter().map(|(j, _)| j.hash.as_str())),
+                columns::utf8(generations.iter().map(|(_, r)| r.model.as_str())),
+                columns::utf8(generations.iter().map(|(_, r)| r.text.as_str())),
+                columns::int64(generations.iter().map(|(_, r)| r.prompt_tokens as i64)),
+                columns::int64(generations.iter().map(|(_, r)| r.completion_tokens as i64)),
+            ],
+        )
+        .expect("columns follow the generations kind");
+        ctx.write_table("generations", schema, &[batch])?;
+
+        let schema = table::schema("graded_docs")?.arrow();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                columns::utf8(docs.iter().map(|d| d.0.query_id.as_str())),
+                columns::utf8(docs.iter().map(|d| d.1.as_str())),
+                columns::int32(docs.iter().map(|d| d.2.level)),
+                columns::utf8(docs.iter().map(|d| d.2.title.as_str())),
+                columns::utf8(docs.iter().map(|d| d.2.text.as_str())),
+                columns::utf8(docs.iter().map(|d| d.3)),
+                columns::utf8(docs.iter().map(|d| d.0.prompt_id.as_str())),
+                columns::utf8(docs.iter().map(|d| d.0.hash.as_str())),
+            ],
+        )
+        .expect("columns follow the graded_docs kind");
+        ctx.write_table("graded_docs", schema, &[batch])?;
+
+        let schema = table::schema("rejects")?.arrow();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                columns::utf8(rejects.iter().map(|r| r.0.prompt_id.as_str())),
+                columns::utf8(rejects.iter().map(|r| r.0.query_id.as_str())),
+                columns::nullable_int32(rejects.iter().map(|r| r.1.level)),
+                columns::utf8(rejects.iter().map(|r| r.0.hash.as_str())),
+                columns::utf8(rejects.iter().map(|r| r.1.reason.as_str())),
+                columns::utf8(rejects.iter().map(|r| r.2)),
+            ],
+        )
+        .expect("columns follow the rejects kind");
+        ctx.write_table("rejects", schema, &[batch])?;
+        ctx.set_stat("prompt_tokens", prompt_tokens);
+        ctx.set_stat("completion_tokens", completion_tokens);
+        ctx.set_stat("rejects", rejects.len() as u64);
+        Ok(())
+    }
+}

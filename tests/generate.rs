@@ -1,0 +1,330 @@
+//! The `generate` stage against a real HTTP server on 127.0.0.1: answers are parsed into graded
+//! passages and rejects, every response is journaled, retries and timeouts behave, nothing is
+//! requested twice, and a `kill -9` mid-run loses nothing.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::llm_server::{LlmServer, Reply, graded_answer, query_of};
+use synthrank::pipeline::Selection;
+use synthrank::table::read_batches;
+
+fn rows(path: &Path) -> usize {
+    read_batches(path)
+        .unwrap()
+        .iter()
+        .map(|b| b.num_rows())
+        .sum()
+}
+
+/// `n` queries, their all-levels prompts, and a `generate` stage pointed at `url`.
+fn pipeline(dir: &Path, n: usize, url: &str, extra: &str) -> PathBuf {
+    let queries: String = (0..n)
+        .map(|i| format!("{{\"_id\": \"q{i}\", \"text\": \"question number {i}\"}}\n"))
+        .collect();
+    std::fs::write(dir.join("queries.jsonl"), queries).unwrap();
+    std::fs::copy(
+        common::repo().join("pipelines/prompts/graded-passages.j2"),
+        dir.join("graded.j2"),
+    )
+    .unwrap();
+    common::write_spec(
+        dir,
+        "p.yaml",
+        &format!(
+            "name: gen\nworkdir: work\nstages:\n  - name: queries\n    kind: load_queries\n    config: {{path: queries.jsonl}}\n  \
+             - name: prompts\n    kind: render_prompts\n    inputs: [queries]\n    config: {{template: graded.j2}}\n  \
+             - name: gen\n    kind: generate\n    inputs: [prompts]\n    config:\n      endpoints: [{url}]\n      model: test-model\n      \
+             temperature: 0.7\n      backoff_s: 0.01\n{extra}"
+        ),
+    )
+}
+
+#[test]
+fn answers_become_graded_docs_and_rejects_and_are_never_requested_twice() {
+    let server = LlmServer::start(|r, _| {
+        let query = query_of(&r.user());
+        // The model forgets level 0 for one query.
+        let levels: &[i32] = if query.ends_with(" 2") {
+            &[3, 2, 1]
+        } else {
+            &[3, 2, 1, 0]
+        };
+        Reply::Answer(graded_answer(&query, levels))
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let spec = pipeline(dir.path(), 4, &server.url, "");
+    let work = dir.path().join("work");
+    let p = common::load(&spec, &work);
+    common::run(&p, Selection::All, false);
+    assert_eq!(server.count(), 4);
+    assert_eq!(rows(&work.join("gen/generations.parquet")), 4);
+    assert_eq!(rows(&work.join("gen/graded_docs.parquet")), 15);
+    assert_eq!(rows(&work.join("gen/rejects.parquet")), 1);
+    let first = &server.requests()[0].body;
+    assert_eq!(first["model"], "test-model");
+    assert_eq!(first["temperature"], 0.7);
+    assert_eq!(first["messages"][0]["role"], "system");
+
+    // Forced reruns answer from the journal.
+    common::run(&p, Selection::Only("gen".into()), true);
+    assert_eq!(server.count(), 4, "no request is sent twice");
+    let out = common::synthrank(&[
+        "sql",
+        spec.to_str().unwrap(),
+        "--workdir",
+        work.to_str().unwrap(),
+        "--format",
+        "csv",
+        "SELECT query_id, level, reason FROM gen.rejects",
+    ]);
+    assert_eq!(
+        common::stdout(&out),
+        "query_id,level,reason\nq2,0,level missing from the answer\n"
+    );
+    let out = common::synthrank(&[
+        "sql",
+        spec.to_str().unwrap(),
+        "--workdir",
+        work.to_str().unwrap(),
+        "--format",
+        "csv",
+        "SELECT doc_id, level, title, text FROM gen.graded_docs WHERE query_id = 'q1' ORDER BY level DESC LIMIT 1",
+    ]);
+    let text = common::stdout(&out);
+    assert!(text.starts_with("doc_id,level,title,text\nq1:3:"), "{text}");
+    assert!(
+        text.ends_with(",3,Level 3,A level-3 passage for: question number 1\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn retries_rate_limits_server_errors_dropped_connections_and_malformed_bodies() {
+    let server = LlmServer::start(|r, n| match n {
+        0 => Reply::Status(429, "slow down".into(), Some(0)),
+        1 => Reply::Status(500, "oops".into(), None),
+        2 => Reply::Drop,
+        3 => Reply::Malformed,
+        _ => Reply::Answer(graded_answer(&query_of(&r.user()), &[3, 2, 1, 0])),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let spec = pipeline(dir.path(), 1, &server.url, "      concurrency: 1\n");
+    let p = common::load(&spec, &dir.path().join("work"));
+    common::run(&p, Selection::All, false);
+    assert_eq!(server.count(), 5, "four failures retried, then the answer");
+    assert_eq!(rows(&dir.path().join("work/gen/graded_docs.parquet")), 4);
+    let manifest =
+        synthrank::table::Manifest::read(&dir.path().join("work/gen/_manifest.json")).unwrap();
+    assert_eq!(manifest.stats["requests_answered"], 1);
+    assert_eq!(manifest.stats["completion_tokens"], 40);
+}
+
+#[test]
+fn client_errors_are_not_retried() {
+    let server = LlmServer::start(|_, _| Reply::Status(400, "bad model".into(), None));
+    let dir = tempfile::tempdir().unwrap();
+    let spec = pipeline(dir.path(), 1, &server.url, "");
+    let p = common::load(&spec, &dir.path().join("work"));
+    let err = common::try_run(&p, Selection::All, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("1 of 1 requests failed")
+            && err.contains("HTTP 400: bad model (after 1 attempts)"),
+        "{err}"
+    );
+    assert_eq!(server.count(), 1);
+}
+
+#[test]
+fn timeouts_fail_the_stage_but_keep_what_was_answered() {
+    let stall = Arc::new(AtomicBool::new(true));
+    let flag = stall.clone();
+    let server = LlmServer::start(move |r, _| {
+        let query = query_of(&r.user());
+        let answer = Reply::Answer(graded_answer(&query, &[3, 2, 1, 0]));
+        if query.ends_with(" 1") && flag.load(Ordering::SeqCst) {
+            Reply::Stall(Duration::from_secs(3), Box::new(answer))
+        } else {
+            answer
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let spec = pipeline(
+        dir.path(),
+        3,
+        &server.url,
+        "      timeout_s: 0.3\n      max_retries: 1\n",
+    );
+    let work = dir.path().join("work");
+    let p = common::load(&spec, &work);
+    let started = Instant::now();
+    let err = common::try_run(&p, Selection::All, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "timed out promptly"
+    );
+    assert!(
+        err.contains("1 of 3 requests failed; the 2 answered are journaled"),
+        "{err}"
+    );
+    assert!(
+        err.contains("timed out after 0.3s (after 2 attempts)"),
+        "{err}"
+    );
+    assert_eq!(
+        server.count(),
+        4,
+        "2 answered + 2 attempts for the stalled one"
+    );
+    assert!(!work.join("gen").exists(), "a failed stage writes no table");
+
+    stall.store(false, Ordering::SeqCst);
+    common::run(&p, Selection::All, false);
+    assert_eq!(
+        server.count(),
+        5,
+        "the rerun sends only the unanswered request"
+    );
+    assert_eq!(rows(&work.join("gen/graded_docs.parquet")), 12);
+}
+
+#[test]
+fn api_key_comes_from_the_environment_and_is_never_written() {
+    let server =
+        LlmServer::start(|r, _| Reply::Answer(graded_answer(&query_of(&r.user()), &[3, 2, 1, 0])));
+    let dir = tempfile::tempdir().unwrap();
+    let spec = pipeline(
+        dir.path(),
+        2,
+        &server.url,
+        "      api_key_env: SYNTHRANK_TEST_KEY\n",
+    );
+    let secret = "sk-test-5ecret-do-not-write";
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_synthrank"))
+        .args(["run", spec.to_str().unwrap()])
+        .env_remove("SYNTHRANK_TEST_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        common::stderr(&out)
+            .contains("the environment variable `SYNTHRANK_TEST_KEY` (api_key_env) is not set")
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_synthrank"))
+        .args(["run", spec.to_str().unwrap()])
+        .env("SYNTHRANK_TEST_KEY", secret)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(
+        server
+            .requests()
+            .iter()
+            .all(|r| r.authorization.as_deref() == Some(&format!("Bearer {secret}")))
+    );
+    assert!(!common::stderr(&out).contains(secret));
+    for entry in walk(&dir.path().join("work")) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(secret),
+            "{} holds the key",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[test]
+fn kill_9_mid_run_then_rerun_sends_no_answered_request_again_and_loses_nothing() {
+    let server = LlmServer::start(|r, _| {
+        Reply::Stall(
+            Duration::from_millis(25),
+            Box::new(Reply::Answer(graded_answer(
+                &query_of(&r.user()),
+                &[3, 2, 1, 0],
+            ))),
+        )
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let spec = pipeline(dir.path(), 40, &server.url, "      concurrency: 2\n");
+    let journal = dir.path().join("work/.state/gen/journal.jsonl");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_synthrank"))
+        .args(["run", spec.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(&journal)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if lines >= 8 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = server.count();
+    let journaled: HashSet<String> = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["hash"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        journaled.len() >= 8 && journaled.len() < 40,
+        "{}",
+        journaled.len()
+    );
+
+    let out = common::synthrank(&["run", spec.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let resent: Vec<String> = server.requests()[before..]
+        .iter()
+        .map(|r| {
+            let req: synthrank::llm::ChatRequest = serde_json::from_value(r.body.clone()).unwrap();
+            req.hash()
+        })
+        .collect();
+    assert_eq!(
+        resent.len(),
+        40 - journaled.len(),
+        "exactly the unanswered prompts are sent"
+    );
+    assert!(
+        resent.iter().all(|h| !journaled.contains(h)),
+        "an answered prompt was sent again"
+    );
+    assert_eq!(
+        rows(&dir.path().join("work/gen/graded_docs.parquet")),
+        160,
+        "no row is lost"
+    );
+}
