@@ -335,6 +335,9 @@ fn print_status(pipeline: &Pipeline) -> Result<(), CliError> {
         })
         .collect();
     output::aligned(&["STAGE", "KIND", "STATE", "ROWS", "LAST RUN"], &rows);
+    for (stage, note) in pipeline.state_summaries() {
+        println!("{stage}: {note}");
+    }
     let stale = assessments
         .iter()
         .filter(|a| a.state != StageState::Fresh)

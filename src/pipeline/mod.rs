@@ -186,6 +186,31 @@ impl Pipeline {
         &self.spec.workdir
     }
 
+    /// Each stage's note on its resumable state, for `status`.
+    pub fn state_summaries(&self) -> Vec<(String, String)> {
+        self.stages
+            .iter()
+            .filter_map(|stage| {
+                let input_rows = stage
+                    .inputs
+                    .iter()
+                    .filter_map(|i| {
+                        self.stage(&i.stage)
+                            .ok()?
+                            .manifest()?
+                            .tables
+                            .get(&i.table)
+                            .map(|t| t.rows)
+                    })
+                    .sum();
+                let note = stage
+                    .stage
+                    .state_summary(&self.state_dir(stage.name()), input_rows)?;
+                Some((stage.name().to_string(), note))
+            })
+            .collect()
+    }
+
     /// Where a stage keeps what must survive its failed runs (journals, checkpoints).
     pub fn state_dir(&self, stage: &str) -> PathBuf {
         self.spec.workdir.join(".state").join(stage)

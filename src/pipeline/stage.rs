@@ -141,6 +141,11 @@ pub trait Stage: Send + Sync {
         Vec::new()
     }
     fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>>;
+    /// A line for `status` about work kept in the stage's state directory (a journal's answered
+    /// and pending requests, say); `input_rows` counts the rows of its inputs.
+    fn state_summary(&self, _state_dir: &Path, _input_rows: u64) -> Option<String> {
+        None
+    }
 }
 
 /// An input table as a running stage sees it.

@@ -124,7 +124,24 @@ impl Stage for Prepared {
     fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {
         Box::pin(self.generate(ctx))
     }
+
+    fn state_summary(&self, state_dir: &Path, prompts: u64) -> Option<String> {
+        let journal = std::fs::File::open(state_dir.join(JOURNAL)).ok()?;
+        let answered = std::io::BufRead::lines(std::io::BufReader::new(journal)).count() as u64;
+        let failed = std::fs::read_to_string(state_dir.join(FAILURES))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        Some(format!(
+            "{answered} answered, {} pending, {failed} failed in the last run",
+            prompts.saturating_sub(answered)
+        ))
+    }
 }
+
+const JOURNAL: &str = "journal.jsonl";
+/// How many requests failed in the last run (absent after a run with none).
+const FAILURES: &str = "failed";
 
 /// A prompt row and the request it becomes.
 struct Job {
@@ -197,7 +214,8 @@ impl Prepared {
 
     async fn generate(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let jobs = self.jobs(&ctx.read_input("prompts").await?);
-        let journal_path = ctx.state_dir()?.join("journal.jsonl");
+        let state_dir = ctx.state_dir()?.to_path_buf();
+        let journal_path = state_dir.join(JOURNAL);
         let (journal, mut answered) =
             Journal::open(&journal_path).map_err(|e| StageError::Invalid(e.to_string()))?;
         let mut seen = std::collections::HashSet::new();
@@ -288,7 +306,12 @@ impl Prepared {
                 }
             }
             ctx.set_stat("requests_answered", (pending.len() - failed.len()) as u64);
-            if !failed.is_empty() {
+            let failures = state_dir.join(FAILURES);
+            if failed.is_empty() {
+                let _ = std::fs::remove_file(&failures);
+            } else {
+                std::fs::write(&failures, failed.len().to_string())
+                    .map_err(StageError::io(&failures))?;
                 return Err(StageError::Invalid(format!(
                     "{} of {} requests failed; the {} answered are journaled in {} and a rerun sends only the rest. First failure: {}",
                     failed.len(),
