@@ -328,3 +328,52 @@ fn kill_9_mid_run_then_rerun_sends_no_answered_request_again_and_loses_nothing()
         "no row is lost"
     );
 }
+
+#[test]
+fn per_level_prompts_take_plain_text_answers() {
+    let server = LlmServer::start(|r, _| {
+        let user = r.user();
+        if user.contains("relevance level 0") {
+            Reply::Answer("   ".into()) // an empty answer is a reject, not a passage
+        } else {
+            Reply::Answer(format!("```\nA passage for {}\n```", query_of(&user)))
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let spec = pipeline(dir.path(), 2, &server.url, "");
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(
+        &spec,
+        text.replace(
+            "config: {template: graded.j2}",
+            "config: {template: graded.j2, mode: per_level}",
+        ),
+    )
+    .unwrap();
+    let work = dir.path().join("work");
+    common::run(&common::load(&spec, &work), Selection::All, false);
+    assert_eq!(server.count(), 8);
+    assert_eq!(rows(&work.join("gen/graded_docs.parquet")), 6);
+    let out = common::synthrank(&[
+        "sql",
+        spec.to_str().unwrap(),
+        "--format",
+        "csv",
+        "SELECT prompt_id, level, reason FROM gen.rejects ORDER BY prompt_id",
+    ]);
+    assert_eq!(
+        common::stdout(&out),
+        "prompt_id,level,reason\nq0:0,0,empty answer\nq1:0,0,empty answer\n"
+    );
+    let out = common::synthrank(&[
+        "sql",
+        spec.to_str().unwrap(),
+        "--format",
+        "csv",
+        "SELECT text FROM gen.graded_docs WHERE prompt_id = 'q1:3'",
+    ]);
+    assert_eq!(
+        common::stdout(&out),
+        "text\nA passage for question number 1\n"
+    );
+}
