@@ -85,6 +85,18 @@ pub fn search(
     exclude: &[Option<u32>],
     options: SearchOptions,
 ) -> Result<Vec<Vec<Hit>>, SearchError> {
+    search_with_progress(queries, docs, id_rank, exclude, options, &|_| {})
+}
+
+/// [`search`], calling `done(n)` as each block of `n` queries is finished (from any thread).
+pub fn search_with_progress(
+    queries: Vectors<'_>,
+    docs: Vectors<'_>,
+    id_rank: &[u32],
+    exclude: &[Option<u32>],
+    options: SearchOptions,
+    done: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<Vec<Hit>>, SearchError> {
     if queries.dim != docs.dim {
         return Err(SearchError::Dimension {
             queries: queries.dim,
@@ -113,6 +125,7 @@ pub fn search(
                     &exclude_slice(exclude, start, out.len()),
                     options,
                     out,
+                    done,
                 );
             });
         }
@@ -134,6 +147,7 @@ fn search_block(
     exclude: &[Option<u32>],
     options: SearchOptions,
     out: &mut [Vec<Hit>],
+    done: &(dyn Fn(usize) + Sync),
 ) {
     let dim = queries.dim;
     let (nq, nd) = (queries.rows(), docs.rows());
@@ -159,6 +173,7 @@ fn search_block(
         for (i, top) in tops.into_iter().enumerate() {
             out[q0 + i] = top.into_sorted();
         }
+        done(qn);
     }
 }
 

@@ -166,7 +166,7 @@ impl Prepared {
         let ranks = retrieval::id_ranks(&corpus.ids);
         let dim = queries.dim.max(corpus.dim);
         let hits = tokio::task::block_in_place(|| {
-            retrieval::search(
+            retrieval::search_with_progress(
                 Vectors {
                     data: &queries.data,
                     dim,
@@ -178,6 +178,7 @@ impl Prepared {
                 &ranks,
                 &exclude,
                 options,
+                &|n| bar.inc(n as u64),
             )
         })
         .map_err(|e| StageError::Invalid(e.to_string()))?;
