@@ -377,3 +377,28 @@ fn per_level_prompts_take_plain_text_answers() {
         "text\nA passage for question number 1\n"
     );
 }
+
+#[test]
+fn requests_per_second_paces_the_requests() {
+    let server =
+        LlmServer::start(|r, _| Reply::Answer(graded_answer(&query_of(&r.user()), &[3, 2, 1, 0])));
+    let dir = tempfile::tempdir().unwrap();
+    let spec = pipeline(
+        dir.path(),
+        6,
+        &server.url,
+        "      requests_per_second: 20\n",
+    );
+    let p = common::load(&spec, &dir.path().join("work"));
+    common::run(&p, Selection::Only("queries".into()), false);
+    common::run(&p, Selection::Only("prompts".into()), false);
+    let started = Instant::now();
+    common::run(&p, Selection::Only("gen".into()), false);
+    // Six requests at 20/s: the last may start no earlier than 5 x 50 ms after the first.
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.count(), 6);
+}
