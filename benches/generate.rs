@@ -5,18 +5,14 @@
 #[path = "../tests/common/llm_server.rs"]
 mod llm_server;
 
+mod common;
+
 use std::time::Instant;
+
+use common::arg;
 
 use llm_server::{LlmServer, Reply, graded_answer, query_of};
 use synthrank::pipeline::{Pipeline, RunOptions, Selection};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().expect("a number"))
-}
 
 fn main() {
     let (prompts, concurrency) = (arg("--prompts", 5000), arg("--concurrency", 256));

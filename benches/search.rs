@@ -2,18 +2,14 @@
 //! against 200,000 documents of 384 dimensions, top-100, 2 threads. Prints one JSON line.
 //! Run: `cargo bench --bench search` (options: --docs N --nq N --dim N --k N --threads N).
 
+mod common;
+
 use std::time::Instant;
+
+use common::arg;
 
 use rand::{Rng, SeedableRng};
 use synthrank::retrieval::{self, SearchOptions, Vectors};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().expect("a number"))
-}
 
 /// Standard normal values (Box-Muller), like the peer's numpy generator.
 fn normal(rng: &mut impl Rng, n: usize) -> Vec<f32> {

@@ -14,6 +14,17 @@ use common::llm_server::{LlmServer, Reply, graded_answer, query_of};
 use synthrank::pipeline::Selection;
 use synthrank::table::read_batches;
 
+/// `synthrank sql --format csv` over the pipeline's tables (its workdir is the spec's).
+fn sql_csv(spec: &Path, query: &str) -> String {
+    common::stdout(&common::synthrank(&[
+        "sql",
+        spec.to_str().unwrap(),
+        "--format",
+        "csv",
+        query,
+    ]))
+}
+
 fn rows(path: &Path) -> usize {
     read_batches(path)
         .unwrap()
@@ -74,29 +85,14 @@ fn answers_become_graded_docs_and_rejects_and_are_never_requested_twice() {
     // Forced reruns answer from the journal.
     common::run(&p, Selection::Only("gen".into()), true);
     assert_eq!(server.count(), 4, "no request is sent twice");
-    let out = common::synthrank(&[
-        "sql",
-        spec.to_str().unwrap(),
-        "--workdir",
-        work.to_str().unwrap(),
-        "--format",
-        "csv",
-        "SELECT query_id, level, reason FROM gen.rejects",
-    ]);
     assert_eq!(
-        common::stdout(&out),
+        sql_csv(&spec, "SELECT query_id, level, reason FROM gen.rejects"),
         "query_id,level,reason\nq2,0,level missing from the answer\n"
     );
-    let out = common::synthrank(&[
-        "sql",
-        spec.to_str().unwrap(),
-        "--workdir",
-        work.to_str().unwrap(),
-        "--format",
-        "csv",
+    let text = sql_csv(
+        &spec,
         "SELECT doc_id, level, title, text FROM gen.graded_docs WHERE query_id = 'q1' ORDER BY level DESC LIMIT 1",
-    ]);
-    let text = common::stdout(&out);
+    );
     assert!(text.starts_with("doc_id,level,title,text\nq1:3:"), "{text}");
     assert!(
         text.ends_with(",3,Level 3,A level-3 passage for: question number 1\n"),
@@ -354,26 +350,18 @@ fn per_level_prompts_take_plain_text_answers() {
     common::run(&common::load(&spec, &work), Selection::All, false);
     assert_eq!(server.count(), 8);
     assert_eq!(rows(&work.join("gen/graded_docs.parquet")), 6);
-    let out = common::synthrank(&[
-        "sql",
-        spec.to_str().unwrap(),
-        "--format",
-        "csv",
-        "SELECT prompt_id, level, reason FROM gen.rejects ORDER BY prompt_id",
-    ]);
     assert_eq!(
-        common::stdout(&out),
+        sql_csv(
+            &spec,
+            "SELECT prompt_id, level, reason FROM gen.rejects ORDER BY prompt_id"
+        ),
         "prompt_id,level,reason\nq0:0,0,empty answer\nq1:0,0,empty answer\n"
     );
-    let out = common::synthrank(&[
-        "sql",
-        spec.to_str().unwrap(),
-        "--format",
-        "csv",
-        "SELECT text FROM gen.graded_docs WHERE prompt_id = 'q1:3'",
-    ]);
     assert_eq!(
-        common::stdout(&out),
+        sql_csv(
+            &spec,
+            "SELECT text FROM gen.graded_docs WHERE prompt_id = 'q1:3'"
+        ),
         "text\nA passage for question number 1\n"
     );
 }
