@@ -6,6 +6,7 @@
 //! (`formats`, ...); `cli` maps everything to commands, messages and exit codes.
 
 pub mod cli;
+pub mod encoder;
 pub mod formats;
 pub mod llm;
 pub mod loss;
@@ -16,3 +17,4 @@ pub mod retrieval;
 pub mod spec;
 pub mod stages;
 pub mod table;
+pub mod train;

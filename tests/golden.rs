@@ -118,3 +118,8 @@ fn check(file: &str) {
 fn scifact_loaders_prompts_and_sql() {
     check("scifact.slt");
 }
+
+#[test]
+fn training_pipeline_tables() {
+    check("training.slt");
+}

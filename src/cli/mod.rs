@@ -87,6 +87,15 @@ enum Command {
     },
     /// Print the schema of a table kind, or list the kinds.
     Schema { kind: Option<String> },
+    /// Export a BERT-family model directory (e.g. one synthrank trained) to ONNX, for the
+    /// `embed` stage's onnx backend and any ONNX Runtime user.
+    ExportOnnx {
+        /// The model directory (config.json, model.safetensors).
+        model: PathBuf,
+        /// Output file (default: MODEL/model.onnx).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Write a table (`stage` or `stage.table`) in another format.
     Export {
         pipeline: PathBuf,
@@ -144,6 +153,8 @@ pub enum CliError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Encoder(#[from] crate::encoder::EncoderError),
 }
 
 impl CliError {
@@ -259,6 +270,14 @@ async fn execute(command: Command) -> Result<(), CliError> {
             }
         }
         Command::Schema { kind } => print_schema(kind.as_deref()),
+        Command::ExportOnnx { model, output } => {
+            let dir = crate::encoder::ModelDir::open(&model)?;
+            let bert = dir.load_model(&candle_core::Device::Cpu)?;
+            let path = output.unwrap_or_else(|| model.join("model.onnx"));
+            crate::encoder::export_onnx(&bert, &path)?;
+            println!("{}", path.display());
+            Ok(())
+        }
         Command::Eval {
             qrels,
             run,

@@ -65,18 +65,7 @@ impl Journal {
                 let file = OpenOptions::new().write(true).open(path).map_err(io)?;
                 file.set_len(complete as u64).map_err(io)?;
             }
-            for (i, line) in text[..complete].lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let entry: JournalEntry =
-                    serde_json::from_str(line).map_err(|e| JournalError::Corrupt {
-                        path: path.to_path_buf(),
-                        line: i + 1,
-                        message: e.to_string(),
-                    })?;
-                entries.insert(entry.hash.clone(), entry);
-            }
+            entries = parse_lines(path, &text[..complete])?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -90,6 +79,16 @@ impl Journal {
             },
             entries,
         ))
+    }
+
+    /// The entries of a journal file, read only (a recorded journal shipped with a pipeline).
+    pub fn read(path: &Path) -> Result<HashMap<String, JournalEntry>, JournalError> {
+        let text = std::fs::read_to_string(path).map_err(|source| JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        parse_lines(path, &text[..complete])
     }
 
     pub fn append(&self, entry: &JournalEntry) -> Result<(), JournalError> {
@@ -113,4 +112,21 @@ impl Journal {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+fn parse_lines(path: &Path, text: &str) -> Result<HashMap<String, JournalEntry>, JournalError> {
+    let mut entries = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let entry: JournalEntry =
+            serde_json::from_str(line).map_err(|e| JournalError::Corrupt {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: e.to_string(),
+            })?;
+        entries.insert(entry.hash.clone(), entry);
+    }
+    Ok(entries)
 }

@@ -1,6 +1,7 @@
 //! Chat-completion backends: any OpenAI-compatible HTTP endpoint, with retries, rate limits and
 //! a durable journal of responses. Knows nothing of pipelines or tables.
 
+mod embedded;
 mod journal;
 mod openai;
 mod parse;
@@ -9,6 +10,7 @@ mod retry;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+pub use embedded::EmbeddedBackend;
 pub use journal::{Journal, JournalEntry, JournalError};
 pub use openai::{OpenAiBackend, OpenAiConfig};
 pub use parse::{GradedPassage, ParseError, parse_all_levels, parse_single_level};

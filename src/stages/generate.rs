@@ -1,7 +1,7 @@
 //! `generate`: prompts -> LLM answers (journaled) -> generations, graded_docs and rejects.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -11,13 +11,14 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::llm::{
-    ChatBackend, ChatRequest, Journal, JournalEntry, Message, OpenAiBackend, OpenAiConfig,
-    RetryPolicy, parse_all_levels, parse_single_level,
+    ChatBackend, ChatRequest, EmbeddedBackend, Journal, JournalEntry, Message, OpenAiBackend,
+    OpenAiConfig, RetryPolicy, parse_all_levels, parse_single_level,
 };
 use crate::pipeline::{
-    ConfigError, InputRole, InputRoles, OutputDecl, Stage, StageContext, StageError, StageKind,
-    parse_config,
+    ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
+    StageKind, parse_config,
 };
+use crate::spec::clean_path;
 use crate::table::{self, columns};
 
 pub struct Generate;
@@ -31,9 +32,18 @@ const INPUTS: &[InputRole] = &[InputRole {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
+    #[serde(default = "default_backend")]
+    backend: BackendKind,
     /// Base URLs of OpenAI-compatible servers (`http://host:8000/v1`); requests are spread
     /// over them.
+    #[serde(default)]
     endpoints: Vec<String>,
+    /// The GGUF chat model the embedded backend runs.
+    #[serde(default)]
+    model_file: Option<String>,
+    /// Responses recorded earlier (a journal file): requests they answer are not sent again.
+    #[serde(default)]
+    recorded_journal: Option<String>,
     model: String,
     /// The environment variable holding the API key (never the key itself).
     #[serde(default)]
@@ -65,6 +75,19 @@ struct Config {
     levels: Vec<i32>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum BackendKind {
+    /// Any OpenAI-compatible /v1/chat/completions server.
+    Openai,
+    /// A GGUF chat model run in-process on the CPU.
+    Embedded,
+}
+
+fn default_backend() -> BackendKind {
+    BackendKind::Openai
+}
+
 fn default_concurrency() -> usize {
     16
 }
@@ -91,10 +114,31 @@ impl StageKind for Generate {
     fn inputs(&self) -> InputRoles {
         InputRoles::Fixed(INPUTS)
     }
-    fn prepare(&self, config: &serde_json::Value, _: &Path) -> Result<Box<dyn Stage>, ConfigError> {
+    fn prepare(
+        &self,
+        config: &serde_json::Value,
+        base_dir: &Path,
+    ) -> Result<Box<dyn Stage>, ConfigError> {
         let config: Config = parse_config(config)?;
-        if config.endpoints.is_empty() {
-            return Err(ConfigError::new("endpoints", "list at least one endpoint"));
+        let model_file = config
+            .model_file
+            .as_ref()
+            .map(|f| clean_path(&base_dir.join(f)));
+        let recorded = config
+            .recorded_journal
+            .as_ref()
+            .map(|f| clean_path(&base_dir.join(f)));
+        match config.backend {
+            BackendKind::Openai if config.endpoints.is_empty() => {
+                return Err(ConfigError::new("endpoints", "list at least one endpoint"));
+            }
+            BackendKind::Embedded if model_file.is_none() => {
+                return Err(ConfigError::new(
+                    "model_file",
+                    "the embedded backend needs a GGUF model file",
+                ));
+            }
+            _ => {}
         }
         if config.concurrency == 0 {
             return Err(ConfigError::new("concurrency", "must be at least 1"));
@@ -102,12 +146,18 @@ impl StageKind for Generate {
         if config.timeout_s.is_nan() || config.timeout_s <= 0.0 {
             return Err(ConfigError::new("timeout_s", "must be positive"));
         }
-        Ok(Box::new(Prepared { config }))
+        Ok(Box::new(Prepared {
+            config,
+            model_file,
+            recorded,
+        }))
     }
 }
 
 struct Prepared {
     config: Config,
+    model_file: Option<PathBuf>,
+    recorded: Option<PathBuf>,
 }
 
 impl Stage for Prepared {
@@ -117,6 +167,18 @@ impl Stage for Prepared {
             .map(|k| OutputDecl {
                 name: k.to_string(),
                 kind: Some(table::schema(k).expect("built-in kind").kind.as_str()),
+            })
+            .collect()
+    }
+
+    fn files(&self) -> Vec<NamedFile> {
+        // The model file names the model, not the data: requests are keyed by `model`, so a
+        // changed GGUF file does not invalidate answers already journaled.
+        self.recorded
+            .iter()
+            .map(|path| NamedFile {
+                field: "recorded_journal".to_string(),
+                path: path.clone(),
             })
             .collect()
     }
@@ -153,7 +215,13 @@ struct Job {
 }
 
 impl Prepared {
-    fn backend(&self) -> Result<OpenAiBackend, StageError> {
+    fn backend(&self) -> Result<Box<dyn ChatBackend>, StageError> {
+        if self.config.backend == BackendKind::Embedded {
+            let path = self.model_file.as_ref().expect("checked in prepare");
+            return EmbeddedBackend::open(path, &self.config.model)
+                .map(|b| Box::new(b) as Box<dyn ChatBackend>)
+                .map_err(|e| StageError::Invalid(e.to_string()));
+        }
         let api_key = match &self.config.api_key_env {
             Some(var) => Some(std::env::var(var).map_err(|_| {
                 StageError::Invalid(format!(
@@ -168,6 +236,7 @@ impl Prepared {
             timeout: Duration::from_secs_f64(self.config.timeout_s),
             requests_per_second: self.config.requests_per_second,
         })
+        .map(|b| Box::new(b) as Box<dyn ChatBackend>)
         .map_err(|e| StageError::Invalid(e.to_string()))
     }
 
@@ -218,6 +287,10 @@ impl Prepared {
         let journal_path = state_dir.join(JOURNAL);
         let (journal, mut answered) =
             Journal::open(&journal_path).map_err(|e| StageError::Invalid(e.to_string()))?;
+        if let Some(recorded) = &self.recorded {
+            let imported = import_recorded(&journal, &mut answered, recorded)?;
+            ctx.set_stat("imported_from_recording", imported);
+        }
         let mut seen = std::collections::HashSet::new();
         // Indices, not references: the stream's items must not borrow (higher-ranked lifetimes).
         let pending: Vec<usize> = (0..jobs.len())
@@ -247,7 +320,7 @@ impl Prepared {
                             (&bar, &tokens, &failures, &last_sync);
                         async move {
                             let (result, attempts) =
-                                policy.run(backend as &dyn ChatBackend, &job.request).await;
+                                policy.run(backend.as_ref(), &job.request).await;
                             let outcome = match result {
                                 Ok(response) => {
                                     let entry = JournalEntry {
@@ -410,4 +483,29 @@ impl Prepared {
         ctx.set_stat("rejects", rejects.len() as u64);
         Ok(())
     }
+}
+
+/// Appends the recorded journal's entries that the stage's journal lacks; returns how many.
+fn import_recorded(
+    journal: &Journal,
+    answered: &mut HashMap<String, JournalEntry>,
+    recorded: &Path,
+) -> Result<u64, StageError> {
+    let entries = Journal::read(recorded).map_err(|e| StageError::Invalid(e.to_string()))?;
+    let mut imported = 0;
+    let mut sorted: Vec<JournalEntry> = entries.into_values().collect();
+    sorted.sort_by(|a, b| a.hash.cmp(&b.hash));
+    for entry in sorted {
+        if !answered.contains_key(&entry.hash) {
+            journal
+                .append(&entry)
+                .map_err(|e| StageError::Invalid(e.to_string()))?;
+            answered.insert(entry.hash.clone(), entry);
+            imported += 1;
+        }
+    }
+    journal
+        .sync()
+        .map_err(|e| StageError::Invalid(e.to_string()))?;
+    Ok(imported)
 }

@@ -1,5 +1,7 @@
 //! Stage kinds, one module each; each adapts tables to a lower-level module and back.
 
+mod assemble;
+mod embed;
 mod evaluate;
 mod generate;
 mod load;
@@ -7,6 +9,8 @@ mod render_prompts;
 mod report;
 mod search;
 mod sql;
+mod tokenize;
+mod train;
 
 use crate::pipeline::Registry;
 
@@ -19,8 +23,20 @@ pub fn registry() -> Registry {
         Box::new(render_prompts::RenderPrompts),
         Box::new(generate::Generate),
         Box::new(sql::SqlStage),
+        Box::new(assemble::Assemble),
+        Box::new(tokenize::Tokenize),
+        Box::new(train::Train),
+        Box::new(embed::Embed),
         Box::new(search::Search),
         Box::new(evaluate::Evaluate),
         Box::new(report::Report),
     ])
+}
+
+/// Runs `f` on a thread pool of `threads` workers when asked (candle and gemm use rayon).
+pub(crate) fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> T {
+    match threads.and_then(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().ok()) {
+        Some(pool) => pool.install(f),
+        None => f(),
+    }
 }

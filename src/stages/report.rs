@@ -90,6 +90,7 @@ impl Prepared {
         for role in roles {
             runs.push(self.read_run(ctx, &role).await?);
         }
+        let training = self.training_plots(ctx).await?;
         let measures: Vec<String> = if self.config.measures.is_empty() {
             let mut all: Vec<String> = runs.iter().flat_map(|r| r.means.keys().cloned()).collect();
             all.sort();
@@ -146,8 +147,11 @@ impl Prepared {
             latex_table(&runs, &measures),
         )
         .map_err(StageError::io("summary.tex"))?;
-        std::fs::write(ctx.output_path("report.html")?, self.html(&runs, &measures))
-            .map_err(StageError::io("report.html"))?;
+        std::fs::write(
+            ctx.output_path("report.html")?,
+            self.html(&runs, &measures, &training),
+        )
+        .map_err(StageError::io("report.html"))?;
         self.write_summary(ctx, &runs, &measures)
     }
 
@@ -211,7 +215,38 @@ impl Prepared {
         ctx.write_table("summary", schema, &[batch])
     }
 
-    fn html(&self, runs: &[RunMetrics], measures: &[String]) -> String {
+    /// Loss and learning-rate curves of every `train_log` input; returns the plot files.
+    async fn training_plots(&self, ctx: &mut StageContext) -> Result<Vec<String>, StageError> {
+        let roles: Vec<String> = ctx
+            .inputs()
+            .filter(|i| i.kind == Some("train_log"))
+            .map(|i| i.role.clone())
+            .collect();
+        let mut files = Vec::new();
+        for role in roles {
+            let (mut loss, mut lr) = (Vec::new(), Vec::new());
+            for batch in ctx.read_input(&role).await? {
+                loss.extend(columns::get::<Float64Array>(&batch, "loss").values().iter());
+                lr.extend(columns::get::<Float64Array>(&batch, "lr").values().iter());
+            }
+            for (what, values) in [("loss", loss), ("lr", lr)] {
+                let file = format!("plots/train_{role}_{what}.svg");
+                let series = [Series {
+                    name: role.clone(),
+                    values,
+                }];
+                std::fs::write(
+                    ctx.output_path(&file)?,
+                    plot::lines(&format!("{role}: {what}"), "optimizer step", what, &series),
+                )
+                .map_err(StageError::io(&file))?;
+                files.push(file);
+            }
+        }
+        Ok(files)
+    }
+
+    fn html(&self, runs: &[RunMetrics], measures: &[String], training: &[String]) -> String {
         let mut html = String::new();
         let title = escape(&self.config.title);
         let _ = write!(
@@ -247,6 +282,16 @@ impl Prepared {
                 escape(m),
                 escape(m)
             );
+        }
+        if !training.is_empty() {
+            html.push_str("<h2>Training</h2>\n");
+            for file in training {
+                let _ = writeln!(
+                    html,
+                    "<p><img src=\"{}\" alt=\"training curve\"></p>",
+                    escape(file)
+                );
+            }
         }
         html.push_str("<p>Also: <a href=\"summary.md\">summary.md</a>, <a href=\"summary.tex\">summary.tex</a>.</p>\n</body></html>\n");
         html

@@ -45,3 +45,48 @@ pub fn get<'a, T: Array + 'static>(batch: &'a RecordBatch, name: &str) -> &'a T 
             panic!("column `{name}` of the expected type (the batch was conformed to its kind)")
         })
 }
+
+/// A List<Int32> column of token id sequences.
+pub fn tokens<'a>(values: impl IntoIterator<Item = &'a [u32]>) -> ArrayRef {
+    let mut builder =
+        arrow::array::ListBuilder::new(arrow::array::Int32Builder::new()).with_field(Arc::new(
+            arrow::datatypes::Field::new("item", arrow::datatypes::DataType::Int32, false),
+        ));
+    for seq in values {
+        builder
+            .values()
+            .append_slice(&seq.iter().map(|&t| t as i32).collect::<Vec<i32>>());
+        builder.append(true);
+    }
+    Arc::new(builder.finish())
+}
+
+/// The token id sequences of a List<Int32> column.
+pub fn token_lists(batch: &RecordBatch, name: &str) -> Vec<Vec<u32>> {
+    let list = get::<arrow::array::ListArray>(batch, name);
+    (0..list.len())
+        .map(|i| {
+            let values = list.value(i);
+            let ints = values
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .expect("token lists hold Int32");
+            ints.values().iter().map(|&t| t as u32).collect()
+        })
+        .collect()
+}
+
+/// A FixedSizeList<Float32> column of `dim`-sized vectors from row-major values.
+pub fn vectors(values: Vec<f32>, dim: usize) -> ArrayRef {
+    let field = Arc::new(arrow::datatypes::Field::new(
+        "item",
+        arrow::datatypes::DataType::Float32,
+        false,
+    ));
+    Arc::new(arrow::array::FixedSizeListArray::new(
+        field,
+        dim as i32,
+        Arc::new(arrow::array::Float32Array::from(values)),
+        None,
+    ))
+}

@@ -29,6 +29,10 @@ const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../../schemas/graded_docs.yaml"),
     ),
     ("rejects", include_str!("../../schemas/rejects.yaml")),
+    ("groups", include_str!("../../schemas/groups.yaml")),
+    ("tokens", include_str!("../../schemas/tokens.yaml")),
+    ("train_log", include_str!("../../schemas/train_log.yaml")),
+    ("model", include_str!("../../schemas/model.yaml")),
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +69,9 @@ pub enum ColumnType {
     /// FixedSizeList<Float32>; the size is the table's, not the kind's.
     #[serde(rename = "vector")]
     Vector,
+    /// List<Int32>: token ids.
+    #[serde(rename = "tokens")]
+    Tokens,
 }
 
 impl ColumnType {
@@ -72,6 +79,7 @@ impl ColumnType {
     pub fn describe(self) -> String {
         match self {
             ColumnType::Vector => "FixedSizeList<Float32, DIM>".to_string(),
+            ColumnType::Tokens => "List<Int32>".to_string(),
             other => other.arrow(None).to_string(),
         }
     }
@@ -85,8 +93,14 @@ impl ColumnType {
             ColumnType::Int64 => DataType::Int64,
             ColumnType::Float64 => DataType::Float64,
             ColumnType::Bool => DataType::Boolean,
+            ColumnType::Tokens => tokens_type(),
         }
     }
+}
+
+/// List<Int32>, the Arrow type of token id sequences.
+pub fn tokens_type() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Int32, false)))
 }
 
 /// FixedSizeList<Float32> of `dim`, the Arrow type of embedding vectors.
@@ -143,6 +157,7 @@ impl TableSchema {
                 (DataType::FixedSizeList(a, n), DataType::FixedSizeList(b, m)) => {
                     n == m && a.data_type() == b.data_type()
                 }
+                (DataType::List(a), DataType::List(b)) => a.data_type() == b.data_type(),
                 (a, b) => a == b,
             };
             if !same {

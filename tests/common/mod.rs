@@ -23,6 +23,17 @@ pub fn shared() -> PathBuf {
     path
 }
 
+/// A demo model fetched by scripts/fetch-models.sh (the test command runs it first).
+pub fn demo_model(name: &str) -> PathBuf {
+    let path = repo().join("models").join(name);
+    assert!(
+        path.exists(),
+        "demo model {} is missing: run scripts/fetch-models.sh (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
 pub fn load(spec: &Path, workdir: &Path) -> Pipeline {
     Pipeline::load(spec, &synthrank::stages::registry(), Some(workdir))
         .unwrap_or_else(|e| panic!("{e}"))

@@ -1,0 +1,70 @@
+//! The BERT-family bi-encoder: Hugging Face model directories, tokenization, a trainable
+//! candle implementation written from primitive ops, and inference backends behind one trait
+//! (candle, ONNX Runtime). Knows nothing of pipelines or Parquet.
+
+mod bert;
+mod config;
+mod embedder;
+mod model_dir;
+mod onnx_export;
+mod ops;
+mod ort_backend;
+mod tokenizer;
+
+pub use bert::{Bert, pad_batch};
+pub use config::BertConfig;
+pub use embedder::{CandleEmbedder, Embedder};
+pub use model_dir::ModelDir;
+pub use onnx_export::export_onnx;
+pub use ops::Dropout;
+pub use ort_backend::OrtEmbedder;
+pub use tokenizer::TextTokenizer;
+
+use std::path::Path;
+
+/// How token states become one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Masked mean over all tokens, [CLS] and [SEP] included (sentence-transformers, Contriever).
+    Mean,
+    /// The [CLS] token's state.
+    Cls,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncoderError {
+    #[error("{path}: not a model directory ({reason})")]
+    NotAModelDir { path: String, reason: String },
+    #[error("{file}: {message}")]
+    Config { file: String, message: String },
+    #[error("{file}: no weight `{name}` (is this a BERT-family checkpoint?)")]
+    MissingWeight { file: String, name: String },
+    #[error("{file}: weight `{name}` has shape {found:?}, the config implies {expected:?}")]
+    WeightShape {
+        file: String,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{file}: tokenizer: {message}")]
+    Tokenizer { file: String, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("tensor engine: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("ONNX Runtime: {0}")]
+    Onnx(String),
+}
+
+impl EncoderError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> EncoderError {
+        EncoderError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}

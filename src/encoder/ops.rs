@@ -1,0 +1,106 @@
+//! Layer norm, softmax, linear and dropout written with candle's primitive ops only, so that
+//! every one of them has a backward pass (candle's fused versions have none).
+
+use candle_core::{D, DType, Result, Tensor, Var};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// y = x W^T + b over the last dimension, for x of any rank.
+pub fn linear(x: &Tensor, weight: &Var, bias: &Var) -> Result<Tensor> {
+    let dims = x.dims();
+    let (rows, cols) = (
+        dims[..dims.len() - 1].iter().product::<usize>(),
+        dims[dims.len() - 1],
+    );
+    let y = x
+        .reshape((rows, cols))?
+        .matmul(&weight.as_tensor().t()?)?
+        .broadcast_add(bias.as_tensor())?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("rank >= 1") = weight.dims()[0];
+    y.reshape(out)
+}
+
+/// Layer normalization over the last dimension (biased variance, as PyTorch).
+pub fn layer_norm(x: &Tensor, weight: &Var, bias: &Var, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed
+        .broadcast_mul(weight.as_tensor())?
+        .broadcast_add(bias.as_tensor())
+}
+
+/// Softmax over the last dimension. The row maximum is subtracted for stability and detached:
+/// its gradient contributions cancel exactly.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// Inverted dropout with masks drawn from a seeded generator, so a training step is a pure
+/// function of (weights, batch, seed, step): resuming reproduces an uninterrupted run.
+pub struct Dropout {
+    rng: ChaCha8Rng,
+}
+
+impl Dropout {
+    pub fn new(rng: ChaCha8Rng) -> Dropout {
+        Dropout { rng }
+    }
+
+    pub fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - p;
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if self.rng.random::<f64>() < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+/// Dropout in training, identity in evaluation.
+pub fn maybe_dropout(x: Tensor, dropout: &mut Option<&mut Dropout>, p: f64) -> Result<Tensor> {
+    match dropout {
+        Some(d) => d.apply(&x, p),
+        None => Ok(x),
+    }
+}
+
+/// Masked mean over the sequence: (B, T, H) x (B, T) -> (B, H).
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let mask = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    let counts = mask.sum(1)?.clamp(1e-9, f64::INFINITY)?;
+    summed.broadcast_div(&counts)
+}
+
+/// Rows scaled to unit L2 norm (sentence-transformers' Normalize: eps 1e-12).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&norm)
+}
+
+/// The additive attention bias: 0 where attended, a large negative where padded; (B, 1, 1, T).
+pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, t) = mask.dims2()?;
+    let bias = ((mask.to_dtype(dtype)? - 1.0)? * 1e9)?;
+    bias.reshape((b, 1, 1, t))
+}

@@ -1,0 +1,150 @@
+//! ONNX Runtime inference backend (`ort`, loaded at run time from a libonnxruntime shared
+//! library, e.g. the one in the PyPI `onnxruntime` wheel). The model is an ONNX encoder with
+//! inputs input_ids, attention_mask (and optionally token_type_ids), output last_hidden_state
+//! (B, T, H); pooling and normalization happen here, as in the candle backend.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::Tensor;
+
+use super::{Embedder, EncoderError, Pooling};
+
+/// ONNX Runtime allows one environment per process; it is created on first use.
+static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+
+fn environment(library: &Path) -> Result<&'static Environment, EncoderError> {
+    ENVIRONMENT
+        .get_or_init(|| {
+            if !library.is_file() {
+                return Err(format!(
+                    "{}: no such file (set the stage's `onnxruntime` or ORT_DYLIB_PATH to libonnxruntime.so)",
+                    library.display()
+                ));
+            }
+            ort::init_from(library)
+                .map_err(|e| format!("{}: {e}", library.display()))?
+                .with_name("synthrank")
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EncoderError::Onnx(e.clone()))
+}
+
+fn onnx_error(e: impl std::fmt::Display) -> EncoderError {
+    EncoderError::Onnx(e.to_string())
+}
+
+pub struct OrtEmbedder {
+    session: Session,
+    dim: usize,
+    pooling: Pooling,
+    normalize: bool,
+    pad_id: u32,
+    token_types: bool,
+}
+
+impl OrtEmbedder {
+    /// Opens `model` (an .onnx file) with the ONNX Runtime library at `library`.
+    pub fn open(
+        library: &Path,
+        model: &Path,
+        dim: usize,
+        pooling: Pooling,
+        normalize: bool,
+        pad_id: u32,
+        threads: usize,
+    ) -> Result<OrtEmbedder, EncoderError> {
+        let env = environment(library)?;
+        let session = Session::builder(env)
+            .map_err(onnx_error)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(onnx_error)?
+            .with_intra_threads(threads)
+            .map_err(onnx_error)?
+            .commit_from_file(model)
+            .map_err(|e| EncoderError::Onnx(format!("{}: {e}", model.display())))?;
+        let token_types = session
+            .inputs()
+            .iter()
+            .any(|i| i.name() == "token_type_ids");
+        Ok(OrtEmbedder {
+            session,
+            dim,
+            pooling,
+            normalize,
+            pad_id,
+            token_types,
+        })
+    }
+}
+
+impl Embedder for OrtEmbedder {
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn embed(&mut self, batch: &[&[u32]]) -> Result<Vec<f32>, EncoderError> {
+        let b = batch.len();
+        let t = batch.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * t);
+        for seq in batch {
+            ids.extend(seq.iter().map(|&i| i64::from(i)));
+            ids.extend(std::iter::repeat_n(i64::from(self.pad_id), t - seq.len()));
+            mask.extend(std::iter::repeat_n(1i64, seq.len()));
+            mask.extend(std::iter::repeat_n(0i64, t - seq.len()));
+        }
+        let shape = [b as i64, t as i64];
+        let mut inputs = vec![
+            (
+                "input_ids",
+                Tensor::from_array((shape, ids)).map_err(onnx_error)?,
+            ),
+            (
+                "attention_mask",
+                Tensor::from_array((shape, mask.clone())).map_err(onnx_error)?,
+            ),
+        ];
+        if self.token_types {
+            inputs.push((
+                "token_type_ids",
+                Tensor::from_array((shape, vec![0i64; b * t])).map_err(onnx_error)?,
+            ));
+        }
+        let outputs = self.session.run(inputs).map_err(onnx_error)?;
+        let (out_shape, hidden) = outputs[0].try_extract_tensor::<f32>().map_err(onnx_error)?;
+        let h = self.dim;
+        if out_shape.len() != 3 || out_shape[2] as usize != h {
+            return Err(EncoderError::Onnx(format!(
+                "the model's first output has shape {out_shape:?}, expected (batch, tokens, {h})"
+            )));
+        }
+        let mut pooled = vec![0f32; b * h];
+        for (row, seq) in batch.iter().enumerate() {
+            let out = &mut pooled[row * h..(row + 1) * h];
+            let states = &hidden[row * t * h..(row + 1) * t * h];
+            match self.pooling {
+                Pooling::Cls => out.copy_from_slice(&states[..h]),
+                Pooling::Mean => {
+                    for token in states.chunks_exact(h).take(seq.len()) {
+                        for (o, v) in out.iter_mut().zip(token) {
+                            *o += v;
+                        }
+                    }
+                    let n = seq.len().max(1) as f32;
+                    out.iter_mut().for_each(|o| *o /= n);
+                }
+            }
+            if self.normalize {
+                let norm = out.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                out.iter_mut().for_each(|o| *o /= norm);
+            }
+        }
+        Ok(pooled)
+    }
+}

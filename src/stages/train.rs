@@ -1,0 +1,499 @@
+//! `train`: tokenized training lists -> a trained encoder (a Hugging Face model directory beside
+//! the `model` table) and a `train_log`. Checkpoints in the stage's state directory let a killed
+//! run resume where it stopped, with the same result as an uninterrupted run.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use arrow::array::{Float64Array, Int32Array, RecordBatch, StringArray};
+use candle_core::Device;
+use futures::future::BoxFuture;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::encoder::{ModelDir, Pooling, export_onnx};
+use crate::loss::LossKind;
+use crate::pipeline::{
+    ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
+    StageKind, parse_config,
+};
+use crate::spec::clean_path;
+use crate::stages::with_threads;
+use crate::table::{self, columns};
+use crate::train::{
+    AdamWConfig, Decay, Schedule, StepStats, TrainConfig, TrainGroup, Trainer, Warmup,
+};
+
+pub struct Train;
+
+const INPUTS: &[InputRole] = &[InputRole {
+    name: "tokens",
+    kind: Some("tokens"),
+    required: true,
+}];
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// The base model directory.
+    model: String,
+    #[serde(default = "default_loss")]
+    loss: LossKind,
+    #[serde(default = "one")]
+    temperature: f64,
+    #[serde(default = "yes")]
+    in_batch_negatives: bool,
+    /// Default: the model directory's (sentence-transformers) pooling.
+    #[serde(default)]
+    pooling: Option<Pooling>,
+    /// Default: whether the model directory normalizes.
+    #[serde(default)]
+    normalize: Option<bool>,
+    /// Training groups (queries) per micro-batch.
+    batch_size: usize,
+    #[serde(default = "one_usize")]
+    grad_accumulation: usize,
+    #[serde(default = "one_usize")]
+    epochs: usize,
+    /// Stop after this many optimizer steps (default: all epochs).
+    #[serde(default)]
+    max_steps: Option<u64>,
+    lr: f64,
+    #[serde(default)]
+    warmup: Warmup,
+    #[serde(default)]
+    warmup_steps: Option<u64>,
+    #[serde(default)]
+    warmup_ratio: Option<f64>,
+    #[serde(default)]
+    decay: Decay,
+    #[serde(default = "default_betas")]
+    betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    eps: f64,
+    #[serde(default)]
+    weight_decay: f64,
+    #[serde(default)]
+    max_grad_norm: Option<f64>,
+    /// Dropout during training (the model's probabilities); off trains in evaluation mode.
+    #[serde(default = "yes")]
+    dropout: bool,
+    #[serde(default)]
+    seed: u64,
+    /// Save a resumable checkpoint every N steps (0: only at the end).
+    #[serde(default)]
+    checkpoint_every: u64,
+    /// Also write model.onnx into the model directory (for the `embed` stage's onnx backend).
+    #[serde(default)]
+    export_onnx: bool,
+    /// Worker threads for the tensor engine (default: all cores).
+    #[serde(default)]
+    threads: Option<usize>,
+}
+
+fn default_loss() -> LossKind {
+    LossKind::Wasserstein
+}
+fn one() -> f64 {
+    1.0
+}
+fn one_usize() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+impl StageKind for Train {
+    fn kind(&self) -> &'static str {
+        "train"
+    }
+    fn summary(&self) -> &'static str {
+        "train the encoder on tokenized lists (wasserstein, infonce, kl; AdamW; resumable)"
+    }
+    fn inputs(&self) -> InputRoles {
+        InputRoles::Fixed(INPUTS)
+    }
+    fn prepare(
+        &self,
+        config: &serde_json::Value,
+        base_dir: &Path,
+    ) -> Result<Box<dyn Stage>, ConfigError> {
+        let config: Config = parse_config(config)?;
+        for (field, bad) in [
+            ("batch_size", config.batch_size == 0),
+            ("grad_accumulation", config.grad_accumulation == 0),
+            ("epochs", config.epochs == 0),
+            ("lr", !(config.lr > 0.0 && config.lr.is_finite())),
+            ("temperature", !(config.temperature > 0.0)),
+            ("threads", config.threads == Some(0)),
+            (
+                "warmup_ratio",
+                config
+                    .warmup_ratio
+                    .is_some_and(|r| !(0.0..=1.0).contains(&r)),
+            ),
+        ] {
+            if bad {
+                return Err(ConfigError::new(field, "out of range"));
+            }
+        }
+        if config.warmup_steps.is_some() && config.warmup_ratio.is_some() {
+            return Err(ConfigError::new(
+                "warmup_ratio",
+                "give warmup_steps or warmup_ratio, not both",
+            ));
+        }
+        if config.loss == LossKind::Wasserstein
+            && config.in_batch_negatives
+            && config.batch_size < 2
+        {
+            return Err(ConfigError::new(
+                "batch_size",
+                "the Wasserstein loss fits Gaussians over the batch: use at least 2",
+            ));
+        }
+        let model_path = clean_path(&base_dir.join(&config.model));
+        let model =
+            ModelDir::open(&model_path).map_err(|e| ConfigError::new("model", e.to_string()))?;
+        Ok(Box::new(Prepared { config, model }))
+    }
+}
+
+struct Prepared {
+    config: Config,
+    model: ModelDir,
+}
+
+impl Stage for Prepared {
+    fn outputs(&self) -> Vec<OutputDecl> {
+        vec![
+            OutputDecl {
+                name: "train_log".to_string(),
+                kind: Some("train_log"),
+            },
+            OutputDecl {
+                name: "model".to_string(),
+                kind: Some("model"),
+            },
+        ]
+    }
+
+    fn files(&self) -> Vec<NamedFile> {
+        self.model
+            .files()
+            .into_iter()
+            .map(|path| NamedFile {
+                field: "model".to_string(),
+                path,
+            })
+            .collect()
+    }
+
+    fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {
+        Box::pin(self.train(ctx))
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LogRow {
+    step: u64,
+    epoch: u32,
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    samples_per_s: f64,
+}
+
+fn train_error(e: impl std::fmt::Display) -> StageError {
+    StageError::Invalid(e.to_string())
+}
+
+/// Training groups in (query, group) order, passages by position.
+fn read_groups(batches: &[RecordBatch]) -> Result<Vec<TrainGroup>, StageError> {
+    let mut rows: Vec<(String, i32, i32, f64, Vec<u32>, Vec<u32>)> = Vec::new();
+    for batch in batches {
+        let q = columns::get::<StringArray>(batch, "query_id");
+        let g = columns::get::<Int32Array>(batch, "group");
+        let p = columns::get::<Int32Array>(batch, "position");
+        let l = columns::get::<Float64Array>(batch, "label");
+        let qt = columns::token_lists(batch, "query_tokens");
+        let pt = columns::token_lists(batch, "passage_tokens");
+        for (i, (qt, pt)) in qt.into_iter().zip(pt).enumerate() {
+            rows.push((
+                q.value(i).to_string(),
+                g.value(i),
+                p.value(i),
+                l.value(i),
+                qt,
+                pt,
+            ));
+        }
+    }
+    rows.sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+    let mut groups: Vec<TrainGroup> = Vec::new();
+    let mut current: Option<(String, i32)> = None;
+    for (query, group, _, label, qt, pt) in rows {
+        let key = Some((query, group));
+        if key != current {
+            groups.push(TrainGroup {
+                query: qt,
+                passages: Vec::new(),
+                labels: Vec::new(),
+            });
+            current = key;
+        }
+        let last = groups.last_mut().expect("pushed above");
+        last.passages.push(pt);
+        last.labels.push(label);
+    }
+    if let Some(bad) = groups
+        .iter()
+        .find(|g| g.passages.len() != groups[0].passages.len())
+    {
+        return Err(StageError::Invalid(format!(
+            "input `tokens` has groups of {} and {} passages: the losses need one group size",
+            groups[0].passages.len(),
+            bad.passages.len()
+        )));
+    }
+    Ok(groups)
+}
+
+impl Prepared {
+    fn train_config(&self, total_steps: u64) -> TrainConfig {
+        let c = &self.config;
+        let warmup_steps = c
+            .warmup_steps
+            .or(c
+                .warmup_ratio
+                .map(|r| (r * total_steps as f64).round() as u64))
+            .unwrap_or(0);
+        TrainConfig {
+            loss: c.loss,
+            temperature: c.temperature,
+            in_batch_negatives: c.in_batch_negatives,
+            pooling: c.pooling.unwrap_or(self.model.pooling),
+            normalize: c.normalize.unwrap_or(self.model.normalize),
+            dropout: c.dropout,
+            adamw: AdamWConfig {
+                beta1: c.betas[0],
+                beta2: c.betas[1],
+                eps: c.eps,
+                weight_decay: c.weight_decay,
+            },
+            schedule: Schedule {
+                lr: c.lr,
+                warmup: c.warmup,
+                warmup_steps,
+                decay: c.decay,
+                total_steps,
+            },
+            max_grad_norm: c.max_grad_norm,
+            seed: c.seed,
+        }
+    }
+
+    async fn train(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let tokens_path = ctx
+            .inputs()
+            .find(|i| i.role == "tokens")
+            .map(|i| i.path.clone())
+            .expect("required input");
+        let groups = read_groups(&ctx.read_input("tokens").await?)?;
+        let c = &self.config;
+        let per_step = c.batch_size * c.grad_accumulation;
+        let steps_per_epoch = (groups.len() / per_step) as u64;
+        if steps_per_epoch == 0 {
+            return Err(StageError::Invalid(format!(
+                "{} training groups are fewer than one step's batch_size x grad_accumulation = {per_step}",
+                groups.len()
+            )));
+        }
+        let mut total_steps = steps_per_epoch * c.epochs as u64;
+        if let Some(max) = c.max_steps {
+            total_steps = total_steps.min(max);
+        }
+        let state = ctx.state_dir()?.to_path_buf();
+        // A checkpoint belongs to one (config, input) pair; anything else starts over.
+        let run_key = format!(
+            "{}:{}",
+            blake3::hash(
+                serde_json::to_string(c)
+                    .expect("config serializes")
+                    .as_bytes()
+            ),
+            table::hash_file(&tokens_path)?
+        );
+        let bar = ctx.progress(Some(total_steps), "steps");
+        let model_out = ctx.output_path("model")?;
+        let config = self.train_config(total_steps);
+        let model_dir = self.model.clone();
+        let threads = c.threads;
+        let (log, steps, resumed_from) = tokio::task::block_in_place(|| {
+            let run = || -> Result<(Vec<LogRow>, u64, u64), StageError> {
+                let device = Device::Cpu;
+                let model = model_dir.load_model(&device).map_err(train_error)?;
+                let pad = model_dir.tokenizer().map_err(train_error)?.pad_id();
+                let mut trainer = Trainer::new(model, config, pad).map_err(train_error)?;
+                let mut log = resume(&mut trainer, &state, &run_key)?;
+                let resumed_from = trainer.steps();
+                bar.set_position(resumed_from);
+                let mut order_epoch = None;
+                let mut order: Vec<usize> = Vec::new();
+                while trainer.steps() < total_steps {
+                    let step = trainer.steps();
+                    let epoch = step / steps_per_epoch;
+                    if order_epoch != Some(epoch) {
+                        order = (0..groups.len()).collect();
+                        let mut rng = ChaCha8Rng::seed_from_u64(c.seed);
+                        rng.set_stream(epoch);
+                        order.shuffle(&mut rng);
+                        order_epoch = Some(epoch);
+                    }
+                    let first = ((step % steps_per_epoch) as usize) * per_step;
+                    let micro: Vec<Vec<TrainGroup>> = order[first..first + per_step]
+                        .chunks(c.batch_size)
+                        .map(|idx| idx.iter().map(|&i| groups[i].clone()).collect())
+                        .collect();
+                    let refs: Vec<&[TrainGroup]> = micro.iter().map(Vec::as_slice).collect();
+                    let started = Instant::now();
+                    let stats: StepStats =
+                        with_threads(threads, || trainer.step(&refs)).map_err(train_error)?;
+                    let row = LogRow {
+                        step: stats.step,
+                        epoch: epoch as u32,
+                        loss: stats.loss,
+                        lr: stats.lr,
+                        grad_norm: stats.grad_norm,
+                        samples_per_s: per_step as f64 / started.elapsed().as_secs_f64(),
+                    };
+                    append_log(&state, &row)?;
+                    bar.set_message(format!("loss {:.4}", row.loss));
+                    bar.inc(1);
+                    log.push(row);
+                    let done = trainer.steps() == total_steps;
+                    if done || (c.checkpoint_every > 0 && trainer.steps() % c.checkpoint_every == 0)
+                    {
+                        save_checkpoint(&trainer, &state, &run_key)?;
+                    }
+                }
+                model_dir
+                    .save(
+                        trainer.model(),
+                        &model_out,
+                        config.pooling,
+                        config.normalize,
+                        model_dir.max_seq_length.unwrap_or(512),
+                    )
+                    .map_err(train_error)?;
+                if c.export_onnx {
+                    export_onnx(trainer.model(), &model_out.join("model.onnx"))
+                        .map_err(train_error)?;
+                }
+                Ok((log, trainer.steps(), resumed_from))
+            };
+            run()
+        })?;
+        bar.finish_and_clear();
+
+        let schema = table::schema("train_log")?.arrow();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                columns::int64(log.iter().map(|r| r.step as i64)),
+                columns::int32(log.iter().map(|r| r.epoch as i32)),
+                columns::float64(log.iter().map(|r| r.loss)),
+                columns::float64(log.iter().map(|r| r.lr)),
+                columns::float64(log.iter().map(|r| r.grad_norm)),
+                columns::float64(log.iter().map(|r| r.samples_per_s)),
+            ],
+        )
+        .expect("columns follow the train_log kind");
+        ctx.write_table("train_log", schema, &[batch])?;
+
+        let weights = table::hash_file(&model_out.join("model.safetensors"))?;
+        let schema = table::schema("model")?.arrow();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                columns::utf8(["model"]),
+                columns::utf8([weights.as_str()]),
+                columns::utf8([self.config.model.as_str()]),
+                columns::int64([steps as i64]),
+            ],
+        )
+        .expect("columns follow the model kind");
+        ctx.set_stat("steps", steps);
+        ctx.set_stat("resumed_from_step", resumed_from);
+        ctx.set_stat("groups", groups.len() as u64);
+        if let Some(last) = log.last() {
+            ctx.set_stat("final_loss", last.loss);
+        }
+        ctx.write_table("model", schema, &[batch])
+    }
+}
+
+fn checkpoint_dir(state: &Path) -> PathBuf {
+    state.join("checkpoint")
+}
+
+fn save_checkpoint(trainer: &Trainer, state: &Path, run_key: &str) -> Result<(), StageError> {
+    let dir = checkpoint_dir(state);
+    trainer.save_checkpoint(&dir).map_err(train_error)?;
+    let key = dir.join("run_key");
+    std::fs::write(&key, run_key).map_err(StageError::io(key))
+}
+
+/// Restores the last checkpoint of this run (same config and input) and the log up to it;
+/// otherwise clears stale state and starts from step 0.
+fn resume(trainer: &mut Trainer, state: &Path, run_key: &str) -> Result<Vec<LogRow>, StageError> {
+    let dir = checkpoint_dir(state);
+    let log_path = state.join("train_log.jsonl");
+    let same_run = std::fs::read_to_string(dir.join("run_key")).is_ok_and(|k| k == run_key);
+    if !same_run {
+        for path in [&dir, &log_path] {
+            if path.is_dir() {
+                std::fs::remove_dir_all(path).map_err(StageError::io(path))?;
+            } else if path.exists() {
+                std::fs::remove_file(path).map_err(StageError::io(path))?;
+            }
+        }
+        return Ok(Vec::new());
+    }
+    let step = trainer.load_checkpoint(&dir).map_err(train_error)?;
+    tracing::info!("resuming training from the checkpoint at step {step}");
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Steps logged after the checkpoint are redone; a torn last line is dropped.
+    let log: Vec<LogRow> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<LogRow>(l).ok())
+        .filter(|r| r.step <= step)
+        .collect();
+    let mut file = std::fs::File::create(&log_path).map_err(StageError::io(&log_path))?;
+    for row in &log {
+        writeln!(file, "{}", serde_json::to_string(row).expect("serializes"))
+            .map_err(StageError::io(&log_path))?;
+    }
+    Ok(log)
+}
+
+fn append_log(state: &Path, row: &LogRow) -> Result<(), StageError> {
+    let path = state.join("train_log.jsonl");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(StageError::io(&path))?;
+    writeln!(file, "{}", serde_json::to_string(row).expect("serializes"))
+        .map_err(StageError::io(&path))
+}

@@ -1,0 +1,258 @@
+//! One optimizer step: forward queries and passages, logits to the host, loss and dL/dlogits,
+//! backward through the surrogate, accumulate, clip, AdamW.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{AdamW, AdamWConfig, Schedule, TrainError};
+use crate::encoder::{Bert, Dropout, Pooling, pad_batch};
+use crate::loss::{self, LossKind, Matrix};
+
+#[derive(Debug, Clone, Copy)]
+pub struct TrainConfig {
+    pub loss: LossKind,
+    pub temperature: f64,
+    /// Score every query against every passage of the batch (else only its own group).
+    pub in_batch_negatives: bool,
+    pub pooling: Pooling,
+    pub normalize: bool,
+    /// Dropout on (training mode) or off (evaluation mode, as the golden reference runs).
+    pub dropout: bool,
+    pub adamw: AdamWConfig,
+    pub schedule: Schedule,
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+}
+
+/// A query and its list of passages with graded labels, as token ids.
+#[derive(Debug, Clone)]
+pub struct TrainGroup {
+    pub query: Vec<u32>,
+    pub passages: Vec<Vec<u32>>,
+    pub labels: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepStats {
+    /// 1-based optimizer step.
+    pub step: u64,
+    /// Mean loss over the step's micro-batches.
+    pub loss: f64,
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+}
+
+pub struct Trainer {
+    model: Bert,
+    optimizer: AdamW,
+    config: TrainConfig,
+    pad_id: u32,
+}
+
+impl Trainer {
+    pub fn new(model: Bert, config: TrainConfig, pad_id: u32) -> Result<Trainer, TrainError> {
+        let optimizer = AdamW::new(model.params().to_vec(), config.adamw)?;
+        Ok(Trainer {
+            model,
+            optimizer,
+            config,
+            pad_id,
+        })
+    }
+
+    pub fn model(&self) -> &Bert {
+        &self.model
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.optimizer.steps()
+    }
+
+    /// Loss and gradients (in parameter order) of one batch of groups.
+    pub fn loss_and_grads(
+        &self,
+        groups: &[TrainGroup],
+        dropout: Option<&mut Dropout>,
+    ) -> Result<(f64, Vec<Tensor>), TrainError> {
+        let b = groups.len();
+        let g = groups.first().map_or(0, |x| x.passages.len());
+        if let Some(other) = groups.iter().find(|x| x.passages.len() != g) {
+            return Err(TrainError::RaggedGroups(g, other.passages.len()));
+        }
+        let device = self.model.device();
+        let queries: Vec<&[u32]> = groups.iter().map(|x| x.query.as_slice()).collect();
+        let passages: Vec<&[u32]> = groups
+            .iter()
+            .flat_map(|x| x.passages.iter().map(Vec::as_slice))
+            .collect();
+        let (qi, qm) = pad_batch(&queries, self.pad_id, device)?;
+        let (pi, pm) = pad_batch(&passages, self.pad_id, device)?;
+        let c = &self.config;
+        let mut dropout = dropout;
+        let q = self
+            .model
+            .embed(&qi, &qm, c.pooling, c.normalize, dropout.as_deref_mut())?;
+        let p = self
+            .model
+            .embed(&pi, &pm, c.pooling, c.normalize, dropout.as_deref_mut())?;
+        let logits = if c.in_batch_negatives {
+            q.matmul(&p.t()?)?
+        } else {
+            let h = q.dim(1)?;
+            q.unsqueeze(1)?
+                .matmul(&p.reshape((b, g, h))?.transpose(1, 2)?)?
+                .squeeze(1)?
+        };
+        let host: Vec<f64> = logits
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let logits_m = Matrix::from_vec(b, host.len() / b.max(1), host);
+        let labels = Matrix::from_vec(
+            b,
+            g,
+            groups
+                .iter()
+                .flat_map(|x| x.labels.iter().copied())
+                .collect(),
+        );
+        let value = loss::compute(
+            c.loss,
+            loss::Batch {
+                logits: &logits_m,
+                labels: &labels,
+                in_batch_negatives: c.in_batch_negatives,
+                temperature: c.temperature,
+            },
+        )?;
+        let grad = Tensor::from_vec(value.grad.into_data(), logits.shape(), device)?
+            .to_dtype(logits.dtype())?;
+        let surrogate = (logits * grad)?.sum_all()?;
+        let store = surrogate.backward()?;
+        let grads = self
+            .model
+            .params()
+            .iter()
+            .map(|(_, var)| match store.get(var.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => var.as_tensor().zeros_like(),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((value.loss, grads))
+    }
+
+    /// One optimizer step over `micro_batches` (gradient accumulation: the mean of their
+    /// gradients).
+    pub fn step(&mut self, micro_batches: &[&[TrainGroup]]) -> Result<StepStats, TrainError> {
+        let step = self.optimizer.steps();
+        let n = micro_batches.len().max(1) as f64;
+        let mut total: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0.0;
+        for (i, groups) in micro_batches.iter().enumerate() {
+            let mut dropout = self.config.dropout.then(|| {
+                let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
+                rng.set_stream(step * 1024 + i as u64);
+                Dropout::new(rng)
+            });
+            let (loss, grads) = self.loss_and_grads(groups, dropout.as_mut())?;
+            if !loss.is_finite() {
+                return Err(TrainError::Diverged {
+                    step: step + 1,
+                    loss,
+                });
+            }
+            loss_sum += loss;
+            total = Some(match total {
+                None => grads,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&grads)
+                    .map(|(a, g)| a + g)
+                    .collect::<Result<Vec<_>, _>>()?,
+            });
+        }
+        let mut grads = total.unwrap_or_default();
+        if n > 1.0 {
+            grads = grads.iter().map(|g| g / n).collect::<Result<Vec<_>, _>>()?;
+        }
+        let mut squares = 0.0f64;
+        for g in &grads {
+            squares += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+        let grad_norm = squares.sqrt();
+        if let Some(max) = self.config.max_grad_norm {
+            // PyTorch's clip_grad_norm_: scale by max / (norm + 1e-6) when that is below 1.
+            let coef = max / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                grads = grads
+                    .iter()
+                    .map(|g| g * coef)
+                    .collect::<Result<Vec<_>, _>>()?;
+            }
+        }
+        let lr = self.config.schedule.lr_at(step);
+        self.optimizer.step(&grads, lr)?;
+        Ok(StepStats {
+            step: step + 1,
+            loss: loss_sum / n,
+            lr,
+            grad_norm,
+        })
+    }
+
+    /// Saves weights, optimizer moments and the step count under `dir` (replaced atomically).
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<(), TrainError> {
+        let staging = dir.with_extension("saving");
+        let io = |e: std::io::Error| TrainError::Checkpoint(format!("{}: {e}", staging.display()));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(io)?;
+        }
+        std::fs::create_dir_all(&staging).map_err(io)?;
+        let weights: std::collections::HashMap<String, Tensor> =
+            self.model.state().into_iter().collect();
+        candle_core::safetensors::save(&weights, staging.join("model.safetensors"))?;
+        self.optimizer
+            .save(&staging.join("optimizer.safetensors"))?;
+        let state = serde_json::to_string(&TrainerState {
+            step: self.optimizer.steps(),
+        })
+        .expect("state serializes");
+        std::fs::write(staging.join("trainer_state.json"), state).map_err(io)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io)?;
+        }
+        std::fs::rename(&staging, dir).map_err(io)
+    }
+
+    /// Restores a checkpoint written by [`Trainer::save_checkpoint`]; returns its step.
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<u64, TrainError> {
+        let bad = |what: String| TrainError::Checkpoint(format!("{}: {what}", dir.display()));
+        let state: TrainerState = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("trainer_state.json"))
+                .map_err(|e| bad(e.to_string()))?,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        let device = self.model.device().clone();
+        let mut weights = candle_core::safetensors::load(dir.join("model.safetensors"), &device)?;
+        for (name, var) in self.model.params() {
+            let t = weights
+                .remove(name)
+                .ok_or_else(|| bad(format!("no weight `{name}`")))?;
+            var.set(&t)?;
+        }
+        self.optimizer
+            .load(&dir.join("optimizer.safetensors"), state.step, &device)?;
+        Ok(state.step)
+    }
+}

@@ -1,0 +1,222 @@
+//! The candle encoder reproduces sentence-transformers on all-MiniLM-L6-v2 (token ids, mean
+//! pooled and normalized embeddings of ../shared/golden/minilm_embeddings.json), every parameter
+//! receives a gradient, and gradients agree with finite differences on a tiny f64 model.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use synthrank::encoder::{
+    Bert, BertConfig, CandleEmbedder, Embedder, ModelDir, Pooling, pad_batch,
+};
+
+fn golden() -> serde_json::Value {
+    let path = common::shared().join("golden/minilm_embeddings.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn minilm_matches_sentence_transformers() {
+    let dir = ModelDir::open(&common::demo_model("all-MiniLM-L6-v2")).unwrap();
+    assert_eq!(dir.pooling, Pooling::Mean);
+    assert!(dir.normalize);
+    assert_eq!(dir.max_seq_length, Some(256));
+    let mut tokenizer = dir.tokenizer().unwrap();
+    let model = dir.load_model(&Device::Cpu).unwrap();
+    let golden = golden();
+    let cases = golden["cases"].as_array().unwrap();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let ids = tokenizer.encode_batch(&texts, 256).unwrap();
+    for (case, ids) in cases.iter().zip(&ids) {
+        let expected: Vec<u32> = case["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(ids, &expected, "token ids of {:?}", case["text"]);
+    }
+    // All cases in one padded batch: padding must not change any embedding.
+    let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let mut mean = CandleEmbedder::new(model, Pooling::Mean, false, tokenizer.pad_id());
+    let pooled = mean.embed(&refs).unwrap();
+    let dim = mean.dim();
+    let mut worst = (0f32, 0f32);
+    let model = dir.load_model(&Device::Cpu).unwrap();
+    let mut normalized = CandleEmbedder::new(model, Pooling::Mean, true, tokenizer.pad_id());
+    let unit = normalized.embed(&refs).unwrap();
+    for (i, case) in cases.iter().enumerate() {
+        let row = &pooled[i * dim..(i + 1) * dim];
+        worst.0 = worst
+            .0
+            .max(max_abs_diff(row, &floats(&case["mean_pooled"])));
+        let row = &unit[i * dim..(i + 1) * dim];
+        worst.1 = worst
+            .1
+            .max(max_abs_diff(row, &floats(&case["sentence_transformers"])));
+    }
+    // f32 through six layers, batched vs the reference's own batching: 1e-5 absolute.
+    assert!(worst.0 < 1e-5, "mean pooled differs by {}", worst.0);
+    assert!(worst.1 < 1e-5, "normalized differs by {}", worst.1);
+}
+
+#[test]
+fn every_parameter_receives_a_gradient() {
+    let dir = ModelDir::open(&common::demo_model("all-MiniLM-L6-v2")).unwrap();
+    let mut tokenizer = dir.tokenizer().unwrap();
+    let model = dir.load_model(&Device::Cpu).unwrap();
+    let ids = tokenizer
+        .encode_batch(
+            &["graded relevance", "a longer passage about retrieval"],
+            32,
+        )
+        .unwrap();
+    let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let (ids, mask) = pad_batch(&refs, 0, &Device::Cpu).unwrap();
+    let mut dropout = synthrank::encoder::Dropout::new(rand::SeedableRng::seed_from_u64(1));
+    let e = model
+        .embed(&ids, &mask, Pooling::Mean, true, Some(&mut dropout))
+        .unwrap();
+    let score = e
+        .narrow(0, 0, 1)
+        .unwrap()
+        .matmul(&e.narrow(0, 1, 1).unwrap().t().unwrap())
+        .unwrap();
+    let grads = score.sum_all().unwrap().backward().unwrap();
+    assert_eq!(model.params().len(), 3 + 2 + 6 * 16);
+    for (name, var) in model.params() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "gradient of {name} is {norm}"
+        );
+    }
+}
+
+fn scalar_loss(model: &Bert, ids: &Tensor, mask: &Tensor) -> Tensor {
+    // A list-wise-like objective: softmax cross-entropy of query 0 over passages 1..3.
+    let e = model.embed(ids, mask, Pooling::Mean, true, None).unwrap();
+    let q = e.narrow(0, 0, 1).unwrap();
+    let p = e.narrow(0, 1, 3).unwrap();
+    let logits = q.matmul(&p.t().unwrap()).unwrap().affine(5.0, 0.0).unwrap();
+    let lse = logits.exp().unwrap().sum_all().unwrap().log().unwrap();
+    let target = logits.narrow(1, 1, 1).unwrap().sum_all().unwrap();
+    (lse - target).unwrap()
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let config = BertConfig::tiny();
+    let model = Bert::random(config, 7, DType::F64, &Device::Cpu).unwrap();
+    let seqs: [&[u32]; 4] = [
+        &[1, 5, 9, 2],
+        &[1, 7, 3, 11, 4, 2],
+        &[1, 8, 2],
+        &[1, 12, 13, 14, 15, 2],
+    ];
+    let (ids, mask) = pad_batch(&seqs, 0, &Device::Cpu).unwrap();
+    let grads = scalar_loss(&model, &ids, &mask).backward().unwrap();
+    let h = 1e-6;
+    let mut checked = 0;
+    for (name, var) in model.params() {
+        let g: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let original: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        // A few coordinates per parameter, the largest gradients (rows actually used).
+        let mut order: Vec<usize> = (0..g.len()).collect();
+        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        for &i in order.iter().take(3) {
+            let eval = |delta: f64| {
+                let mut v = original.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                scalar_loss(&model, &ids, &mask).to_scalar::<f64>().unwrap()
+            };
+            let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let tolerance = 1e-6 + 1e-4 * numeric.abs().max(g[i].abs());
+            assert!(
+                (numeric - g[i]).abs() <= tolerance,
+                "{name}[{i}]: analytic {} numeric {numeric}",
+                g[i]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3 * model.params().len());
+}
+
+#[test]
+fn onnx_export_runs_in_onnx_runtime_with_the_same_embeddings() {
+    let model_path = common::demo_model("all-MiniLM-L6-v2");
+    let library = common::demo_model("onnxruntime/libonnxruntime.so.1.31.1");
+    let dir = ModelDir::open(&model_path).unwrap();
+    let mut tokenizer = dir.tokenizer().unwrap();
+    let golden = golden();
+    let cases = golden["cases"].as_array().unwrap();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let ids = tokenizer.encode_batch(&texts, 256).unwrap();
+    let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+
+    let out = tempfile::tempdir().unwrap();
+    let onnx = out.path().join("model.onnx");
+    let model = dir.load_model(&Device::Cpu).unwrap();
+    synthrank::encoder::export_onnx(&model, &onnx).unwrap();
+    let mut candle = CandleEmbedder::new(model, Pooling::Mean, true, tokenizer.pad_id());
+    let mut ort = synthrank::encoder::OrtEmbedder::open(
+        &library,
+        &onnx,
+        dir.config.hidden_size,
+        Pooling::Mean,
+        true,
+        tokenizer.pad_id(),
+        2,
+    )
+    .unwrap();
+    let a = candle.embed(&refs).unwrap();
+    let b = ort.embed(&refs).unwrap();
+    let parity = max_abs_diff(&a, &b);
+    assert!(parity <= 1e-5, "candle and ONNX Runtime differ by {parity}");
+    let dim = ort.dim();
+    for (i, case) in cases.iter().enumerate() {
+        let d = max_abs_diff(
+            &b[i * dim..(i + 1) * dim],
+            &floats(&case["sentence_transformers"]),
+        );
+        assert!(
+            d <= 1e-5,
+            "ONNX Runtime vs sentence-transformers on case {i}: {d}"
+        );
+    }
+}
