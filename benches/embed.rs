@@ -31,6 +31,7 @@ fn run(embedder: &mut dyn Embedder, tokens: &[Vec<u32>], batch_tokens: usize) ->
 }
 
 fn main() {
+    synthrank::allocator::keep_freed_memory();
     let (docs, max_len, threads, batch_tokens) = (
         arg("--docs", 2000),
         arg("--max-len", 256),

@@ -32,6 +32,7 @@ fn texts(path: &Path, key: &str) -> Vec<String> {
 }
 
 fn main() {
+    synthrank::allocator::keep_freed_memory();
     let (queries, group, max_len, query_len, steps, threads) = (
         arg("--queries", 16),
         arg("--group", 4),

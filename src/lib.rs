@@ -5,6 +5,7 @@
 //! stages through a narrow contract; `stages` adapt tables to the pipeline-free modules
 //! (`formats`, ...); `cli` maps everything to commands, messages and exit codes.
 
+pub mod allocator;
 pub mod cli;
 pub mod encoder;
 pub mod formats;

@@ -101,8 +101,11 @@ fn missing_file_names_the_field_line() {
     let msg = error_of(
         "name: p\nstages:\n  - name: q\n    kind: load_queries\n    config:\n      split: test\n      path: nowhere.jsonl\n",
     );
-    // A BEIR split needs a directory: that is reported first, at the `split` line.
-    assert!(msg.starts_with(":6: stage `q`, field `split`"), "{msg}");
+    // A path that does not exist is reported at its own line, before what it would imply.
+    assert!(
+        msg.starts_with(":7: stage `q`, field `path`: file `"),
+        "{msg}"
+    );
     let msg = error_of(
         "name: p\nstages:\n  - name: q\n    kind: load_queries\n    config:\n      format: beir\n      path: nowhere.jsonl\n",
     );

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::quantized::gguf_file;
+use std::io::Cursor;
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::quantized_llama::ModelWeights;
@@ -93,6 +95,38 @@ fn gguf_tokenizer(content: &gguf_file::Content, path: &Path) -> Result<Tokenizer
     Ok(tokenizer)
 }
 
+/// The model with every weight dequantized to f32, as an in-memory GGUF file. candle's
+/// quantized kernels are scalar unless the binary is built for AVX (and Q4_1 has no SIMD path
+/// at all); f32 weights go through the runtime-dispatched GEMM instead: several times faster
+/// on small models, at 4 bytes a parameter (about 0.5 GB for 135M).
+fn dequantized(
+    content: &gguf_file::Content,
+    file: &mut std::fs::File,
+) -> candle_core::Result<(gguf_file::Content, Cursor<Vec<u8>>)> {
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let weights = content.tensor(file, name, &Device::Cpu)?;
+        let weights = match weights.dtype() {
+            GgmlDType::F32 => weights,
+            _ => QTensor::quantize(&weights.dequantize(&Device::Cpu)?, GgmlDType::F32)?,
+        };
+        tensors.push((name.as_str(), weights));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    let mut buffer = Cursor::new(Vec::new());
+    gguf_file::write(&mut buffer, &metadata, &refs)?;
+    buffer.set_position(0);
+    let content = gguf_file::Content::read(&mut buffer)?;
+    Ok((content, buffer))
+}
+
 impl EmbeddedBackend {
     /// Loads the GGUF file; `name` is the model name responses report.
     pub fn open(path: &Path, name: &str) -> Result<EmbeddedBackend, LlmError> {
@@ -107,7 +141,9 @@ impl EmbeddedBackend {
             .get("llama.context_length")
             .and_then(|v| v.to_u32().ok())
             .unwrap_or(2048) as usize;
-        let weights = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+        let (content, mut reader) =
+            dequantized(&content, &mut file).map_err(|e| config_error(path, e))?;
+        let weights = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)
             .map_err(|e| config_error(path, e))?;
         Ok(EmbeddedBackend {
             path: path.to_path_buf(),

@@ -43,9 +43,12 @@ impl Qrels {
 }
 
 /// Retrieved documents with scores, per query, in any order.
+/// One query's retrieved documents and scores.
+type Retrieved = Vec<(Box<str>, f64)>;
+
 #[derive(Debug, Clone, Default)]
 pub struct Run {
-    results: IdMap<Vec<(Box<str>, f64)>>,
+    results: IdMap<Retrieved>,
 }
 
 impl Run {
@@ -82,7 +85,7 @@ pub type PerQuery = BTreeMap<String, BTreeMap<String, f64>>;
 pub fn evaluate(qrels: &Qrels, run: &Run, measures: &[Measure], options: EvalOptions) -> PerQuery {
     let empty = Vec::new();
     let names: Vec<String> = measures.iter().map(Measure::name).collect();
-    let work: Vec<(&str, &IdMap<i32>, &Vec<(Box<str>, f64)>)> = qrels
+    let work: Vec<(&str, &IdMap<i32>, &Retrieved)> = qrels
         .judgments
         .iter()
         .filter_map(|(query, judged)| match run.results.get(query) {

@@ -86,8 +86,11 @@ fn default_backend() -> Backend {
 fn default_onnx_file() -> String {
     "model.onnx".to_string()
 }
+/// Measured on 2 cores with all-MiniLM-L6-v2 at 256 tokens: 1,024 padded tokens per batch
+/// embedded SciFact fastest in ONNX Runtime (21 docs/s; 16,384: 16 docs/s), and keeps candle's
+/// attention tensors small.
 fn default_batch_tokens() -> usize {
-    16_384
+    1024
 }
 fn default_max_batch() -> usize {
     128

@@ -180,6 +180,12 @@ struct Loader {
 impl Loader {
     fn new(target: Target, config: LoadConfig, base_dir: &Path) -> Result<Loader, ConfigError> {
         let path = clean_path(&base_dir.join(&config.path));
+        if !path.exists() {
+            return Err(ConfigError::new(
+                "path",
+                format!("file `{}` does not exist", path.display()),
+            ));
+        }
         let is_dir = path.is_dir();
         let file = if is_dir {
             path.join(target.beir_file(config.split.as_deref()))

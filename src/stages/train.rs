@@ -133,8 +133,11 @@ impl StageKind for Train {
             ("batch_size", config.batch_size == 0),
             ("grad_accumulation", config.grad_accumulation == 0),
             ("epochs", config.epochs == 0),
-            ("lr", !(config.lr > 0.0 && config.lr.is_finite())),
-            ("temperature", !(config.temperature > 0.0)),
+            ("lr", !config.lr.is_finite() || config.lr <= 0.0),
+            (
+                "temperature",
+                config.temperature.is_nan() || config.temperature <= 0.0,
+            ),
             ("threads", config.threads == Some(0)),
             (
                 "warmup_ratio",
@@ -202,6 +205,13 @@ impl Stage for Prepared {
     fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {
         Box::pin(self.train(ctx))
     }
+
+    fn state_summary(&self, state_dir: &Path, _: u64) -> Option<String> {
+        let state =
+            std::fs::read_to_string(checkpoint_dir(state_dir).join("trainer_state.json")).ok()?;
+        let step = serde_json::from_str::<serde_json::Value>(&state).ok()?["step"].as_u64()?;
+        Some(format!("checkpoint at step {step}"))
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -220,7 +230,15 @@ fn train_error(e: impl std::fmt::Display) -> StageError {
 
 /// Training groups in (query, group) order, passages by position.
 fn read_groups(batches: &[RecordBatch]) -> Result<Vec<TrainGroup>, StageError> {
-    let mut rows: Vec<(String, i32, i32, f64, Vec<u32>, Vec<u32>)> = Vec::new();
+    struct Row {
+        query: String,
+        group: i32,
+        position: i32,
+        label: f64,
+        query_tokens: Vec<u32>,
+        passage_tokens: Vec<u32>,
+    }
+    let mut rows: Vec<Row> = Vec::new();
     for batch in batches {
         let q = columns::get::<StringArray>(batch, "query_id");
         let g = columns::get::<Int32Array>(batch, "group");
@@ -229,32 +247,32 @@ fn read_groups(batches: &[RecordBatch]) -> Result<Vec<TrainGroup>, StageError> {
         let qt = columns::token_lists(batch, "query_tokens");
         let pt = columns::token_lists(batch, "passage_tokens");
         for (i, (qt, pt)) in qt.into_iter().zip(pt).enumerate() {
-            rows.push((
-                q.value(i).to_string(),
-                g.value(i),
-                p.value(i),
-                l.value(i),
-                qt,
-                pt,
-            ));
+            rows.push(Row {
+                query: q.value(i).to_string(),
+                group: g.value(i),
+                position: p.value(i),
+                label: l.value(i),
+                query_tokens: qt,
+                passage_tokens: pt,
+            });
         }
     }
-    rows.sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+    rows.sort_by(|a, b| (&a.query, a.group, a.position).cmp(&(&b.query, b.group, b.position)));
     let mut groups: Vec<TrainGroup> = Vec::new();
     let mut current: Option<(String, i32)> = None;
-    for (query, group, _, label, qt, pt) in rows {
-        let key = Some((query, group));
+    for row in rows {
+        let key = Some((row.query, row.group));
         if key != current {
             groups.push(TrainGroup {
-                query: qt,
+                query: row.query_tokens,
                 passages: Vec::new(),
                 labels: Vec::new(),
             });
             current = key;
         }
         let last = groups.last_mut().expect("pushed above");
-        last.passages.push(pt);
-        last.labels.push(label);
+        last.passages.push(row.passage_tokens);
+        last.labels.push(row.label);
     }
     if let Some(bad) = groups
         .iter()

@@ -105,7 +105,7 @@ impl Trainer {
             .embed(&qi, &qm, c.pooling, c.normalize, dropout.as_deref_mut())?;
         let p = self
             .model
-            .embed(&pi, &pm, c.pooling, c.normalize, dropout.as_deref_mut())?;
+            .embed(&pi, &pm, c.pooling, c.normalize, dropout)?;
         let logits = if c.in_batch_negatives {
             q.matmul(&p.t()?)?
         } else {
