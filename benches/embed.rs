@@ -1,6 +1,6 @@
 //! Embedding throughput, the work of `peers.py embed` (sentence-transformers): all-MiniLM-L6-v2
-//! on the first 2,000 SciFact documents ("title text"), max length 256, 2 threads, for both
-//! backends. Prints one JSON line per backend.
+//! on the first 2,000 SciFact documents ("title text"), max length 256, 2 threads, on the fast
+//! backend (ONNX Runtime; `--candle 1` adds the candle backend). Prints one JSON line each.
 //! Run: `cargo bench --bench embed` (needs scripts/fetch-models.sh and ../shared).
 
 mod common;
@@ -32,11 +32,12 @@ fn run(embedder: &mut dyn Embedder, tokens: &[Vec<u32>], batch_tokens: usize) ->
 
 fn main() {
     synthrank::allocator::keep_freed_memory();
-    let (docs, max_len, threads, batch_tokens) = (
+    let (docs, max_len, threads, batch_tokens, with_candle) = (
         arg("--docs", 2000),
         arg("--max-len", 256),
         arg("--threads", 2),
-        arg("--batch-tokens", 8192),
+        arg("--batch-tokens", 1024),
+        arg("--candle", 0) == 1,
     );
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model_path = root.join("models/all-MiniLM-L6-v2");
@@ -80,10 +81,11 @@ fn main() {
         .num_threads(threads)
         .build()
         .unwrap();
-    for (name, embedder) in [
-        ("onnx", &mut ort as &mut dyn Embedder),
-        ("candle", &mut candle as &mut dyn Embedder),
-    ] {
+    let mut backends: Vec<(&str, &mut dyn Embedder)> = vec![("onnx", &mut ort)];
+    if with_candle {
+        backends.push(("candle", &mut candle));
+    }
+    for (name, embedder) in backends {
         run(embedder, &tokens[..64.min(tokens.len())], batch_tokens); // warm-up
         let seconds = pool.install(|| run(embedder, &tokens, batch_tokens));
         println!(
