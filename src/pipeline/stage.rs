@@ -46,12 +46,31 @@ pub struct OutputDecl {
     pub kind: Option<&'static str>,
 }
 
+impl OutputDecl {
+    /// The table of a built-in kind, named after the kind.
+    pub fn of_kind(kind: &'static str) -> OutputDecl {
+        OutputDecl {
+            name: kind.to_string(),
+            kind: Some(kind),
+        }
+    }
+}
+
 /// A file a stage's output depends on (a template, a SQL file, a data file, model weights).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamedFile {
     /// The config field that names it, for error messages.
     pub field: String,
     pub path: PathBuf,
+}
+
+impl NamedFile {
+    pub fn new(field: &str, path: PathBuf) -> NamedFile {
+        NamedFile {
+            field: field.to_string(),
+            path,
+        }
+    }
 }
 
 /// A config problem, reported by field so the pipeline can point at the spec line.

@@ -145,10 +145,7 @@ struct Prepared {
 
 impl Stage for Prepared {
     fn outputs(&self) -> Vec<OutputDecl> {
-        vec![OutputDecl {
-            name: "groups".to_string(),
-            kind: Some("groups"),
-        }]
+        vec![OutputDecl::of_kind("groups")]
     }
 
     fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {

@@ -152,10 +152,7 @@ struct Prepared {
 
 impl Stage for Prepared {
     fn outputs(&self) -> Vec<OutputDecl> {
-        vec![OutputDecl {
-            name: "embeddings".to_string(),
-            kind: Some("embeddings"),
-        }]
+        vec![OutputDecl::of_kind("embeddings")]
     }
 
     fn files(&self) -> Vec<NamedFile> {
@@ -163,18 +160,12 @@ impl Stage for Prepared {
             .model
             .iter()
             .flat_map(|m| m.files())
-            .map(|path| NamedFile {
-                field: "model".to_string(),
-                path,
-            })
+            .map(|path| NamedFile::new("model", path))
             .collect();
         if let Some(m) = &self.model {
             let onnx = m.path.join(&self.config.onnx_file);
             if self.config.backend == Backend::Onnx && onnx.is_file() {
-                files.push(NamedFile {
-                    field: "onnx_file".to_string(),
-                    path: onnx,
-                });
+                files.push(NamedFile::new("onnx_file", onnx));
             }
         }
         files

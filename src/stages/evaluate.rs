@@ -84,10 +84,7 @@ struct Prepared {
 
 impl Stage for Prepared {
     fn outputs(&self) -> Vec<OutputDecl> {
-        vec![OutputDecl {
-            name: "metrics".to_string(),
-            kind: Some("metrics"),
-        }]
+        vec![OutputDecl::of_kind("metrics")]
     }
 
     fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {

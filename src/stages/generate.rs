@@ -176,10 +176,7 @@ impl Stage for Prepared {
         // changed GGUF file does not invalidate answers already journaled.
         self.recorded
             .iter()
-            .map(|path| NamedFile {
-                field: "recorded_journal".to_string(),
-                path: path.clone(),
-            })
+            .map(|path| NamedFile::new("recorded_journal", path.clone()))
             .collect()
     }
 

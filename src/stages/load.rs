@@ -325,10 +325,7 @@ impl Stage for Loader {
     }
 
     fn files(&self) -> Vec<NamedFile> {
-        let mut files = vec![NamedFile {
-            field: "path".to_string(),
-            path: self.file.clone(),
-        }];
+        let mut files = vec![NamedFile::new("path", self.file.clone())];
         if let Some(q) = &self.judged_by {
             let field = if self.config.qrels.is_some() {
                 "qrels"

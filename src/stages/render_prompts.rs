@@ -86,17 +86,11 @@ struct Prepared {
 
 impl Stage for Prepared {
     fn outputs(&self) -> Vec<OutputDecl> {
-        vec![OutputDecl {
-            name: "prompts".to_string(),
-            kind: Some("prompts"),
-        }]
+        vec![OutputDecl::of_kind("prompts")]
     }
 
     fn files(&self) -> Vec<NamedFile> {
-        vec![NamedFile {
-            field: "template".to_string(),
-            path: self.template.clone(),
-        }]
+        vec![NamedFile::new("template", self.template.clone())]
     }
 
     fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {

@@ -75,10 +75,7 @@ struct Prepared {
 
 impl Stage for Prepared {
     fn outputs(&self) -> Vec<OutputDecl> {
-        vec![OutputDecl {
-            name: "runs".to_string(),
-            kind: Some("runs"),
-        }]
+        vec![OutputDecl::of_kind("runs")]
     }
 
     fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {

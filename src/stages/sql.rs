@@ -87,10 +87,7 @@ impl Stage for Prepared {
 
     fn files(&self) -> Vec<NamedFile> {
         match &self.query {
-            Query::File(path) => vec![NamedFile {
-                field: "file".to_string(),
-                path: path.clone(),
-            }],
+            Query::File(path) => vec![NamedFile::new("file", path.clone())],
             Query::Inline(_) => Vec::new(),
         }
     }

@@ -93,17 +93,11 @@ struct Prepared {
 
 impl Stage for Prepared {
     fn outputs(&self) -> Vec<OutputDecl> {
-        vec![OutputDecl {
-            name: "tokens".to_string(),
-            kind: Some("tokens"),
-        }]
+        vec![OutputDecl::of_kind("tokens")]
     }
 
     fn files(&self) -> Vec<NamedFile> {
-        vec![NamedFile {
-            field: "model".to_string(),
-            path: self.tokenizer.clone(),
-        }]
+        vec![NamedFile::new("model", self.tokenizer.clone())]
     }
 
     fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {

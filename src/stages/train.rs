@@ -180,14 +180,8 @@ struct Prepared {
 impl Stage for Prepared {
     fn outputs(&self) -> Vec<OutputDecl> {
         vec![
-            OutputDecl {
-                name: "train_log".to_string(),
-                kind: Some("train_log"),
-            },
-            OutputDecl {
-                name: "model".to_string(),
-                kind: Some("model"),
-            },
+            OutputDecl::of_kind("train_log"),
+            OutputDecl::of_kind("model"),
         ]
     }
 
@@ -195,10 +189,7 @@ impl Stage for Prepared {
         self.model
             .files()
             .into_iter()
-            .map(|path| NamedFile {
-                field: "model".to_string(),
-                path,
-            })
+            .map(|path| NamedFile::new("model", path))
             .collect()
     }
 
