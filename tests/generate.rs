@@ -390,3 +390,48 @@ fn requests_per_second_paces_the_requests() {
     );
     assert_eq!(server.count(), 6);
 }
+
+#[test]
+fn a_recorded_journal_answers_without_asking_and_only_the_rest_is_sent() {
+    let server =
+        LlmServer::start(|r, _| Reply::Answer(graded_answer(&query_of(&r.user()), &[3, 2, 1, 0])));
+    // Record answers for three queries in one directory ...
+    let recording = tempfile::tempdir().unwrap();
+    let spec = pipeline(recording.path(), 3, &server.url, "");
+    common::run(
+        &common::load(&spec, &recording.path().join("work")),
+        Selection::All,
+        false,
+    );
+    assert_eq!(server.count(), 3);
+    let journal = recording.path().join("work/.state/gen/journal.jsonl");
+
+    // ... and replay them in another with a fourth query: only that one is requested.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&journal, dir.path().join("recorded.jsonl")).unwrap();
+    let spec = pipeline(
+        dir.path(),
+        4,
+        &server.url,
+        "      recorded_journal: recorded.jsonl\n",
+    );
+    let work = dir.path().join("work");
+    common::run(&common::load(&spec, &work), Selection::All, false);
+    assert_eq!(
+        server.count(),
+        4,
+        "the recorded answers are not requested again"
+    );
+    assert_eq!(rows(&work.join("gen/generations.parquet")), 4);
+    assert_eq!(rows(&work.join("gen/graded_docs.parquet")), 16);
+    let manifest = std::fs::read_to_string(work.join("gen/_manifest.json")).unwrap();
+    assert!(
+        manifest.contains("\"imported_from_recording\": 3"),
+        "{manifest}"
+    );
+    // The recording itself is never modified.
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        std::fs::read(dir.path().join("recorded.jsonl")).unwrap()
+    );
+}
