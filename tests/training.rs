@@ -150,9 +150,8 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
 
     let mut straight = Trainer::new(fresh(), cfg, 0).unwrap();
     let mut straight_losses = Vec::new();
-    for step in 0..6 {
-        // Two micro-batches per step: gradient accumulation.
-        let _ = step;
+    // Two micro-batches per step: gradient accumulation.
+    for _ in 0..6 {
         straight_losses.push(straight.step(&batches).unwrap().loss);
     }
 

@@ -115,6 +115,8 @@ impl ModelDir {
             "pytorch_model.bin",
             "tokenizer.json",
             "modules.json",
+            "1_Pooling/config.json",
+            "sentence_bert_config.json",
         ]
         .iter()
         .map(|f| self.path.join(f))

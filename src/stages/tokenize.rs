@@ -70,11 +70,16 @@ impl StageKind for Tokenize {
         base_dir: &Path,
     ) -> Result<Box<dyn Stage>, ConfigError> {
         let config: Config = parse_config(config)?;
-        if config.max_query_len < 2 || config.max_passage_len < 2 {
-            return Err(ConfigError::new(
-                "max_query_len",
-                "lengths must leave room for the special tokens (>= 2)",
-            ));
+        for (field, len) in [
+            ("max_query_len", config.max_query_len),
+            ("max_passage_len", config.max_passage_len),
+        ] {
+            if len < 2 {
+                return Err(ConfigError::new(
+                    field,
+                    "must leave room for the special tokens (>= 2)",
+                ));
+            }
         }
         let path = clean_path(&base_dir.join(&config.model));
         let tokenizer = if path.is_dir() {
