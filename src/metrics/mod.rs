@@ -42,10 +42,33 @@ impl Qrels {
     }
 }
 
-/// Retrieved documents with scores, per query, in any order.
-/// One query's retrieved documents and scores.
-type Retrieved = Vec<(Box<str>, f64)>;
+/// One query's retrieved documents and scores, in insertion order. The ids share one string
+/// (a span per document): a run holds millions of ids, and a heap string each made inserting
+/// the run cost more than evaluating it.
+#[derive(Debug, Clone, Default)]
+struct Retrieved {
+    ids: String,
+    /// (start, end) of the id in `ids`, and the score.
+    entries: Vec<(u32, u32, f64)>,
+}
 
+impl Retrieved {
+    fn id(&self, entry: &(u32, u32, f64)) -> &str {
+        &self.ids[entry.0 as usize..entry.1 as usize]
+    }
+
+    /// Ids in trec_eval's order: score descending, then document id descending (byte order).
+    fn ranked(&self) -> Vec<&str> {
+        let mut sorted = self.entries.clone();
+        sorted.sort_unstable_by(|a, b| {
+            b.2.total_cmp(&a.2)
+                .then_with(|| self.id(b).as_bytes().cmp(self.id(a).as_bytes()))
+        });
+        sorted.iter().map(|e| self.id(e)).collect()
+    }
+}
+
+/// Retrieved documents with scores, per query, in any order.
 #[derive(Debug, Clone, Default)]
 pub struct Run {
     results: IdMap<Retrieved>,
@@ -57,7 +80,13 @@ impl Run {
             Some(docs) => docs,
             None => self.results.entry(query.into()).or_default(),
         };
-        docs.push((doc.into(), score));
+        let start = docs.ids.len();
+        docs.ids.push_str(doc);
+        let span = u32::try_from(start)
+            .ok()
+            .zip(u32::try_from(docs.ids.len()).ok());
+        let (start, end) = span.expect("one query's retrieved ids exceed 4 GiB");
+        docs.entries.push((start, end, score));
     }
 }
 
@@ -83,7 +112,7 @@ pub type PerQuery = BTreeMap<String, BTreeMap<String, f64>>;
 
 /// Evaluates `run` against `qrels`, queries in parallel.
 pub fn evaluate(qrels: &Qrels, run: &Run, measures: &[Measure], options: EvalOptions) -> PerQuery {
-    let empty = Vec::new();
+    let empty = Retrieved::default();
     let names: Vec<String> = measures.iter().map(Measure::name).collect();
     let work: Vec<(&str, &IdMap<i32>, &Retrieved)> = qrels
         .judgments
@@ -96,7 +125,8 @@ pub fn evaluate(qrels: &Qrels, run: &Run, measures: &[Measure], options: EvalOpt
         .collect();
     work.par_iter()
         .map(|(query, judged, retrieved)| {
-            let gains: Vec<i32> = rank(retrieved)
+            let gains: Vec<i32> = retrieved
+                .ranked()
                 .iter()
                 .map(|doc| judged.get(*doc).copied().unwrap_or(0))
                 .collect();
@@ -123,16 +153,6 @@ pub fn mean(per_query: &PerQuery) -> BTreeMap<String, f64> {
     }
     let n = per_query.len().max(1) as f64;
     sums.into_iter().map(|(k, v)| (k, v / n)).collect()
-}
-
-/// trec_eval's order: score descending, then document id descending.
-fn rank(retrieved: &[(Box<str>, f64)]) -> Vec<&str> {
-    let mut sorted: Vec<&(Box<str>, f64)> = retrieved.iter().collect();
-    sorted.sort_by(|a, b| {
-        b.1.total_cmp(&a.1)
-            .then_with(|| b.0.as_bytes().cmp(a.0.as_bytes()))
-    });
-    sorted.into_iter().map(|(d, _)| d.as_ref()).collect()
 }
 
 /// One query's ranked judgments and the counts every measure needs.
