@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use common::arg;
-use synthrank::encoder::{CandleEmbedder, Embedder, ModelDir, OrtEmbedder, export_onnx};
+use synthrank::encoder::{CandleEmbedder, Embedder, ModelDir, OnnxOps, OrtEmbedder, export_onnx};
 
 /// Length-sorted batches under a token budget, as the embed stage makes them.
 fn run(embedder: &mut dyn Embedder, tokens: &[Vec<u32>], batch_tokens: usize) -> f64 {
@@ -29,6 +29,10 @@ fn run(embedder: &mut dyn Embedder, tokens: &[Vec<u32>], batch_tokens: usize) ->
     }
     started.elapsed().as_secs_f64()
 }
+
+#[global_allocator]
+static ALLOCATOR: synthrank::allocator::TensorAllocator =
+    synthrank::allocator::TensorAllocator::new();
 
 fn main() {
     synthrank::allocator::keep_freed_memory();
@@ -64,7 +68,7 @@ fn main() {
 
     let tmp = std::env::temp_dir().join(format!("synthrank-bench-{}.onnx", std::process::id()));
     let model = dir.load_model(&Device::Cpu).unwrap();
-    export_onnx(&model, &tmp).unwrap();
+    export_onnx(&model, &tmp, OnnxOps::OnnxRuntime).unwrap();
     let library = root.join("models/onnxruntime/libonnxruntime.so.1.31.1");
     let mut ort = OrtEmbedder::open(
         &library,

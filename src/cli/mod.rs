@@ -95,6 +95,10 @@ enum Command {
         /// Output file (default: MODEL/model.onnx).
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Standard ONNX ops only, for runtimes other than ONNX Runtime (default: ONNX
+        /// Runtime's fused Attention, SkipLayerNormalization and BiasGelu, which run faster).
+        #[arg(long)]
+        standard_ops: bool,
     },
     /// Write a table (`stage` or `stage.table`) in another format.
     Export {
@@ -270,11 +274,19 @@ async fn execute(command: Command) -> Result<(), CliError> {
             }
         }
         Command::Schema { kind } => print_schema(kind.as_deref()),
-        Command::ExportOnnx { model, output } => {
+        Command::ExportOnnx {
+            model,
+            output,
+            standard_ops,
+        } => {
             let dir = crate::encoder::ModelDir::open(&model)?;
             let bert = dir.load_model(&candle_core::Device::Cpu)?;
             let path = output.unwrap_or_else(|| model.join("model.onnx"));
-            crate::encoder::export_onnx(&bert, &path)?;
+            let ops = match standard_ops {
+                true => crate::encoder::OnnxOps::Standard,
+                false => crate::encoder::OnnxOps::OnnxRuntime,
+            };
+            crate::encoder::export_onnx(&bert, &path, ops)?;
             println!("{}", path.display());
             Ok(())
         }

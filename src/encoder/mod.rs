@@ -15,7 +15,7 @@ pub use bert::{Bert, pad_batch};
 pub use config::BertConfig;
 pub use embedder::{CandleEmbedder, Embedder};
 pub use model_dir::ModelDir;
-pub use onnx_export::export_onnx;
+pub use onnx_export::{OnnxOps, export_onnx};
 pub use ops::Dropout;
 pub use ort_backend::OrtEmbedder;
 pub use tokenizer::TextTokenizer;

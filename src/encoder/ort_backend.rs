@@ -2,6 +2,11 @@
 //! library, e.g. the one in the PyPI `onnxruntime` wheel). The model is an ONNX encoder with
 //! inputs input_ids, attention_mask (and optionally token_type_ids), output last_hidden_state
 //! (B, T, H); pooling and normalization happen here, as in the candle backend.
+//!
+//! Parallelism is across sequences, not inside operators: one single-threaded session per
+//! thread, each encoding its share of a batch. Small per-operator work (layer norms, GELU,
+//! softmax of one head) does not split well over threads; measured on 2 cores, two
+//! single-threaded sessions encode about 5% more documents per second than one two-threaded.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -40,7 +45,8 @@ fn onnx_error(e: impl std::fmt::Display) -> EncoderError {
 }
 
 pub struct OrtEmbedder {
-    session: Session,
+    /// One single-threaded session per worker thread.
+    sessions: Vec<Session>,
     dim: usize,
     pooling: Pooling,
     normalize: bool,
@@ -60,20 +66,24 @@ impl OrtEmbedder {
         threads: usize,
     ) -> Result<OrtEmbedder, EncoderError> {
         let env = environment(library)?;
-        let session = Session::builder(env)
-            .map_err(onnx_error)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
-            .map_err(onnx_error)?
-            .with_intra_threads(threads)
-            .map_err(onnx_error)?
-            .commit_from_file(model)
-            .map_err(|e| EncoderError::Onnx(format!("{}: {e}", model.display())))?;
-        let token_types = session
+        let sessions = (0..threads.max(1))
+            .map(|_| {
+                Session::builder(env)
+                    .map_err(onnx_error)?
+                    .with_optimization_level(GraphOptimizationLevel::Level3)
+                    .map_err(onnx_error)?
+                    .with_intra_threads(1)
+                    .map_err(onnx_error)?
+                    .commit_from_file(model)
+                    .map_err(|e| EncoderError::Onnx(format!("{}: {e}", model.display())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let token_types = sessions[0]
             .inputs()
             .iter()
             .any(|i| i.name() == "token_type_ids");
         Ok(OrtEmbedder {
-            session,
+            sessions,
             dim,
             pooling,
             normalize,
@@ -89,6 +99,42 @@ impl Embedder for OrtEmbedder {
     }
 
     fn embed(&mut self, batch: &[&[u32]]) -> Result<Vec<f32>, EncoderError> {
+        let share = batch.len().div_ceil(self.sessions.len()).max(1);
+        let encoder = Encoding {
+            dim: self.dim,
+            pooling: self.pooling,
+            normalize: self.normalize,
+            pad_id: self.pad_id,
+            token_types: self.token_types,
+        };
+        let pooled = std::thread::scope(|scope| {
+            let workers: Vec<_> = self
+                .sessions
+                .iter_mut()
+                .zip(batch.chunks(share))
+                .map(|(session, part)| scope.spawn(move || encoder.run(session, part)))
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("an ONNX Runtime worker panicked"))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        Ok(pooled.concat())
+    }
+}
+
+/// What one worker needs to encode and pool its share of a batch.
+#[derive(Clone, Copy)]
+struct Encoding {
+    dim: usize,
+    pooling: Pooling,
+    normalize: bool,
+    pad_id: u32,
+    token_types: bool,
+}
+
+impl Encoding {
+    fn run(self, session: &mut Session, batch: &[&[u32]]) -> Result<Vec<f32>, EncoderError> {
         let b = batch.len();
         let t = batch.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
         let mut ids = Vec::with_capacity(b * t);
@@ -107,7 +153,7 @@ impl Embedder for OrtEmbedder {
             ),
             (
                 "attention_mask",
-                Tensor::from_array((shape, mask.clone())).map_err(onnx_error)?,
+                Tensor::from_array((shape, mask)).map_err(onnx_error)?,
             ),
         ];
         if self.token_types {
@@ -116,7 +162,7 @@ impl Embedder for OrtEmbedder {
                 Tensor::from_array((shape, vec![0i64; b * t])).map_err(onnx_error)?,
             ));
         }
-        let outputs = self.session.run(inputs).map_err(onnx_error)?;
+        let outputs = session.run(inputs).map_err(onnx_error)?;
         let (out_shape, hidden) = outputs[0].try_extract_tensor::<f32>().map_err(onnx_error)?;
         let h = self.dim;
         if out_shape.len() != 3 || out_shape[2] as usize != h {

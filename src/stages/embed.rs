@@ -10,7 +10,9 @@ use candle_core::Device;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
-use crate::encoder::{CandleEmbedder, Embedder, ModelDir, OrtEmbedder, Pooling, export_onnx};
+use crate::encoder::{
+    CandleEmbedder, Embedder, ModelDir, OnnxOps, OrtEmbedder, Pooling, export_onnx,
+};
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
     StageKind, parse_config,
@@ -223,10 +225,11 @@ impl Prepared {
                 if !onnx.is_file() {
                     // Export once per weights file; the state directory keeps it across runs.
                     let key = table::hash_file(&model.weights_path().map_err(invalid)?)?;
-                    onnx = state.join(format!("{}.onnx", &key[..16]));
+                    let ops = OnnxOps::OnnxRuntime;
+                    onnx = state.join(format!("{}-{}.onnx", &key[..16], ops.tag()));
                     if !onnx.is_file() {
                         let bert = model.load_model(&Device::Cpu).map_err(invalid)?;
-                        export_onnx(&bert, &onnx).map_err(invalid)?;
+                        export_onnx(&bert, &onnx, ops).map_err(invalid)?;
                     }
                 }
                 let threads = c

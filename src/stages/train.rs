@@ -14,7 +14,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::encoder::{ModelDir, Pooling, export_onnx};
+use crate::encoder::{ModelDir, OnnxOps, Pooling, export_onnx};
 use crate::loss::LossKind;
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -406,8 +406,12 @@ impl Prepared {
                     )
                     .map_err(train_error)?;
                 if c.export_onnx {
-                    export_onnx(trainer.model(), &model_out.join("model.onnx"))
-                        .map_err(train_error)?;
+                    export_onnx(
+                        trainer.model(),
+                        &model_out.join("model.onnx"),
+                        OnnxOps::OnnxRuntime,
+                    )
+                    .map_err(train_error)?;
                 }
                 Ok((log, trainer.steps(), resumed_from))
             };
