@@ -31,6 +31,10 @@ fn texts(path: &Path, key: &str) -> Vec<String> {
         .collect()
 }
 
+#[global_allocator]
+static ALLOCATOR: synthrank::allocator::TensorAllocator =
+    synthrank::allocator::TensorAllocator::new();
+
 fn main() {
     synthrank::allocator::keep_freed_memory();
     let (queries, group, max_len, query_len, steps, threads) = (
