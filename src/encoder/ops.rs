@@ -2,8 +2,9 @@
 //! every one of them has a backward pass (candle's fused versions have none).
 
 use candle_core::{D, DType, Result, Tensor, Var};
-use rand::Rng;
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 /// y = x W^T + b over the last dimension, for x of any rank.
 pub fn linear(x: &Tensor, weight: &Var, bias: &Var) -> Result<Tensor> {
@@ -58,19 +59,30 @@ impl Dropout {
         }
         let keep = 1.0 - p;
         let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if self.rng.random::<f64>() < keep {
-                    scale
-                } else {
-                    0.0
+        // A kept element draws a u32 below keep * 2^32. The mask is drawn in parallel chunks,
+        // chunk i from stream i of a generator keyed by one draw of `rng`: the same mask for
+        // any number of threads (masks of attention probabilities run to millions of values).
+        let threshold = (keep * 4_294_967_296.0) as u64;
+        let key = self.rng.random::<u64>();
+        let mut mask = vec![0f32; x.elem_count()];
+        mask.par_chunks_mut(DROPOUT_CHUNK)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let mut rng = ChaCha8Rng::seed_from_u64(key);
+                rng.set_stream(i as u64);
+                for m in chunk {
+                    if u64::from(rng.next_u32()) < threshold {
+                        *m = scale;
+                    }
                 }
-            })
-            .collect();
+            });
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
 }
+
+/// Mask elements drawn from one generator stream.
+const DROPOUT_CHUNK: usize = 1 << 16;
 
 /// Dropout in training, identity in evaluation.
 pub fn maybe_dropout(x: Tensor, dropout: &mut Option<&mut Dropout>, p: f64) -> Result<Tensor> {
@@ -103,4 +115,30 @@ pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
     let (b, t) = mask.dims2()?;
     let bias = ((mask.to_dtype(dtype)? - 1.0)? * 1e9)?;
     bias.reshape((b, 1, 1, t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn mask(threads: usize) -> Vec<f32> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let ones = Tensor::ones(300_000, DType::F32, &Device::Cpu).unwrap();
+        let mut dropout = Dropout::new(ChaCha8Rng::seed_from_u64(7));
+        pool.install(|| dropout.apply(&ones, 0.1).unwrap().to_vec1().unwrap())
+    }
+
+    #[test]
+    fn dropout_keeps_the_expected_share_scaled_and_the_same_on_any_thread_count() {
+        let one = mask(1);
+        assert_eq!(one, mask(3), "masks depend on the seed only");
+        let scale = 1.0 / 0.9f32;
+        assert!(one.iter().all(|&v| v == 0.0 || v == scale));
+        let kept = one.iter().filter(|&&v| v > 0.0).count() as f64 / one.len() as f64;
+        assert!((kept - 0.9).abs() < 0.005, "kept {kept}");
+    }
 }
