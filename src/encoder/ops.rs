@@ -1,7 +1,10 @@
 //! Layer norm, softmax, linear and dropout written with candle's primitive ops only, so that
 //! every one of them has a backward pass (candle's fused versions have none).
 
-use candle_core::{D, DType, Result, Tensor, Var};
+use candle_core::cpu::erf::{erf_f32, erf_f64};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor, Var, WithDType,
+};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -40,6 +43,122 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     e.broadcast_div(&sum)
+}
+
+/// GELU, erf form: 0.5 x (1 + erf(x / sqrt 2)), as one op whose backward is one pass too.
+/// candle's `gelu_erf` builds its gradient from a dozen elementwise ops over the whole
+/// (tokens x intermediate) activation, the largest tensor of a layer.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(GeluErf)
+}
+
+struct GeluErf;
+
+/// dGELU/dx = 0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi).
+fn gelu_erf_grad(x: f64) -> f64 {
+    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+    0.5 * (1.0 + erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
+        + x * (-0.5 * x * x).exp() * INV_SQRT_2PI
+}
+
+/// `f` applied to the contiguous f32 or f64 values of one or two tensors, in parallel.
+fn map_float(
+    a: (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+    f32_fn: impl Fn(f32, f32) -> f32 + Sync,
+    f64_fn: impl Fn(f64, f64) -> f64 + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    fn values<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+        Ok(&s.as_slice::<T>()?[start..end])
+    }
+    fn map<T: WithDType>(x: &[T], y: Option<&[T]>, f: &(impl Fn(T, T) -> T + Sync)) -> Vec<T> {
+        let mut out = vec![T::zero(); x.len()];
+        let chunk = 1 << 14;
+        out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+            let xs = &x[i * chunk..i * chunk + o.len()];
+            match y {
+                Some(y) => {
+                    let ys = &y[i * chunk..i * chunk + o.len()];
+                    for ((o, &x), &y) in o.iter_mut().zip(xs).zip(ys) {
+                        *o = f(x, y);
+                    }
+                }
+                None => {
+                    for (o, &x) in o.iter_mut().zip(xs) {
+                        *o = f(x, T::zero());
+                    }
+                }
+            }
+        });
+        out
+    }
+    let shape = a.1.shape().clone();
+    let storage = match a.0 {
+        CpuStorage::F32(_) => {
+            let y = b.map(|(s, l)| values::<f32>(s, l)).transpose()?;
+            CpuStorage::F32(map(values::<f32>(a.0, a.1)?, y, &f32_fn))
+        }
+        CpuStorage::F64(_) => {
+            let y = b.map(|(s, l)| values::<f64>(s, l)).transpose()?;
+            CpuStorage::F64(map(values::<f64>(a.0, a.1)?, y, &f64_fn))
+        }
+        other => {
+            use candle_core::backend::BackendStorage;
+            return Err(candle_core::Error::UnsupportedDTypeForOp(
+                other.dtype(),
+                "gelu_erf",
+            ));
+        }
+    };
+    Ok((storage, shape))
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "gelu_erf_fused"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        map_float(
+            (s, l),
+            None,
+            |x, _| 0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2)),
+            |x, _| 0.5 * x * (1.0 + erf_f64(x * std::f64::consts::FRAC_1_SQRT_2)),
+        )
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBackward)?,
+        ))
+    }
+}
+
+/// (x, dL/dy) -> dL/dx for [`GeluErf`].
+struct GeluErfBackward;
+
+impl CustomOp2 for GeluErfBackward {
+    fn name(&self) -> &'static str {
+        "gelu_erf_fused_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        map_float(
+            (s1, l1),
+            Some((s2, l2)),
+            |x, g| g * gelu_erf_grad(f64::from(x)) as f32,
+            |x, g| g * gelu_erf_grad(x),
+        )
+    }
 }
 
 /// Inverted dropout with masks drawn from a seeded generator, so a training step is a pure
