@@ -123,3 +123,51 @@ fn scifact_loaders_prompts_and_sql() {
 fn training_pipeline_tables() {
     check("training.slt");
 }
+
+/// `assemble` draws the same lists from the same rows in any table order (a SQL stage's join
+/// emits rows in no fixed order; this once made the training golden flaky).
+#[test]
+fn assemble_lists_do_not_depend_on_row_order() {
+    let lists = |order: &str| -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = common::write_spec(
+            dir.path(),
+            "spec.yaml",
+            &format!(
+                r#"name: order
+workdir: work
+stages:
+  - name: graded
+    kind: sql
+    config:
+      schema: graded_docs
+      query: |
+        SELECT 'q' || CAST(q AS VARCHAR) AS query_id, 'd' || CAST(q * 10 + l AS VARCHAR) AS doc_id,
+               l AS level, '' AS title, 'passage' AS text, 'm' AS model, 'p' AS prompt_id,
+               'h' AS request_hash
+        FROM (VALUES (1), (2), (3)) AS a(q) CROSS JOIN (VALUES (3), (2), (1), (0)) AS b(l)
+        ORDER BY doc_id {order}
+  - name: lists
+    kind: assemble
+    inputs: {{graded: graded}}
+    config: {{group_size: 3, selection: random, sources: [{{input: graded}}], seed: 11}}
+"#
+            ),
+        );
+        let pipeline = common::load(&spec, &dir.path().join("work"));
+        common::run(&pipeline, Selection::All, false);
+        common::runtime().block_on(async {
+            let ctx = query_session(&pipeline).await.unwrap();
+            let sql = "SELECT query_id, doc_id, label FROM lists ORDER BY query_id, position";
+            csv(&read_only_sql(&ctx, sql)
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap())
+        })
+    };
+    let ascending = lists("ASC");
+    assert_eq!(ascending.lines().count(), 1 + 3 * 3, "{ascending}");
+    assert_eq!(ascending, lists("DESC"));
+}

@@ -162,8 +162,22 @@ struct Candidate {
     text: String,
 }
 
-/// One source's passages by query, in table order.
+/// One source's passages by query, in [`canonical_order`].
 type ByQuery = BTreeMap<String, Vec<Candidate>>;
+
+/// Passages ordered by content, not by table row: a table's row order is not part of its
+/// content (a SQL stage's join may emit rows in any order), and the seeded shuffles must give
+/// the same lists for the same rows.
+fn canonical_order(mut by_query: ByQuery) -> ByQuery {
+    for list in by_query.values_mut() {
+        list.sort_by(|a, b| {
+            (&a.doc_id, &a.title, &a.text)
+                .cmp(&(&b.doc_id, &b.title, &b.text))
+                .then(a.label.total_cmp(&b.label))
+        });
+    }
+    by_query
+}
 
 impl Prepared {
     async fn read_source(
@@ -197,7 +211,7 @@ impl Prepared {
                         });
                 }
             }
-            return Ok(out);
+            return Ok(canonical_order(out));
         }
         if corpus.is_none() {
             if !ctx.has_input("corpus") {
@@ -243,7 +257,7 @@ impl Prepared {
                     });
             }
         }
-        Ok(out)
+        Ok(canonical_order(out))
     }
 
     async fn assemble(&self, ctx: &mut StageContext) -> Result<(), StageError> {
