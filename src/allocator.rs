@@ -42,9 +42,7 @@ impl TensorAllocator {
             limit: AtomicUsize::new(0),
         }
     }
-}
 
-impl TensorAllocator {
     fn limit(&self) -> usize {
         match self.limit.load(Ordering::Relaxed) {
             0 => {

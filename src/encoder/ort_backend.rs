@@ -47,11 +47,7 @@ fn onnx_error(e: impl std::fmt::Display) -> EncoderError {
 pub struct OrtEmbedder {
     /// One single-threaded session per worker thread.
     sessions: Vec<Session>,
-    dim: usize,
-    pooling: Pooling,
-    normalize: bool,
-    pad_id: u32,
-    token_types: bool,
+    encoding: Encoding,
 }
 
 impl OrtEmbedder {
@@ -84,35 +80,31 @@ impl OrtEmbedder {
             .any(|i| i.name() == "token_type_ids");
         Ok(OrtEmbedder {
             sessions,
-            dim,
-            pooling,
-            normalize,
-            pad_id,
-            token_types,
+            encoding: Encoding {
+                dim,
+                pooling,
+                normalize,
+                pad_id,
+                token_types,
+            },
         })
     }
 }
 
 impl Embedder for OrtEmbedder {
     fn dim(&self) -> usize {
-        self.dim
+        self.encoding.dim
     }
 
     fn embed(&mut self, batch: &[&[u32]]) -> Result<Vec<f32>, EncoderError> {
         let share = batch.len().div_ceil(self.sessions.len()).max(1);
-        let encoder = Encoding {
-            dim: self.dim,
-            pooling: self.pooling,
-            normalize: self.normalize,
-            pad_id: self.pad_id,
-            token_types: self.token_types,
-        };
+        let encoding = self.encoding;
         let pooled = std::thread::scope(|scope| {
             let workers: Vec<_> = self
                 .sessions
                 .iter_mut()
                 .zip(batch.chunks(share))
-                .map(|(session, part)| scope.spawn(move || encoder.run(session, part)))
+                .map(|(session, part)| scope.spawn(move || encoding.run(session, part)))
                 .collect();
             workers
                 .into_iter()
