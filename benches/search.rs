@@ -1,6 +1,7 @@
 //! Exact search throughput, the work of `peers.py search` (FAISS IndexFlatIP): 1,000 queries
 //! against 200,000 documents of 384 dimensions, top-100, 2 threads. Prints one JSON line.
-//! Run: `cargo bench --bench search` (options: --docs N --nq N --dim N --k N --threads N).
+//! Run: `cargo bench --bench search` (options: --docs N --nq N --dim N --k N --threads N
+//! --query-block N --doc-block N).
 
 mod common;
 
@@ -34,10 +35,12 @@ fn main() {
     let q = normal(&mut rng, nq * dim);
     let ids: Vec<String> = (0..docs).map(|i| i.to_string()).collect();
     let ranks = retrieval::id_ranks(&ids);
+    let defaults = SearchOptions::default();
     let options = SearchOptions {
         k,
         threads,
-        ..SearchOptions::default()
+        query_block: arg("--query-block", defaults.query_block),
+        doc_block: arg("--doc-block", defaults.doc_block),
     };
     let started = Instant::now();
     let hits = retrieval::search(

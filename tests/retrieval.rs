@@ -24,11 +24,10 @@ fn brute_force(
                 .map(|j| Hit {
                     doc: j as u32,
                     // `+ 0.0`: -0.0 and 0.0 are the same score.
-                    score: (0..dim)
-                        .map(|x| q[i * dim + x] * d[j * dim + x])
-                        .sum::<f32>()
+                    score: retrieval::dot(&q[i * dim..(i + 1) * dim], &d[j * dim..(j + 1) * dim])
                         + 0.0,
                 })
+                .filter(|h| !h.score.is_nan())
                 .collect();
             all.sort_by(|a, b| {
                 b.score
@@ -80,6 +79,68 @@ fn blocked_search_equals_brute_force_with_ties() {
             got, want,
             "trial {trial}: nq={nq} nd={nd} dim={dim} k={k} {options:?}"
         );
+    }
+}
+
+/// Real-valued vectors where the 8-bit first pass is far from exact: norms spanning six orders
+/// of magnitude, near-duplicates (scores apart by less than the quantization error), exact
+/// duplicates, zero and non-finite vectors. Skipping a document that belongs in the top k, or
+/// keeping one that does not, shows up as a difference from brute force.
+#[test]
+fn search_is_exact_where_the_integer_pass_is_not() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    for trial in 0..6 {
+        let dim = [384, 5, 64][trial % 3];
+        let (nq, nd) = (rng.random_range(1..30), rng.random_range(500..3000));
+        let gaussian = |n: usize, rng: &mut rand_chacha::ChaCha8Rng| -> Vec<f32> {
+            (0..n)
+                .map(|_| (0..12).map(|_| rng.random::<f32>()).sum::<f32>() - 6.0)
+                .collect()
+        };
+        let q = gaussian(nq * dim, &mut rng);
+        let mut d = gaussian(nd * dim, &mut rng);
+        for j in 0..nd {
+            let row = j * dim..(j + 1) * dim;
+            match j % 7 {
+                // Scaled: the per-document scale and the bound's norms must follow.
+                0 => d[row]
+                    .iter_mut()
+                    .for_each(|v| *v *= 10f32.powi(rng.random_range(-3..4))),
+                // A near-duplicate of the previous document.
+                1 => {
+                    let previous = d[row.start - dim..row.start].to_vec();
+                    for (v, p) in d[row].iter_mut().zip(previous) {
+                        *v = p * (1.0 + rng.random_range(-1e-4..1e-4));
+                    }
+                }
+                // An exact duplicate of the previous document: a tie broken by id.
+                2 => d.copy_within(row.start - dim..row.start, row.start),
+                _ => {}
+            }
+        }
+        d[5 * dim..6 * dim].fill(0.0);
+        d[6 * dim] = f32::NAN;
+        d[13 * dim + 1] = f32::INFINITY;
+        let ids: Vec<String> = (0..nd).map(|j| format!("d{}", (j * 7919) % 5000)).collect();
+        let ranks = retrieval::id_ranks(&ids);
+        let exclude: Vec<Option<u32>> = (0..nq).map(|i| Some((i * 3 % nd) as u32)).collect();
+        let k = [10, 100, 1][trial % 3];
+        let options = SearchOptions {
+            k,
+            threads: 1 + trial % 2,
+            query_block: [4, 64][trial % 2],
+            doc_block: [256, 2048][(trial / 2) % 2],
+        };
+        let got = retrieval::search(
+            Vectors { data: &q, dim },
+            Vectors { data: &d, dim },
+            &ranks,
+            &exclude,
+            options,
+        )
+        .unwrap();
+        let want = brute_force(&q, &d, dim, &ids, k, &exclude);
+        assert_eq!(got, want, "trial {trial}: nq={nq} nd={nd} dim={dim} k={k}");
     }
 }
 

@@ -5,11 +5,17 @@
 //! compared as ranks (`id_rank`, the position of each document id in byte order), so the
 //! selection itself never touches strings.
 
+mod kernel;
+mod quantize;
 mod topk;
 
 use std::cmp::Ordering;
 
+pub use kernel::dot;
 pub use topk::TopK;
+
+use kernel::{Kernel, ROWS};
+use quantize::{PANEL, QuantizedDocs, QuantizedQuery};
 
 /// Row-major vectors, `data.len() == rows * dim`.
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +113,11 @@ pub fn search_with_progress(
         return Err(SearchError::IdRanks(id_rank.len(), docs.rows()));
     }
     let nq = queries.rows();
+    let corpus = Corpus {
+        vectors: docs,
+        quantized: &QuantizedDocs::new(docs, options.threads),
+        id_rank,
+    };
     let threads = options.threads.clamp(1, nq.max(1));
     let per_thread = nq.div_ceil(threads).max(1);
     let mut results: Vec<Vec<Hit>> = vec![Vec::new(); nq];
@@ -120,8 +131,7 @@ pub fn search_with_progress(
                 };
                 search_block(
                     rows,
-                    docs,
-                    id_rank,
+                    &corpus,
                     &exclude_slice(exclude, start, out.len()),
                     options,
                     out,
@@ -139,34 +149,86 @@ fn exclude_slice(exclude: &[Option<u32>], start: usize, len: usize) -> Vec<Optio
         .collect()
 }
 
-/// One thread's share: its queries against all documents, block by block.
+/// One thread's share: its queries against all documents, block by block. The integer pass
+/// scores every pair; only documents whose bound reaches the query's current k-th exact score
+/// are scored exactly and offered to its top-k.
 fn search_block(
     queries: Vectors<'_>,
-    docs: Vectors<'_>,
-    id_rank: &[u32],
+    corpus: &Corpus<'_>,
     exclude: &[Option<u32>],
     options: SearchOptions,
     out: &mut [Vec<Hit>],
     done: &(dyn Fn(usize) + Sync),
 ) {
-    let dim = queries.dim;
+    let kernel = Kernel::detect();
+    let Corpus {
+        vectors: docs,
+        quantized,
+        id_rank,
+    } = *corpus;
+    let (dim, quads) = (queries.dim, quantized.quads);
     let (nq, nd) = (queries.rows(), docs.rows());
-    let mut scores = vec![0f32; options.query_block * options.doc_block];
-    for q0 in (0..nq).step_by(options.query_block) {
-        let qn = options.query_block.min(nq - q0);
+    let query_block = options.query_block.max(1).div_ceil(ROWS) * ROWS;
+    let doc_block = options.doc_block.max(1).div_ceil(PANEL) * PANEL;
+    // Rows past the last query of a block keep stale bytes: their scores are never read.
+    let mut bytes = vec![[0u8; 4]; query_block * quads];
+    let mut scratch = Vec::new();
+    let mut scores = vec![0i32; query_block * doc_block];
+    let (mut upper, mut lower, mut picked) =
+        (Vec::with_capacity(doc_block), Vec::new(), Vec::new());
+    for q0 in (0..nq).step_by(query_block) {
+        let qn = query_block.min(nq - q0);
+        let query = |i: usize| &queries.data[(q0 + i) * dim..(q0 + i + 1) * dim];
+        let terms: Vec<QuantizedQuery> = bytes
+            .chunks_exact_mut(quads)
+            .take(qn)
+            .enumerate()
+            .map(|(i, row)| QuantizedQuery::new(query(i), row, &mut scratch))
+            .collect();
+        let groups = &bytes[..qn.div_ceil(ROWS) * ROWS * quads];
         let mut tops: Vec<TopK> = (0..qn).map(|_| TopK::new(options.k)).collect();
-        for d0 in (0..nd).step_by(options.doc_block) {
-            let dn = options.doc_block.min(nd - d0);
-            let q = &queries.data[q0 * dim..(q0 + qn) * dim];
-            let d = &docs.data[d0 * dim..(d0 + dn) * dim];
-            matmul_transposed(q, d, qn, dn, dim, &mut scores[..qn * dn]);
+        // Per query, a lower bound on its final k-th score while its top-k is not yet full.
+        let mut seeds = vec![f32::NEG_INFINITY; qn];
+        for d0 in (0..nd).step_by(doc_block) {
+            let dn = doc_block.min(nd - d0);
+            let panels = &quantized.panels[d0 / PANEL * quads..(d0 + dn).div_ceil(PANEL) * quads];
+            for (p, panel) in panels.chunks_exact(quads).enumerate() {
+                for (g, group) in groups.chunks_exact(ROWS * quads).enumerate() {
+                    let rows = std::array::from_fn(|r| &group[r * quads..(r + 1) * quads]);
+                    let out = &mut scores[g * ROWS * doc_block + p * PANEL..];
+                    kernel.panel(rows, panel, out, doc_block);
+                }
+            }
             for (i, top) in tops.iter_mut().enumerate() {
-                let skip = exclude[q0 + i];
-                for (j, &score) in scores[i * dn..(i + 1) * dn].iter().enumerate() {
-                    let doc = (d0 + j) as u32;
-                    if skip != Some(doc) {
-                        top.offer(score, id_rank[doc as usize], doc);
+                let integer = &scores[i * doc_block..i * doc_block + dn];
+                if !top.is_full() && dn > options.k {
+                    // The (k+1)-th best lower bound of the block (one more than k: the
+                    // excluded document may be among them) is reached by k documents.
+                    quantized.bounds(&terms[i], d0, integer, -1.0, &mut lower);
+                    lower.retain(|v| !v.is_nan());
+                    if lower.len() > options.k {
+                        let (_, kth, _) =
+                            lower.select_nth_unstable_by(options.k, |a, b| b.total_cmp(a));
+                        seeds[i] = seeds[i].max(*kth);
                     }
+                }
+                quantized.bounds(&terms[i], d0, integer, 1.0, &mut upper);
+                reaching(&upper, top.floor().max(seeds[i]), &mut picked);
+                // The rows are scattered over the block: fetch them all before the first dot.
+                let row = |j: usize| &docs.data[(d0 + j) * dim..(d0 + j + 1) * dim];
+                picked.iter().for_each(|&j| kernel::prefetch(row(j)));
+                for &j in &picked {
+                    // `<` is false for NaN (a vector that is not finite): the exact score decides.
+                    if upper[j] < top.floor().max(seeds[i])
+                        || exclude[q0 + i] == Some((d0 + j) as u32)
+                    {
+                        continue;
+                    }
+                    top.offer(
+                        kernel::dot(query(i), row(j)),
+                        id_rank[d0 + j],
+                        (d0 + j) as u32,
+                    );
                 }
             }
         }
@@ -177,34 +239,28 @@ fn search_block(
     }
 }
 
-/// `out (m x n) = a (m x k) * b (n x k)^T`, all row-major.
-fn matmul_transposed(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
-    debug_assert_eq!((a.len(), b.len(), out.len()), (m * k, n * k, m * n));
-    // SAFETY: the strides describe exactly the slices checked above: `out` is m x n with row
-    // stride n, `a` is m x k with row stride k, and b^T is k x n read from `b` (n x k) with
-    // column stride k and row stride 1. No two of them alias (`out` is exclusively borrowed).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+/// The documents of a search: their vectors, quantized copies and id ranks.
+#[derive(Clone, Copy)]
+struct Corpus<'a> {
+    vectors: Vectors<'a>,
+    quantized: &'a QuantizedDocs,
+    id_rank: &'a [u32],
+}
+
+/// The positions in `upper` that reach `floor`, or are NaN.
+fn reaching(upper: &[f32], floor: f32, out: &mut Vec<usize>) {
+    const CHUNK: usize = 16;
+    out.clear();
+    for (c, chunk) in upper.chunks(CHUNK).enumerate() {
+        // Most chunks have none: one vectorized test each.
+        if chunk.iter().fold(true, |below, &u| below & (u < floor)) {
+            continue;
+        }
+        let reached = chunk
+            .iter()
+            .enumerate()
+            .filter(|&(_, &u)| u >= floor || u.is_nan());
+        out.extend(reached.map(|(j, _)| c * CHUNK + j));
     }
 }
 

@@ -68,6 +68,19 @@ impl TopK {
         }
     }
 
+    pub fn is_full(&self) -> bool {
+        self.heap.len() == self.k
+    }
+
+    /// The score a hit must reach to be kept: the k-th best so far once k are kept.
+    pub fn floor(&self) -> f32 {
+        if self.k == 0 {
+            f32::INFINITY
+        } else {
+            self.floor
+        }
+    }
+
     /// The kept hits, best first.
     pub fn into_sorted(self) -> Vec<Hit> {
         let mut keys: Vec<Key> = self.heap.into_iter().map(|r| r.0).collect();
