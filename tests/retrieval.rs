@@ -40,6 +40,31 @@ fn brute_force(
         .collect()
 }
 
+fn assert_search_equals_brute_force(
+    q: &[f32],
+    d: &[f32],
+    dim: usize,
+    ids: &[String],
+    exclude: &[Option<u32>],
+    options: SearchOptions,
+    trial: usize,
+) {
+    let got = retrieval::search(
+        Vectors { data: q, dim },
+        Vectors { data: d, dim },
+        &retrieval::id_ranks(ids),
+        exclude,
+        options,
+    )
+    .unwrap();
+    let want = brute_force(q, d, dim, ids, options.k, exclude);
+    let (nq, nd) = (q.len() / dim, d.len() / dim);
+    assert_eq!(
+        got, want,
+        "trial {trial}: nq={nq} nd={nd} dim={dim} {options:?}"
+    );
+}
+
 #[test]
 fn blocked_search_equals_brute_force_with_ties() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
@@ -55,7 +80,6 @@ fn blocked_search_equals_brute_force_with_ties() {
         let q = values(nq * dim);
         let d = values(nd * dim);
         let ids: Vec<String> = (0..nd).map(|j| format!("d{}", (j * 7919) % 1000)).collect();
-        let ranks = retrieval::id_ranks(&ids);
         let exclude: Vec<Option<u32>> = (0..nq)
             .map(|i| (trial % 2 == 0).then_some((i % nd) as u32))
             .collect();
@@ -66,19 +90,7 @@ fn blocked_search_equals_brute_force_with_ties() {
             query_block: [1, 7, 128][trial % 3],
             doc_block: [1, 16, 2048][(trial / 3) % 3],
         };
-        let got = retrieval::search(
-            Vectors { data: &q, dim },
-            Vectors { data: &d, dim },
-            &ranks,
-            &exclude,
-            options,
-        )
-        .unwrap();
-        let want = brute_force(&q, &d, dim, &ids, k, &exclude);
-        assert_eq!(
-            got, want,
-            "trial {trial}: nq={nq} nd={nd} dim={dim} k={k} {options:?}"
-        );
+        assert_search_equals_brute_force(&q, &d, dim, &ids, &exclude, options, trial);
     }
 }
 
@@ -122,7 +134,6 @@ fn search_is_exact_where_the_integer_pass_is_not() {
         d[6 * dim] = f32::NAN;
         d[13 * dim + 1] = f32::INFINITY;
         let ids: Vec<String> = (0..nd).map(|j| format!("d{}", (j * 7919) % 5000)).collect();
-        let ranks = retrieval::id_ranks(&ids);
         let exclude: Vec<Option<u32>> = (0..nq).map(|i| Some((i * 3 % nd) as u32)).collect();
         let k = [10, 100, 1][trial % 3];
         let options = SearchOptions {
@@ -131,16 +142,7 @@ fn search_is_exact_where_the_integer_pass_is_not() {
             query_block: [4, 64][trial % 2],
             doc_block: [256, 2048][(trial / 2) % 2],
         };
-        let got = retrieval::search(
-            Vectors { data: &q, dim },
-            Vectors { data: &d, dim },
-            &ranks,
-            &exclude,
-            options,
-        )
-        .unwrap();
-        let want = brute_force(&q, &d, dim, &ids, k, &exclude);
-        assert_eq!(got, want, "trial {trial}: nq={nq} nd={nd} dim={dim} k={k}");
+        assert_search_equals_brute_force(&q, &d, dim, &ids, &exclude, options, trial);
     }
 }
 

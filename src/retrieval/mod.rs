@@ -34,9 +34,9 @@ impl Vectors<'_> {
 pub struct SearchOptions {
     pub k: usize,
     pub threads: usize,
-    /// Queries scored together (rows of one matrix product).
+    /// Queries scored together (rounded up to the kernel's 4 rows).
     pub query_block: usize,
-    /// Documents scored together (columns of one matrix product).
+    /// Documents scored together (rounded up to the kernel's panels of 16).
     pub doc_block: usize,
 }
 

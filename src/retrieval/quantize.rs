@@ -182,9 +182,7 @@ impl QuantizedDocs {
         });
         out
     }
-}
 
-impl QuantizedDocs {
     /// Bounds on the exact scores of `query` against the documents from `first_doc` on, given
     /// their integer scores: upper bounds for `side` 1, lower bounds for -1 (NaN where a vector
     /// is not finite).
