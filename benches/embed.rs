@@ -1,6 +1,7 @@
 //! Embedding throughput, the work of `peers.py embed` (sentence-transformers): all-MiniLM-L6-v2
 //! on the first 2,000 SciFact documents ("title text"), max length 256, 2 threads, on the fast
-//! backend (ONNX Runtime; `--candle 1` adds the candle backend). Prints one JSON line each.
+//! backend (ONNX Runtime, the f32 export and the 8-bit-weight one; `--candle 1` adds the candle
+//! backend). Prints one JSON line each.
 //! Run: `cargo bench --bench embed` (needs scripts/fetch-models.sh and ../shared).
 
 mod common;
@@ -66,26 +67,36 @@ fn main() {
     let mut tokenizer = dir.tokenizer().unwrap();
     let tokens = tokenizer.encode_batch(&refs, max_len).unwrap();
 
-    let tmp = std::env::temp_dir().join(format!("synthrank-bench-{}.onnx", std::process::id()));
     let model = dir.load_model(&Device::Cpu).unwrap();
-    export_onnx(&model, &tmp, OnnxOps::OnnxRuntime).unwrap();
     let library = root.join("models/onnxruntime/libonnxruntime.so.1.31.1");
-    let mut ort = OrtEmbedder::open(
-        &library,
-        &tmp,
-        dir.config.hidden_size,
-        dir.pooling,
-        dir.normalize,
-        tokenizer.pad_id(),
-        threads,
-    )
-    .unwrap();
+    let exports = [OnnxOps::OnnxRuntime, OnnxOps::OnnxRuntimeInt8].map(|ops| {
+        let path = std::env::temp_dir().join(format!(
+            "synthrank-bench-{}-{}.onnx",
+            std::process::id(),
+            ops.tag()
+        ));
+        export_onnx(&model, &path, ops).unwrap();
+        path
+    });
+    let [mut ort, mut ort_int8] = exports.clone().map(|path| {
+        OrtEmbedder::open(
+            &library,
+            &path,
+            dir.config.hidden_size,
+            dir.pooling,
+            dir.normalize,
+            tokenizer.pad_id(),
+            threads,
+        )
+        .unwrap()
+    });
     let mut candle = CandleEmbedder::new(model, dir.pooling, dir.normalize, tokenizer.pad_id());
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap();
-    let mut backends: Vec<(&str, &mut dyn Embedder)> = vec![("onnx", &mut ort)];
+    let mut backends: Vec<(&str, &mut dyn Embedder)> =
+        vec![("onnx", &mut ort), ("onnx int8", &mut ort_int8)];
     if with_candle {
         backends.push(("candle", &mut candle));
     }
@@ -98,5 +109,7 @@ fn main() {
             tokens.len() as f64 / seconds
         );
     }
-    let _ = std::fs::remove_file(tmp);
+    for path in exports {
+        let _ = std::fs::remove_file(path);
+    }
 }

@@ -100,3 +100,52 @@ fn killed_training_resumes_to_the_same_result() {
     assert_eq!(log(crashed.path()), log(straight.path()));
     assert_eq!(weights(crashed.path()), weights(straight.path()));
 }
+
+/// A checkpoint belongs to its run: once the base model's weights are replaced under the same
+/// path, training starts over instead of resuming the old run's last checkpoint.
+#[test]
+fn a_checkpoint_of_other_base_weights_is_not_resumed() {
+    let original = common::demo_model("all-MiniLM-L6-v2");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for entry in std::fs::read_dir(&original).unwrap() {
+        let path = entry.unwrap().path();
+        let target = base.join(path.file_name().unwrap());
+        match path.file_name().unwrap() == "model.safetensors" {
+            true => std::fs::copy(&path, &target).map(|_| ()).unwrap(),
+            false => std::os::unix::fs::symlink(&path, &target).unwrap(),
+        }
+    }
+    let repo = common::repo();
+    let text = std::fs::read_to_string(repo.join("tests/pipelines/training.yaml"))
+        .unwrap()
+        .replace("../../models/all-MiniLM-L6-v2", base.to_str().unwrap())
+        .replace("../../", &format!("{}/", repo.display()));
+    let spec = common::write_spec(dir.path(), "p.yaml", &text);
+    let work = dir.path().join("work");
+    let pipeline = common::load(&spec, &work);
+    let train = synthrank::pipeline::Selection::Only("train".into());
+    let resumed_from = || {
+        let manifest = std::fs::read_to_string(work.join("train/_manifest.json")).unwrap();
+        let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+        manifest["stats"]["resumed_from_step"].as_u64()
+    };
+    common::run(&pipeline, synthrank::pipeline::Selection::All, false);
+    assert_eq!(resumed_from(), Some(0));
+    // A rerun of the same run resumes its last checkpoint (the check below can fail).
+    common::run(&pipeline, train.clone(), true);
+    assert_eq!(resumed_from(), Some(6));
+    // Other weights of the same shapes, under the same path.
+    std::fs::copy(
+        work.join("train/model/model.safetensors"),
+        base.join("model.safetensors"),
+    )
+    .unwrap();
+    common::run(&pipeline, train, true);
+    assert_eq!(
+        resumed_from(),
+        Some(0),
+        "resumed a checkpoint of other weights"
+    );
+}

@@ -97,8 +97,12 @@ enum Command {
         output: Option<PathBuf>,
         /// Standard ONNX ops only, for runtimes other than ONNX Runtime (default: ONNX
         /// Runtime's fused Attention, SkipLayerNormalization and BiasGelu, which run faster).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "int8")]
         standard_ops: bool,
+        /// 8-bit weights (ONNX Runtime's QAttention and DynamicQuantizeMatMul): about 1.7x
+        /// faster on CPU, embeddings approximate (cosine ~0.99 to the f32 model's).
+        #[arg(long)]
+        int8: bool,
     },
     /// Write a table (`stage` or `stage.table`) in another format.
     Export {
@@ -278,13 +282,15 @@ async fn execute(command: Command) -> Result<(), CliError> {
             model,
             output,
             standard_ops,
+            int8,
         } => {
             let dir = crate::encoder::ModelDir::open(&model)?;
             let bert = dir.load_model(&candle_core::Device::Cpu)?;
             let path = output.unwrap_or_else(|| model.join("model.onnx"));
-            let ops = match standard_ops {
-                true => crate::encoder::OnnxOps::Standard,
-                false => crate::encoder::OnnxOps::OnnxRuntime,
+            let ops = match (standard_ops, int8) {
+                (true, _) => crate::encoder::OnnxOps::Standard,
+                (false, true) => crate::encoder::OnnxOps::OnnxRuntimeInt8,
+                (false, false) => crate::encoder::OnnxOps::OnnxRuntime,
             };
             crate::encoder::export_onnx(&bert, &path, ops)?;
             println!("{}", path.display());

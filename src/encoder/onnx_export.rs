@@ -1,9 +1,11 @@
 //! Export of a [`Bert`] to an ONNX graph (opset 17): inputs input_ids and attention_mask (int64,
 //! batch x tokens), output last_hidden_state (float, batch x tokens x hidden). The protobuf is
-//! written by hand. Two flavors ([`OnnxOps`]): standard ops only (Gather, LayerNormalization,
-//! MatMul, Softmax, Erf, ...), which any ONNX runtime runs, or ONNX Runtime's fused contrib ops
+//! written by hand. Three flavors ([`OnnxOps`]): standard ops only (Gather, LayerNormalization,
+//! MatMul, Softmax, Erf, ...), which any ONNX runtime runs; ONNX Runtime's fused contrib ops
 //! (com.microsoft Attention, SkipLayerNormalization, BiasGelu), which its optimizer does not
-//! derive from the standard graph and which make its CPU inference about 8% faster here.
+//! derive from the standard graph and which make its CPU inference about 8% faster here; and
+//! the same with 8-bit weights (QAttention, DynamicQuantizeMatMul), faster again but no longer
+//! the same embeddings.
 
 use std::path::Path;
 
@@ -51,6 +53,7 @@ impl Proto {
 }
 
 const FLOAT: i64 = 1;
+const INT8: i64 = 3;
 const INT32: i64 = 6;
 const INT64: i64 = 7;
 const CONTRIB: &str = "com.microsoft";
@@ -62,16 +65,54 @@ pub enum OnnxOps {
     Standard,
     /// ONNX Runtime's fused contrib ops: the fast path of the `embed` stage's onnx backend.
     OnnxRuntime,
+    /// ONNX Runtime's contrib ops with the weights of every matrix product as 8-bit integers
+    /// (per output column, symmetric) and activations quantized per tensor at run time: an
+    /// approximation of the model, opted into for speed.
+    OnnxRuntimeInt8,
 }
 
 impl OnnxOps {
-    /// Names the flavor in cached export file names, so a cache never serves the other one.
+    /// Names the flavor in cached export file names, so a cache never serves another one.
     pub fn tag(self) -> &'static str {
         match self {
             OnnxOps::Standard => "std",
             OnnxOps::OnnxRuntime => "ort",
+            OnnxOps::OnnxRuntimeInt8 => "ort-int8",
         }
     }
+
+    fn fused(self) -> bool {
+        self != OnnxOps::Standard
+    }
+}
+
+/// Weight magnitudes of the 8-bit flavor: at most 64, so that on CPUs without VNNI the
+/// unsigned-activation by signed-weight byte products (`vpmaddubsw`), summed in pairs in 16
+/// bits, cannot saturate: 2 · 255 · 64 < 2¹⁵. ONNX Runtime's own quantizer calls this
+/// `reduce_range`.
+const WEIGHT_LEVELS: f32 = 64.0;
+
+/// `w` (in x out) as integers per output column: w ≈ q · scale[column].
+fn quantize_columns(w: &Tensor) -> Result<(Vec<u8>, Vec<f32>), EncoderError> {
+    let (rows, cols) = w.dims2()?;
+    let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    let scales: Vec<f32> = (0..cols)
+        .map(|c| {
+            let max = (0..rows).fold(0f32, |m, r| m.max(values[r * cols + c].abs()));
+            if max > 0.0 { max / WEIGHT_LEVELS } else { 1.0 }
+        })
+        .collect();
+    let ints = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let q = (v / scales[i % cols])
+                .round()
+                .clamp(-WEIGHT_LEVELS, WEIGHT_LEVELS);
+            (q as i8) as u8
+        })
+        .collect();
+    Ok((ints, scales))
 }
 
 enum Attr {
@@ -82,7 +123,9 @@ enum Attr {
 
 struct Graph {
     nodes: Vec<Proto>,
-    initializers: Vec<Proto>,
+    /// By name; written only if a node reads them.
+    initializers: Vec<(String, Proto)>,
+    inputs_read: std::collections::HashSet<String>,
     counter: usize,
 }
 
@@ -110,11 +153,28 @@ impl Graph {
         attrs: &[(&str, Attr)],
         out: String,
     ) -> String {
+        self.node_with_outputs(domain, op, inputs, attrs, std::slice::from_ref(&out));
+        out
+    }
+
+    /// A node with several outputs (named by the caller).
+    fn node_with_outputs(
+        &mut self,
+        domain: &str,
+        op: &str,
+        inputs: &[&str],
+        attrs: &[(&str, Attr)],
+        outputs: &[String],
+    ) {
         let mut n = Proto::default();
         for i in inputs {
             n.string(1, i);
+            self.inputs_read.insert(i.to_string());
         }
-        n.string(2, &out).string(3, &out).string(4, op);
+        for o in outputs {
+            n.string(2, o);
+        }
+        n.string(3, &outputs[0]).string(4, op);
         if !domain.is_empty() {
             n.string(7, domain);
         }
@@ -138,7 +198,6 @@ impl Graph {
             n.message(5, &a);
         }
         self.nodes.push(n);
-        out
     }
 
     fn initializer(&mut self, name: &str, dims: &[usize], data_type: i64, raw: &[u8]) -> String {
@@ -147,7 +206,7 @@ impl Graph {
             t.int(1, *d as i64);
         }
         t.int(2, data_type).string(8, name).bytes(9, raw);
-        self.initializers.push(t);
+        self.initializers.push((name.to_string(), t));
         name.to_string()
     }
 
@@ -200,16 +259,36 @@ impl Builder {
     }
 
     /// x W^T without the bias; the weight is stored transposed so no Transpose runs.
-    fn matmul(&mut self, x: &str, prefix: &str) -> Result<String, EncoderError> {
+    fn matmul(&mut self, ops: OnnxOps, x: &str, prefix: &str) -> Result<String, EncoderError> {
         let wt = self.weights[&format!("{prefix}.weight")]
             .t()?
             .contiguous()?;
-        let wt = self.g.float_tensor(&format!("{prefix}.weight_t"), &wt)?;
+        let name = format!("{prefix}.weight_t");
+        if ops == OnnxOps::OnnxRuntimeInt8 {
+            let (wt, scale) = self.quantized(&name, &wt)?;
+            return Ok(self
+                .g
+                .contrib("DynamicQuantizeMatMul", &[x, &wt, &scale], &[]));
+        }
+        let wt = self.g.float_tensor(&name, &wt)?;
         Ok(self.g.node("MatMul", &[x, &wt], &[]))
     }
 
+    /// Initializers of `w` (in x out) quantized per column: the integers and the scales.
+    fn quantized(&mut self, name: &str, w: &Tensor) -> Result<(String, String), EncoderError> {
+        let (ints, scales) = quantize_columns(w)?;
+        let raw: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let scale = self
+            .g
+            .initializer(&format!("{name}.scale"), &[scales.len()], FLOAT, &raw);
+        let ints = self
+            .g
+            .initializer(&format!("{name}.int8"), w.dims(), INT8, &ints);
+        Ok((ints, scale))
+    }
+
     fn linear(&mut self, x: &str, prefix: &str) -> Result<String, EncoderError> {
-        let y = self.matmul(x, prefix)?;
+        let y = self.matmul(OnnxOps::Standard, x, prefix)?;
         let b = self.weight(&format!("{prefix}.bias"))?;
         Ok(self.g.node("Add", &[&y, &b], &[]))
     }
@@ -240,8 +319,8 @@ impl Builder {
                 let y = self.g.node("Add", &[&y, residual], &[]);
                 self.layer_norm(&y, norm)
             }
-            OnnxOps::OnnxRuntime => {
-                let y = self.matmul(x, dense)?;
+            OnnxOps::OnnxRuntime | OnnxOps::OnnxRuntimeInt8 => {
+                let y = self.matmul(ops, x, dense)?;
                 let s = self.weight(&format!("{norm}.weight"))?;
                 let b = self.weight(&format!("{norm}.bias"))?;
                 let bias = self.weight(&format!("{dense}.bias"))?;
@@ -268,6 +347,7 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
         g: Graph {
             nodes: Vec::new(),
             initializers: Vec::new(),
+            inputs_read: Default::default(),
             counter: 0,
         },
         weights: model
@@ -310,7 +390,9 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
             g.node("Unsqueeze", &[&mask, &axes], &[])
         }
         // The contrib Attention takes the raw 0/1 mask as int32 (B, T).
-        OnnxOps::OnnxRuntime => g.node("Cast", &["attention_mask"], &[("to", Attr::Int(INT32))]),
+        OnnxOps::OnnxRuntime | OnnxOps::OnnxRuntimeInt8 => {
+            g.node("Cast", &["attention_mask"], &[("to", Attr::Int(INT32))])
+        }
     };
     let heads_shape = g.int64s("const_heads_shape", &[0, 0, heads, hd], false);
     let merge_shape = g.int64s("const_merge_shape", &[0, 0, h], false);
@@ -339,7 +421,7 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
                 let context = g.node("Transpose", &[&context], &[("perm", perm)]);
                 g.node("Reshape", &[&context, &merge_shape], &[])
             }
-            OnnxOps::OnnxRuntime => {
+            OnnxOps::OnnxRuntime | OnnxOps::OnnxRuntimeInt8 => {
                 // Query, key and value projections as one (H, 3H) weight and (3H) bias.
                 let names = ["query", "key", "value"].map(|n| format!("{p}.attention.self.{n}"));
                 let w: Vec<Tensor> = names
@@ -350,15 +432,22 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
                     .iter()
                     .map(|n| &b.weights[&format!("{n}.bias")])
                     .collect();
-                let w =
-                    b.g.float_tensor(&format!("{p}.attention.qkv.weight_t"), &Tensor::cat(&w, 1)?)?;
+                let (w, w_name) = (Tensor::cat(&w, 1)?, format!("{p}.attention.qkv.weight_t"));
                 let bias =
                     b.g.float_tensor(&format!("{p}.attention.qkv.bias"), &Tensor::cat(&bias, 0)?)?;
-                b.g.contrib(
-                    "Attention",
-                    &[&x, &w, &bias, &attention_mask],
-                    &[("num_heads", Attr::Int(heads))],
-                )
+                let num_heads = [("num_heads", Attr::Int(heads))];
+                if ops == OnnxOps::OnnxRuntime {
+                    let w = b.g.float_tensor(&w_name, &w)?;
+                    b.g.contrib("Attention", &[&x, &w, &bias, &attention_mask], &num_heads)
+                } else {
+                    // QAttention takes its input quantized: per tensor, at run time.
+                    let (w, w_scale) = b.quantized(&w_name, &w)?;
+                    let xq = ["quantized", "scale", "zero_point"].map(|s| b.g.fresh(s));
+                    b.g.node_with_outputs("", "DynamicQuantizeLinear", &[&x], &[], &xq);
+                    let [xq, x_scale, x_zero] = xq;
+                    let inputs = [&xq, &w, &bias, &x_scale, &w_scale, &attention_mask, &x_zero];
+                    b.g.contrib("QAttention", &inputs.map(String::as_str), &num_heads)
+                }
             }
         };
         let a = b.dense_residual_norm(
@@ -370,8 +459,8 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
         )?;
         let inter = format!("{p}.intermediate.dense");
         let act = match (c.hidden_act.as_str(), ops) {
-            ("gelu", OnnxOps::OnnxRuntime) => {
-                let y = b.matmul(&a, &inter)?;
+            ("gelu", OnnxOps::OnnxRuntime | OnnxOps::OnnxRuntimeInt8) => {
+                let y = b.matmul(ops, &a, &inter)?;
                 let bias = b.weight(&format!("{inter}.bias"))?;
                 b.g.contrib("BiasGelu", &[&y, &bias], &[])
             }
@@ -411,8 +500,11 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
         graph.message(1, n);
     }
     graph.string(2, "synthrank_bert");
-    for t in &g.initializers {
-        graph.message(5, t);
+    for (name, t) in &g.initializers {
+        // Constants of the other flavors are not written (ONNX Runtime warns about them).
+        if g.inputs_read.contains(name) {
+            graph.message(5, t);
+        }
     }
     graph.message(11, &value_info("input_ids", INT64, &["batch", "tokens"]));
     graph.message(
@@ -433,7 +525,7 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
     let mut opset = Proto::default();
     opset.string(1, "").int(2, 17);
     model_proto.message(8, &opset);
-    if ops == OnnxOps::OnnxRuntime {
+    if ops.fused() {
         let mut contrib = Proto::default();
         contrib.string(1, CONTRIB).int(2, 1);
         model_proto.message(8, &contrib);

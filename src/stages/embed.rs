@@ -49,6 +49,14 @@ enum Backend {
     Onnx,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum OnnxWeights {
+    #[default]
+    F32,
+    Int8,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
@@ -60,6 +68,10 @@ struct Config {
     /// The ONNX model inside the model directory (exported from the weights when absent).
     #[serde(default = "default_onnx_file")]
     onnx_file: String,
+    /// `int8`: run an export with 8-bit weights instead (made from the model's weights and
+    /// cached; `onnx_file` is not read): faster, embeddings approximate.
+    #[serde(default)]
+    onnx_weights: OnnxWeights,
     /// libonnxruntime.so for the onnx backend (default: $ORT_DYLIB_PATH).
     #[serde(default)]
     onnxruntime: Option<String>,
@@ -132,6 +144,12 @@ impl StageKind for Embed {
             .as_ref()
             .map(|p| clean_path(&base_dir.join(p)))
             .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from));
+        if config.backend == Backend::Candle && config.onnx_weights == OnnxWeights::Int8 {
+            return Err(ConfigError::new(
+                "onnx_weights",
+                "8-bit weights are an ONNX export: set `backend: onnx`",
+            ));
+        }
         if config.backend == Backend::Onnx && library.is_none() {
             return Err(ConfigError::new(
                 "onnxruntime",
@@ -164,11 +182,11 @@ impl Stage for Prepared {
             .flat_map(|m| m.files())
             .map(|path| NamedFile::new("model", path))
             .collect();
-        if let Some(m) = &self.model {
-            let onnx = m.path.join(&self.config.onnx_file);
-            if self.config.backend == Backend::Onnx && onnx.is_file() {
-                files.push(NamedFile::new("onnx_file", onnx));
-            }
+        if let Some(m) = &self.model
+            && self.config.backend == Backend::Onnx
+            && let Some(onnx) = self.given_onnx_file(m)
+        {
+            files.push(NamedFile::new("onnx_file", onnx));
         }
         files
     }
@@ -183,6 +201,12 @@ fn invalid(e: impl std::fmt::Display) -> StageError {
 }
 
 impl Prepared {
+    /// The model directory's own ONNX file, when one is there and the config runs it.
+    fn given_onnx_file(&self, model: &ModelDir) -> Option<PathBuf> {
+        let file = model.path.join(&self.config.onnx_file);
+        (self.config.onnx_weights == OnnxWeights::F32 && file.is_file()).then_some(file)
+    }
+
     /// The model directory: from config, or the one a train stage wrote beside its `model` table.
     async fn model_dir(&self, ctx: &mut StageContext) -> Result<ModelDir, StageError> {
         let bound = ctx
@@ -221,17 +245,24 @@ impl Prepared {
                 Ok(Box::new(CandleEmbedder::new(bert, pooling, normalize, pad)))
             }
             Backend::Onnx => {
-                let mut onnx = model.path.join(&c.onnx_file);
-                if !onnx.is_file() {
-                    // Export once per weights file; the state directory keeps it across runs.
-                    let key = table::hash_file(&model.weights_path().map_err(invalid)?)?;
-                    let ops = OnnxOps::OnnxRuntime;
-                    onnx = state.join(format!("{}-{}.onnx", &key[..16], ops.tag()));
-                    if !onnx.is_file() {
-                        let bert = model.load_model(&Device::Cpu).map_err(invalid)?;
-                        export_onnx(&bert, &onnx, ops).map_err(invalid)?;
+                let onnx = match self.given_onnx_file(model) {
+                    Some(file) => file,
+                    None => {
+                        // Export once per weights file and flavor; the state directory keeps
+                        // it across runs.
+                        let key = table::hash_file(&model.weights_path().map_err(invalid)?)?;
+                        let ops = match c.onnx_weights {
+                            OnnxWeights::F32 => OnnxOps::OnnxRuntime,
+                            OnnxWeights::Int8 => OnnxOps::OnnxRuntimeInt8,
+                        };
+                        let onnx = state.join(format!("{}-{}.onnx", &key[..16], ops.tag()));
+                        if !onnx.is_file() {
+                            let bert = model.load_model(&Device::Cpu).map_err(invalid)?;
+                            export_onnx(&bert, &onnx, ops).map_err(invalid)?;
+                        }
+                        onnx
                     }
-                }
+                };
                 let threads = c
                     .threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

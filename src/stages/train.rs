@@ -333,15 +333,18 @@ impl Prepared {
             total_steps = total_steps.min(max);
         }
         let state = ctx.state_dir()?.to_path_buf();
-        // A checkpoint belongs to one (config, input) pair; anything else starts over.
+        // A checkpoint belongs to one (config, input, base weights) triple; anything else
+        // starts over (base weights replaced under the same path included).
+        let base_weights = self.model.weights_path().map_err(train_error)?;
         let run_key = format!(
-            "{}:{}",
+            "{}:{}:{}",
             blake3::hash(
                 serde_json::to_string(c)
                     .expect("config serializes")
                     .as_bytes()
             ),
-            table::hash_file(&tokens_path)?
+            table::hash_file(&tokens_path)?,
+            table::hash_file(&base_weights)?
         );
         let bar = ctx.progress(Some(total_steps), "steps");
         let model_out = ctx.output_path("model")?;
