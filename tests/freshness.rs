@@ -253,3 +253,51 @@ fn status_of_an_up_to_date_pipeline_is_fast() {
     assert_eq!(text.matches(" fresh ").count(), 8, "{text}");
     assert!(elapsed.as_secs_f64() < 1.0, "status took {elapsed:?}");
 }
+
+/// Every file of a model directory counts, not only the last one named: weights retrained in
+/// place make the `embed` stage stale, naming the file, and nothing else changed does not.
+#[test]
+fn each_file_of_a_model_directory_is_tracked() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let demo = common::demo_model("all-MiniLM-L6-v2");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
+        std::fs::create_dir_all(model.join(file).parent().unwrap()).unwrap();
+        std::fs::copy(demo.join(file), model.join(file)).unwrap();
+    }
+    let sample = common::repo().join("data-samples/scifact-mini");
+    let spec = common::write_spec(
+        dir.path(),
+        "embed.yaml",
+        &format!(
+            "name: embed-freshness\nworkdir: work\nstages:\n  - name: corpus\n    kind: load_corpus\n    config: {{path: {}}}\n  - name: docs\n    kind: sql\n    inputs: {{corpus: corpus}}\n    config: {{schema: corpus, query: 'SELECT * FROM corpus ORDER BY doc_id LIMIT 4'}}\n  - name: embed\n    kind: embed\n    inputs: {{corpus: docs}}\n    config: {{model: {}, max_length: 32}}\n",
+            sample.display(),
+            model.display()
+        ),
+    );
+    let work = dir.path().join("work");
+    let pipeline = common::load(&spec, &work);
+    common::run(&pipeline, Selection::All, false);
+    let weights = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes.push(b' ');
+    std::fs::write(&weights, bytes).unwrap();
+    let embed = pipeline
+        .assess(pipeline.stage("embed").unwrap(), &[])
+        .unwrap();
+    assert_eq!(
+        embed.state,
+        StageState::Stale(vec![format!("file `{}` changed", weights.display())])
+    );
+    let docs = pipeline
+        .assess(pipeline.stage("docs").unwrap(), &[])
+        .unwrap();
+    assert_eq!(docs.state, StageState::Fresh);
+}

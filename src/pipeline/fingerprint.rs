@@ -1,7 +1,7 @@
 //! A stage's fingerprint: a hash over everything its output depends on — its kind and config,
 //! the content of its input tables and named files, and the program version.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,8 @@ pub struct Components {
     pub kind: String,
     pub config: serde_json::Value,
     pub inputs: BTreeMap<String, InputComponent>,
-    pub files: BTreeMap<String, FileComponent>,
+    /// Per config field, the files it names (a model directory names several).
+    pub files: BTreeMap<String, Vec<FileComponent>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,7 +43,7 @@ pub struct FileComponent {
 impl Components {
     pub fn fingerprint(&self) -> String {
         let mut hashed = self.clone();
-        for file in hashed.files.values_mut() {
+        for file in hashed.files.values_mut().flatten() {
             file.stamp = None;
         }
         // serde_json maps are sorted by key, so this serialization is canonical.
@@ -89,13 +90,23 @@ impl Components {
                 reasons.push(format!("input `{role}` removed"));
             }
         }
-        for (field, file) in &self.files {
-            match previous.files.get(field) {
-                Some(old) if old.path == file.path && old.hash == file.hash => {}
-                Some(old) if old.path == file.path => {
-                    reasons.push(format!("file `{}` changed", file.path))
+        let fields: BTreeSet<&String> = self.files.keys().chain(previous.files.keys()).collect();
+        for field in fields {
+            let (now, before) = (
+                self.files.get(field).map_or(&[][..], Vec::as_slice),
+                previous.files.get(field).map_or(&[][..], Vec::as_slice),
+            );
+            for file in now {
+                match before.iter().find(|old| old.path == file.path) {
+                    Some(old) if old.hash == file.hash => {}
+                    Some(_) => reasons.push(format!("file `{}` changed", file.path)),
+                    None => reasons.push(format!("`{field}` now names `{}`", file.path)),
                 }
-                _ => reasons.push(format!("`{field}` now names `{}`", file.path)),
+            }
+            for old in before {
+                if !now.iter().any(|file| file.path == old.path) {
+                    reasons.push(format!("`{field}` no longer names `{}`", old.path));
+                }
             }
         }
         if reasons.is_empty() {
@@ -121,7 +132,8 @@ fn changed_keys(new: &serde_json::Value, old: &serde_json::Value) -> Vec<String>
     }
 }
 
-/// Hash of a named file, reusing the previous run's hash while size and mtime are unchanged.
+/// Hash of a named file, reusing the previous run's hash of the same path while size and mtime
+/// are unchanged.
 fn file_component(
     path: &Path,
     previous: Option<&FileComponent>,
@@ -129,7 +141,6 @@ fn file_component(
     let shown = path.to_string_lossy().into_owned();
     let stamp = FileStamp::of(path)?;
     if let Some(old) = previous
-        && old.path == shown
         && old.stamp == Some(stamp)
     {
         return Ok(old.clone());
@@ -195,10 +206,14 @@ pub fn compute(
             },
         );
     }
-    let mut files = BTreeMap::new();
+    let mut files: BTreeMap<String, Vec<FileComponent>> = BTreeMap::new();
     for file in &stage.files {
-        let old = previous.and_then(|p| p.files.get(&file.field));
-        files.insert(file.field.clone(), file_component(&file.path, old)?);
+        let shown = file.path.to_string_lossy();
+        let old = previous
+            .and_then(|p| p.files.get(&file.field))
+            .and_then(|old| old.iter().find(|old| old.path == shown));
+        let component = file_component(&file.path, old)?;
+        files.entry(file.field.clone()).or_default().push(component);
     }
     Ok(Computed::Ready(Components {
         version: PROGRAM_VERSION.to_string(),

@@ -105,14 +105,9 @@ pub fn prefetch(row: &[f32]) {
 /// score every search reports, the same on every CPU.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let (a_tail, b_tail) = (a8.remainder(), b8.remainder());
-    for (x, y) in a8.zip(b8) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
+    let mut lanes = lane_sums(a8.map(as_8), b8.map(as_8));
     for (l, (x, y)) in a_tail.iter().zip(b_tail).enumerate() {
         lanes[l] += x * y;
     }
@@ -120,11 +115,69 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
 
+fn as_8(chunk: &[f32]) -> &[f32; 8] {
+    chunk.try_into().expect("chunks of 8")
+}
+
+/// Lane l sums `x[l] · y[l]` over the chunks, in order.
+#[cfg(target_arch = "x86_64")]
+fn lane_sums<'a>(
+    a: impl Iterator<Item = &'a [f32; 8]>,
+    b: impl Iterator<Item = &'a [f32; 8]>,
+) -> [f32; 8] {
+    use std::arch::x86_64::*;
+    // The compiler leaves this loop scalar (measured: 3x slower). The same lane-wise products
+    // and sums round exactly as the portable loop's.
+    // SAFETY: SSE is part of x86-64; 8 f32 are two 128-bit vectors, every bit pattern valid.
+    unsafe {
+        let (mut low, mut high) = (_mm_setzero_ps(), _mm_setzero_ps());
+        for (x, y) in a.zip(b) {
+            let [x0, x1] = std::mem::transmute::<[f32; 8], [__m128; 2]>(*x);
+            let [y0, y1] = std::mem::transmute::<[f32; 8], [__m128; 2]>(*y);
+            low = _mm_add_ps(low, _mm_mul_ps(x0, y0));
+            high = _mm_add_ps(high, _mm_mul_ps(x1, y1));
+        }
+        std::mem::transmute::<[__m128; 2], [f32; 8]>([low, high])
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn lane_sums<'a>(
+    a: impl Iterator<Item = &'a [f32; 8]>,
+    b: impl Iterator<Item = &'a [f32; 8]>,
+) -> [f32; 8] {
+    let mut lanes = [0f32; 8];
+    for (x, y) in a.zip(b) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes
+}
+
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+
+    /// The vectorized dot rounds exactly as the documented order does, tails included: the
+    /// scores are the same on every CPU.
+    #[test]
+    fn dot_rounds_in_the_documented_order() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for dim in [0, 1, 7, 8, 13, 384, 771] {
+            let a: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..dim).map(|_| rng.random_range(-1e3..1e3)).collect();
+            let mut lanes = [0f32; 8];
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                lanes[i % 8] += x * y;
+            }
+            let expected = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+            assert_eq!(dot(&a, &b).to_bits(), expected.to_bits(), "dim {dim}");
+        }
+    }
 
     /// The AVX2 kernel and the portable loop compute the same integers, at the extremes of
     /// both operands' ranges too.
