@@ -9,9 +9,36 @@ use synthrank::encoder::{
     Bert, BertConfig, CandleEmbedder, Embedder, ModelDir, OnnxOps, Pooling, pad_batch,
 };
 
-fn golden() -> serde_json::Value {
-    let path = common::shared().join("golden/minilm_embeddings.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+/// The demo MiniLM directory and the golden cases, tokenized by its tokenizer (max length 256,
+/// as sentence-transformers truncated them).
+struct GoldenCases {
+    dir: ModelDir,
+    pad_id: u32,
+    cases: Vec<serde_json::Value>,
+    ids: Vec<Vec<u32>>,
+}
+
+impl GoldenCases {
+    fn load() -> GoldenCases {
+        let dir = ModelDir::open(&common::demo_model("all-MiniLM-L6-v2")).unwrap();
+        let mut tokenizer = dir.tokenizer().unwrap();
+        let path = common::shared().join("golden/minilm_embeddings.json");
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let cases = golden["cases"].as_array().unwrap().clone();
+        let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+        let ids = tokenizer.encode_batch(&texts, 256).unwrap();
+        GoldenCases {
+            pad_id: tokenizer.pad_id(),
+            dir,
+            cases,
+            ids,
+        }
+    }
+
+    fn refs(&self) -> Vec<&[u32]> {
+        self.ids.iter().map(Vec::as_slice).collect()
+    }
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
@@ -32,17 +59,13 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn minilm_matches_sentence_transformers() {
-    let dir = ModelDir::open(&common::demo_model("all-MiniLM-L6-v2")).unwrap();
+    let golden = GoldenCases::load();
+    let (dir, cases) = (&golden.dir, &golden.cases);
     assert_eq!(dir.pooling, Pooling::Mean);
     assert!(dir.normalize);
     assert_eq!(dir.max_seq_length, Some(256));
-    let mut tokenizer = dir.tokenizer().unwrap();
     let model = dir.load_model(&Device::Cpu).unwrap();
-    let golden = golden();
-    let cases = golden["cases"].as_array().unwrap();
-    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
-    let ids = tokenizer.encode_batch(&texts, 256).unwrap();
-    for (case, ids) in cases.iter().zip(&ids) {
+    for (case, ids) in cases.iter().zip(&golden.ids) {
         let expected: Vec<u32> = case["input_ids"]
             .as_array()
             .unwrap()
@@ -52,13 +75,13 @@ fn minilm_matches_sentence_transformers() {
         assert_eq!(ids, &expected, "token ids of {:?}", case["text"]);
     }
     // All cases in one padded batch: padding must not change any embedding.
-    let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let mut mean = CandleEmbedder::new(model, Pooling::Mean, false, tokenizer.pad_id());
+    let refs = golden.refs();
+    let mut mean = CandleEmbedder::new(model, Pooling::Mean, false, golden.pad_id);
     let pooled = mean.embed(&refs).unwrap();
     let dim = mean.dim();
     let mut worst = (0f32, 0f32);
     let model = dir.load_model(&Device::Cpu).unwrap();
-    let mut normalized = CandleEmbedder::new(model, Pooling::Mean, true, tokenizer.pad_id());
+    let mut normalized = CandleEmbedder::new(model, Pooling::Mean, true, golden.pad_id);
     let unit = normalized.embed(&refs).unwrap();
     for (i, case) in cases.iter().enumerate() {
         let row = &pooled[i * dim..(i + 1) * dim];
@@ -181,15 +204,9 @@ fn gradients_match_finite_differences() {
 /// split unevenly), give candle's and sentence-transformers' embeddings.
 #[test]
 fn onnx_export_runs_in_onnx_runtime_with_the_same_embeddings() {
-    let model_path = common::demo_model("all-MiniLM-L6-v2");
     let library = common::demo_model("onnxruntime/libonnxruntime.so.1.31.1");
-    let dir = ModelDir::open(&model_path).unwrap();
-    let mut tokenizer = dir.tokenizer().unwrap();
-    let golden = golden();
-    let cases = golden["cases"].as_array().unwrap();
-    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
-    let ids = tokenizer.encode_batch(&texts, 256).unwrap();
-    let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let golden = GoldenCases::load();
+    let (dir, cases, refs) = (&golden.dir, &golden.cases, golden.refs());
 
     let out = tempfile::tempdir().unwrap();
     let model = dir.load_model(&Device::Cpu).unwrap();
@@ -198,7 +215,7 @@ fn onnx_export_runs_in_onnx_runtime_with_the_same_embeddings() {
     for (ops, _) in flavors {
         synthrank::encoder::export_onnx(&model, &onnx(ops), ops).unwrap();
     }
-    let mut candle = CandleEmbedder::new(model, Pooling::Mean, true, tokenizer.pad_id());
+    let mut candle = CandleEmbedder::new(model, Pooling::Mean, true, golden.pad_id);
     let a = candle.embed(&refs).unwrap();
     for (ops, threads) in flavors {
         let mut ort = synthrank::encoder::OrtEmbedder::open(
@@ -207,7 +224,7 @@ fn onnx_export_runs_in_onnx_runtime_with_the_same_embeddings() {
             dir.config.hidden_size,
             Pooling::Mean,
             true,
-            tokenizer.pad_id(),
+            golden.pad_id,
             threads,
         )
         .unwrap();
@@ -237,15 +254,9 @@ fn onnx_export_runs_in_onnx_runtime_with_the_same_embeddings() {
 /// integer path really ran), and the file holds 8-bit matrices.
 #[test]
 fn int8_onnx_export_approximates_the_embeddings() {
-    let model_path = common::demo_model("all-MiniLM-L6-v2");
     let library = common::demo_model("onnxruntime/libonnxruntime.so.1.31.1");
-    let dir = ModelDir::open(&model_path).unwrap();
-    let mut tokenizer = dir.tokenizer().unwrap();
-    let golden = golden();
-    let cases = golden["cases"].as_array().unwrap();
-    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
-    let ids = tokenizer.encode_batch(&texts, 256).unwrap();
-    let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let golden = GoldenCases::load();
+    let (dir, cases, refs) = (&golden.dir, &golden.cases, golden.refs());
 
     let out = tempfile::tempdir().unwrap();
     let model = dir.load_model(&Device::Cpu).unwrap();
@@ -267,7 +278,7 @@ fn int8_onnx_export_approximates_the_embeddings() {
         dir.config.hidden_size,
         Pooling::Mean,
         true,
-        tokenizer.pad_id(),
+        golden.pad_id,
         2,
     )
     .unwrap();

@@ -246,9 +246,10 @@ fn value_info(name: &str, elem_type: i64, dims: &[&str]) -> Proto {
     info
 }
 
-/// The weights by parameter name, and the graph being built from them.
+/// The weights by parameter name, and the graph being built from them in flavor `ops`.
 struct Builder {
     g: Graph,
+    ops: OnnxOps,
     weights: std::collections::HashMap<String, Tensor>,
     eps: f32,
 }
@@ -258,13 +259,14 @@ impl Builder {
         self.g.float_tensor(name, &self.weights[name])
     }
 
-    /// x W^T without the bias; the weight is stored transposed so no Transpose runs.
-    fn matmul(&mut self, ops: OnnxOps, x: &str, prefix: &str) -> Result<String, EncoderError> {
+    /// x W^T without the bias; the weight is stored transposed so no Transpose runs (and as
+    /// 8-bit integers in the 8-bit flavor).
+    fn matmul(&mut self, x: &str, prefix: &str) -> Result<String, EncoderError> {
         let wt = self.weights[&format!("{prefix}.weight")]
             .t()?
             .contiguous()?;
         let name = format!("{prefix}.weight_t");
-        if ops == OnnxOps::OnnxRuntimeInt8 {
+        if self.ops == OnnxOps::OnnxRuntimeInt8 {
             let (wt, scale) = self.quantized(&name, &wt)?;
             return Ok(self
                 .g
@@ -288,7 +290,7 @@ impl Builder {
     }
 
     fn linear(&mut self, x: &str, prefix: &str) -> Result<String, EncoderError> {
-        let y = self.matmul(OnnxOps::Standard, x, prefix)?;
+        let y = self.matmul(x, prefix)?;
         let b = self.weight(&format!("{prefix}.bias"))?;
         Ok(self.g.node("Add", &[&y, &b], &[]))
     }
@@ -307,20 +309,19 @@ impl Builder {
     /// LayerNorm(x W^T + bias + residual), the close of both sub-blocks of a layer.
     fn dense_residual_norm(
         &mut self,
-        ops: OnnxOps,
         x: &str,
         residual: &str,
         dense: &str,
         norm: &str,
     ) -> Result<String, EncoderError> {
-        match ops {
+        match self.ops {
             OnnxOps::Standard => {
                 let y = self.linear(x, dense)?;
                 let y = self.g.node("Add", &[&y, residual], &[]);
                 self.layer_norm(&y, norm)
             }
             OnnxOps::OnnxRuntime | OnnxOps::OnnxRuntimeInt8 => {
-                let y = self.matmul(ops, x, dense)?;
+                let y = self.matmul(x, dense)?;
                 let s = self.weight(&format!("{norm}.weight"))?;
                 let b = self.weight(&format!("{norm}.bias"))?;
                 let bias = self.weight(&format!("{dense}.bias"))?;
@@ -350,6 +351,7 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
             inputs_read: Default::default(),
             counter: 0,
         },
+        ops,
         weights: model
             .params()
             .iter()
@@ -451,7 +453,6 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
             }
         };
         let a = b.dense_residual_norm(
-            ops,
             &context,
             &x,
             &format!("{p}.attention.output.dense"),
@@ -460,7 +461,7 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
         let inter = format!("{p}.intermediate.dense");
         let act = match (c.hidden_act.as_str(), ops) {
             ("gelu", OnnxOps::OnnxRuntime | OnnxOps::OnnxRuntimeInt8) => {
-                let y = b.matmul(ops, &a, &inter)?;
+                let y = b.matmul(&a, &inter)?;
                 let bias = b.weight(&format!("{inter}.bias"))?;
                 b.g.contrib("BiasGelu", &[&y, &bias], &[])
             }
@@ -485,7 +486,6 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
             }
         };
         x = b.dense_residual_norm(
-            ops,
             &act,
             &a,
             &format!("{p}.output.dense"),

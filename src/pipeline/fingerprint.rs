@@ -132,16 +132,14 @@ fn changed_keys(new: &serde_json::Value, old: &serde_json::Value) -> Vec<String>
     }
 }
 
-/// Hash of a named file, reusing the previous run's hash of the same path while size and mtime
-/// are unchanged.
-fn file_component(
-    path: &Path,
-    previous: Option<&FileComponent>,
-) -> Result<FileComponent, PipelineError> {
+/// Hash of a named file, reusing the hash the previous run recorded for the same path (among
+/// `previous`, its field's files) while size and mtime are unchanged.
+fn file_component(path: &Path, previous: &[FileComponent]) -> Result<FileComponent, PipelineError> {
     let shown = path.to_string_lossy().into_owned();
     let stamp = FileStamp::of(path)?;
     if let Some(old) = previous
-        && old.stamp == Some(stamp)
+        .iter()
+        .find(|old| old.path == shown && old.stamp == Some(stamp))
     {
         return Ok(old.clone());
     }
@@ -208,10 +206,9 @@ pub fn compute(
     }
     let mut files: BTreeMap<String, Vec<FileComponent>> = BTreeMap::new();
     for file in &stage.files {
-        let shown = file.path.to_string_lossy();
         let old = previous
             .and_then(|p| p.files.get(&file.field))
-            .and_then(|old| old.iter().find(|old| old.path == shown));
+            .map_or(&[][..], Vec::as_slice);
         let component = file_component(&file.path, old)?;
         files.entry(file.field.clone()).or_default().push(component);
     }
