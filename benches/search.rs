@@ -1,7 +1,7 @@
 //! Exact search throughput, the work of `peers.py search` (FAISS IndexFlatIP): 1,000 queries
 //! against 200,000 documents of 384 dimensions, top-100, 2 threads. Prints one JSON line.
 //! Run: `cargo bench --bench search` (options: --docs N --nq N --dim N --k N --threads N
-//! --query-block N --doc-block N).
+//! --query-block N).
 
 mod common;
 
@@ -40,7 +40,6 @@ fn main() {
         k,
         threads,
         query_block: arg("--query-block", defaults.query_block),
-        doc_block: arg("--doc-block", defaults.doc_block),
     };
     let started = Instant::now();
     let hits = retrieval::search(

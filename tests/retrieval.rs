@@ -88,7 +88,6 @@ fn blocked_search_equals_brute_force_with_ties() {
             k,
             threads: 1 + trial % 3,
             query_block: [1, 7, 128][trial % 3],
-            doc_block: [1, 16, 2048][(trial / 3) % 3],
         };
         assert_search_equals_brute_force(&q, &d, dim, &ids, &exclude, options, trial);
     }
@@ -140,7 +139,6 @@ fn search_is_exact_where_the_integer_pass_is_not() {
             k,
             threads: 1 + trial % 2,
             query_block: [4, 64][trial % 2],
-            doc_block: [256, 2048][(trial / 2) % 2],
         };
         assert_search_equals_brute_force(&q, &d, dim, &ids, &exclude, options, trial);
     }

@@ -28,28 +28,16 @@ impl Kernel {
     }
 
     /// `rows` are [`ROWS`] queries as unsigned bytes, one group of 4 per element; `panel` is
-    /// the same groups of [`PANEL`] documents. Row r of the result goes to
-    /// `out[r · stride..][..PANEL]`.
-    pub fn panel(
-        &self,
-        rows: [&[[u8; 4]]; ROWS],
-        panel: &[PanelQuad],
-        out: &mut [i32],
-        stride: usize,
-    ) {
+    /// the same groups of [`PANEL`] documents. Row r of the result holds query r's products.
+    pub fn panel(&self, rows: [&[[u8; 4]]; ROWS], panel: &[PanelQuad]) -> [[i32; PANEL]; ROWS] {
         assert!(rows.iter().all(|r| r.len() == panel.len()));
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
             // SAFETY: AVX2 was detected at run time.
-            let sums = unsafe { panel_avx2(rows, panel) };
-            for (r, sums) in sums.iter().enumerate() {
-                out[r * stride..r * stride + PANEL].copy_from_slice(sums);
-            }
-            return;
+            return unsafe { panel_avx2(rows, panel) };
         }
-        for (r, row) in rows.iter().enumerate() {
-            let out = &mut out[r * stride..r * stride + PANEL];
-            out.fill(0);
+        rows.map(|row| {
+            let mut out = [0i32; PANEL];
             for (a, docs) in row.iter().zip(panel) {
                 for (o, d) in out.iter_mut().zip(docs.chunks_exact(4)) {
                     *o += (0..4)
@@ -57,7 +45,8 @@ impl Kernel {
                         .sum::<i32>();
                 }
             }
-        }
+            out
+        })
     }
 }
 
@@ -204,15 +193,13 @@ mod tests {
                 .map(|_| [0; 4 * PANEL].map(|_| rng.random_range(-127..=127)))
                 .collect();
             let rows = std::array::from_fn(|r| rows[r].as_slice());
-            let stride = PANEL + 3;
-            let (mut fast, mut portable) = (vec![0; ROWS * stride], vec![0; ROWS * stride]);
-            Kernel::detect().panel(rows, &panel, &mut fast, stride);
-            Kernel { avx2: false }.panel(rows, &panel, &mut portable, stride);
+            let fast = Kernel::detect().panel(rows, &panel);
+            let portable = Kernel { avx2: false }.panel(rows, &panel);
             assert_eq!(fast, portable, "quads {quads}");
             let expected: i32 = (0..quads * 4)
                 .map(|i| 127 * i32::from(panel[i / 4][i % 4]))
                 .sum();
-            assert_eq!(portable[0], expected);
+            assert_eq!(portable[0][0], expected);
         }
     }
 }

@@ -5,6 +5,7 @@
 //! compared as ranks (`id_rank`, the position of each document id in byte order), so the
 //! selection itself never touches strings.
 
+mod candidates;
 mod kernel;
 mod quantize;
 mod topk;
@@ -14,6 +15,7 @@ use std::cmp::Ordering;
 pub use kernel::dot;
 pub use topk::TopK;
 
+use candidates::Candidates;
 use kernel::{Kernel, ROWS};
 use quantize::{PANEL, QuantizedDocs, QuantizedQuery};
 
@@ -36,8 +38,6 @@ pub struct SearchOptions {
     pub threads: usize,
     /// Queries scored together (rounded up to the kernel's 4 rows).
     pub query_block: usize,
-    /// Documents scored together (rounded up to the kernel's panels of 16).
-    pub doc_block: usize,
 }
 
 impl Default for SearchOptions {
@@ -46,7 +46,6 @@ impl Default for SearchOptions {
             k: 100,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             query_block: 128,
-            doc_block: 2048,
         }
     }
 }
@@ -149,9 +148,9 @@ fn exclude_slice(exclude: &[Option<u32>], start: usize, len: usize) -> Vec<Optio
         .collect()
 }
 
-/// One thread's share: its queries against all documents, block by block. The integer pass
-/// scores every pair; only documents whose bound reaches the query's current k-th exact score
-/// are scored exactly and offered to its top-k.
+/// One thread's share: its queries against all documents, a block of queries at a time. The
+/// integer pass scores every pair and keeps, per query, the documents whose upper bound
+/// reaches the k-th best lower bound so far; those alone are scored exactly.
 fn search_block(
     queries: Vectors<'_>,
     corpus: &Corpus<'_>,
@@ -169,13 +168,9 @@ fn search_block(
     let (dim, quads) = (queries.dim, quantized.quads);
     let (nq, nd) = (queries.rows(), docs.rows());
     let query_block = options.query_block.max(1).div_ceil(ROWS) * ROWS;
-    let doc_block = options.doc_block.max(1).div_ceil(PANEL) * PANEL;
     // Rows past the last query of a block keep stale bytes: their scores are never read.
     let mut bytes = vec![[0u8; 4]; query_block * quads];
     let mut scratch = Vec::new();
-    let mut scores = vec![0i32; query_block * doc_block];
-    let (mut upper, mut lower, mut picked) =
-        (Vec::with_capacity(doc_block), Vec::new(), Vec::new());
     for q0 in (0..nq).step_by(query_block) {
         let qn = query_block.min(nq - q0);
         let query = |i: usize| &queries.data[(q0 + i) * dim..(q0 + i + 1) * dim];
@@ -186,54 +181,31 @@ fn search_block(
             .map(|(i, row)| QuantizedQuery::new(query(i), row, &mut scratch))
             .collect();
         let groups = &bytes[..qn.div_ceil(ROWS) * ROWS * quads];
-        let mut tops: Vec<TopK> = (0..qn).map(|_| TopK::new(options.k)).collect();
-        // Per query, a lower bound on its final k-th score while its top-k is not yet full.
-        let mut seeds = vec![f32::NEG_INFINITY; qn];
-        for d0 in (0..nd).step_by(doc_block) {
-            let dn = doc_block.min(nd - d0);
-            let panels = &quantized.panels[d0 / PANEL * quads..(d0 + dn).div_ceil(PANEL) * quads];
-            for (p, panel) in panels.chunks_exact(quads).enumerate() {
-                for (g, group) in groups.chunks_exact(ROWS * quads).enumerate() {
-                    let rows = std::array::from_fn(|r| &group[r * quads..(r + 1) * quads]);
-                    let out = &mut scores[g * ROWS * doc_block + p * PANEL..];
-                    kernel.panel(rows, panel, out, doc_block);
-                }
-            }
-            for (i, top) in tops.iter_mut().enumerate() {
-                let integer = &scores[i * doc_block..i * doc_block + dn];
-                if !top.is_full() && dn > options.k {
-                    // The (k+1)-th best lower bound of the block (one more than k: the
-                    // excluded document may be among them) is reached by k documents.
-                    quantized.bounds(&terms[i], d0, integer, -1.0, &mut lower);
-                    lower.retain(|v| !v.is_nan());
-                    if lower.len() > options.k {
-                        let (_, kth, _) =
-                            lower.select_nth_unstable_by(options.k, |a, b| b.total_cmp(a));
-                        seeds[i] = seeds[i].max(*kth);
-                    }
-                }
-                quantized.bounds(&terms[i], d0, integer, 1.0, &mut upper);
-                reaching(&upper, top.floor().max(seeds[i]), &mut picked);
-                // The rows are scattered over the block: fetch them all before the first dot.
-                let row = |j: usize| &docs.data[(d0 + j) * dim..(d0 + j + 1) * dim];
-                picked.iter().for_each(|&j| kernel::prefetch(row(j)));
-                for &j in &picked {
-                    // `<` is false for NaN (a vector that is not finite): the exact score decides.
-                    if upper[j] < top.floor().max(seeds[i])
-                        || exclude[q0 + i] == Some((d0 + j) as u32)
-                    {
-                        continue;
-                    }
-                    top.offer(
-                        kernel::dot(query(i), row(j)),
-                        id_rank[d0 + j],
-                        (d0 + j) as u32,
+        let mut candidates: Vec<Candidates> = (0..qn)
+            .map(|i| Candidates::new(options.k, exclude[q0 + i]))
+            .collect();
+        // Panel by panel: one panel of documents stays in L1 while every query meets it.
+        for (p, panel) in quantized.panels.chunks_exact(quads).enumerate() {
+            let first_doc = p * PANEL;
+            for (g, group) in groups.chunks_exact(ROWS * quads).enumerate() {
+                let rows = std::array::from_fn(|r| &group[r * quads..(r + 1) * quads]);
+                let integer = kernel.panel(rows, panel);
+                let live = (qn - g * ROWS).min(ROWS);
+                // A stale row borrows a live row's terms; its bounds are never read.
+                let row_terms = std::array::from_fn(|r| &terms[g * ROWS + r.min(live - 1)]);
+                let bounds = quantized.panel_bounds(p, row_terms, &integer);
+                for r in 0..live {
+                    candidates[g * ROWS + r].admit(
+                        first_doc,
+                        nd - first_doc,
+                        &bounds.lower[r],
+                        &bounds.upper[r],
                     );
                 }
             }
         }
-        for (i, top) in tops.into_iter().enumerate() {
-            out[q0 + i] = top.into_sorted();
+        for (i, kept) in candidates.into_iter().enumerate() {
+            out[q0 + i] = kept.into_hits(options.k, query(i), docs, id_rank);
         }
         done(qn);
     }
@@ -245,23 +217,6 @@ struct Corpus<'a> {
     vectors: Vectors<'a>,
     quantized: &'a QuantizedDocs,
     id_rank: &'a [u32],
-}
-
-/// The positions in `upper` that reach `floor`, or are NaN.
-fn reaching(upper: &[f32], floor: f32, out: &mut Vec<usize>) {
-    const CHUNK: usize = 16;
-    out.clear();
-    for (c, chunk) in upper.chunks(CHUNK).enumerate() {
-        // Most chunks have none: one vectorized test each.
-        if chunk.iter().fold(true, |below, &u| below & (u < floor)) {
-            continue;
-        }
-        let reached = chunk
-            .iter()
-            .enumerate()
-            .filter(|&(_, &u)| u >= floor || u.is_nan());
-        out.extend(reached.map(|(j, _)| c * CHUNK + j));
-    }
 }
 
 /// trec_eval's order of two hits: higher score first, then larger id.

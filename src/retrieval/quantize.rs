@@ -10,12 +10,12 @@
 //! ```
 //!
 //! and the f32 score of the exact pass ([`super::dot`]) is within γ‖q‖‖d‖ of q·d, γ covering
-//! any summation order over `dim` terms plus the rounding of the bound's own arithmetic. A
-//! document whose approximate score plus that bound falls below the k-th exact score seen so
-//! far cannot enter the top k.
+//! any summation order over `dim` terms plus the rounding of the bound's own arithmetic. So
+//! the approximate score minus and plus that bound enclose the exact score: a document whose
+//! upper bound falls below k other documents' lower bounds cannot enter the top k.
 
 use super::Vectors;
-use super::kernel::PanelQuad;
+use super::kernel::{PanelQuad, ROWS};
 
 /// Documents per panel: the kernel's column count.
 pub const PANEL: usize = 16;
@@ -79,15 +79,20 @@ fn round_small(x: f32) -> f32 {
 
 /// Largest |xᵢ| of the finite components, in 8 lanes (a scalar fold would not vectorize).
 fn max_abs(x: &[f32]) -> f32 {
+    // A comparison, not `f32::max`: that one orders NaN and stays scalar. NaN never wins it.
+    let larger = |lane: &mut f32, v: &f32| {
+        if v.abs() > *lane {
+            *lane = v.abs();
+        }
+    };
     let mut lanes = [0f32; 8];
     let chunks = x.chunks_exact(8);
-    for (lane, v) in lanes.iter_mut().zip(chunks.remainder()) {
-        *lane = lane.max(v.abs());
-    }
+    lanes
+        .iter_mut()
+        .zip(chunks.remainder())
+        .for_each(|(l, v)| larger(l, v));
     for c in chunks {
-        for (lane, v) in lanes.iter_mut().zip(c) {
-            *lane = lane.max(v.abs());
-        }
+        lanes.iter_mut().zip(c).for_each(|(l, v)| larger(l, v));
     }
     lanes.into_iter().fold(0.0, f32::max)
 }
@@ -116,14 +121,15 @@ pub struct QuantizedDocs {
     pub quads: usize,
     /// `[panel][quad]`; the last panel is padded with zero documents.
     pub panels: Vec<PanelQuad>,
-    pub scale: Vec<f32>,
+    /// Per document, padded to whole panels like `panels`.
+    scale: Vec<f32>,
     /// `QUERY_OFFSET · Σ d̂ᵢ`, taken out of the kernel's sums.
-    pub offset_sum: Vec<i32>,
+    offset_sum: Vec<i32>,
     /// `‖r_d‖ + γ‖d‖`, multiplied by ‖q‖ in the bound; infinite for a vector that is not finite
     /// (always rescored).
-    pub slack_per_query_norm: Vec<f32>,
+    slack_per_query_norm: Vec<f32>,
     /// `‖s_d d̂‖`, multiplied by ‖r_q‖ in the bound.
-    pub slack_per_query_residual: Vec<f32>,
+    slack_per_query_residual: Vec<f32>,
 }
 
 impl QuantizedDocs {
@@ -134,10 +140,10 @@ impl QuantizedDocs {
         let mut out = QuantizedDocs {
             quads,
             panels: vec![[0; 4 * PANEL]; panels * quads],
-            scale: vec![0.0; rows],
-            offset_sum: vec![0; rows],
-            slack_per_query_norm: vec![0.0; rows],
-            slack_per_query_residual: vec![0.0; rows],
+            scale: vec![0.0; panels * PANEL],
+            offset_sum: vec![0; panels * PANEL],
+            slack_per_query_norm: vec![0.0; panels * PANEL],
+            slack_per_query_residual: vec![0.0; panels * PANEL],
         };
         let per_thread = panels.div_ceil(threads.max(1)).max(1);
         std::thread::scope(|scope| {
@@ -154,7 +160,7 @@ impl QuantizedDocs {
                 let first = chunk * per_thread * PANEL;
                 scope.spawn(move || {
                     let mut q = vec![0i32; dim];
-                    for (i, row) in (first..first + scale.len()).enumerate() {
+                    for (i, row) in (first..(first + scale.len()).min(rows)).enumerate() {
                         let x = &docs.data[row * dim..(row + 1) * dim];
                         let (panel, col) = (i / PANEL, i % PANEL);
                         let v = quantize(x, DOC_LEVELS, &mut q);
@@ -183,32 +189,43 @@ impl QuantizedDocs {
         out
     }
 
-    /// Bounds on the exact scores of `query` against the documents from `first_doc` on, given
-    /// their integer scores: upper bounds for `side` 1, lower bounds for -1 (NaN where a vector
-    /// is not finite).
-    pub fn bounds(
+    /// The bounds on the exact scores of one panel's documents against [`ROWS`] queries, given
+    /// their integer scores (NaN where a vector is not finite).
+    pub fn panel_bounds(
         &self,
-        query: &QuantizedQuery,
-        first_doc: usize,
-        integer: &[i32],
-        side: f32,
-        out: &mut Vec<f32>,
-    ) {
-        let docs = first_doc..first_doc + integer.len();
-        let per_doc = self.offset_sum[docs.clone()]
-            .iter()
-            .zip(&self.scale[docs.clone()])
-            .zip(&self.slack_per_query_norm[docs.clone()])
-            .zip(&self.slack_per_query_residual[docs]);
-        out.clear();
-        out.extend(integer.iter().zip(per_doc).map(
-            |(&s, (((&offset, &scale), &slack_norm), &slack_residual))| {
+        panel: usize,
+        queries: [&QuantizedQuery; ROWS],
+        integer: &[[i32; PANEL]; ROWS],
+    ) -> PanelBounds {
+        let docs = panel * PANEL..(panel + 1) * PANEL;
+        let per_doc = |v: &[f32]| -> [f32; PANEL] { v[docs.clone()].try_into().expect("a panel") };
+        let (scale, slack_norm, slack_residual) = (
+            per_doc(&self.scale),
+            per_doc(&self.slack_per_query_norm),
+            per_doc(&self.slack_per_query_residual),
+        );
+        let offset: [i32; PANEL] = self.offset_sum[docs.clone()].try_into().expect("a panel");
+        let mut bounds = PanelBounds {
+            lower: [[0.0; PANEL]; ROWS],
+            upper: [[0.0; PANEL]; ROWS],
+        };
+        for (r, q) in queries.iter().enumerate() {
+            for j in 0..PANEL {
                 // The difference is exact: both sums are far inside i32 (|Σ| ≤ 127² · dim).
-                let approx = s.wrapping_sub(offset) as f32 * (query.scale * scale);
-                approx + side * (query.norm * slack_norm + query.residual_norm * slack_residual)
-            },
-        ));
+                let approx = integer[r][j].wrapping_sub(offset[j]) as f32 * (q.scale * scale[j]);
+                let slack = q.norm * slack_norm[j] + q.residual_norm * slack_residual[j];
+                bounds.lower[r][j] = approx - slack;
+                bounds.upper[r][j] = approx + slack;
+            }
+        }
+        bounds
     }
+}
+
+/// Bounds on the exact scores of [`ROWS`] queries against the [`PANEL`] documents of a panel.
+pub struct PanelBounds {
+    pub lower: [[f32; PANEL]; ROWS],
+    pub upper: [[f32; PANEL]; ROWS],
 }
 
 /// One query, quantized: unsigned bytes for the kernel and the terms of its side of the bound.
@@ -243,7 +260,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::retrieval::kernel::{Kernel, ROWS, dot};
+    use crate::retrieval::kernel::{Kernel, dot};
 
     /// The lower and upper bounds the search derives for one pair.
     fn bounds_of(q: &[f32], d: &[f32]) -> (f32, f32) {
@@ -256,13 +273,9 @@ mod tests {
         );
         let mut bytes = vec![[0u8; 4]; docs.quads];
         let query = QuantizedQuery::new(q, &mut bytes, &mut Vec::new());
-        let mut integer = vec![0i32; ROWS * PANEL];
-        let rows = [bytes.as_slice(); ROWS];
-        Kernel::detect().panel(rows, &docs.panels[..docs.quads], &mut integer, PANEL);
-        let (mut lower, mut upper) = (Vec::new(), Vec::new());
-        docs.bounds(&query, 0, &integer[..1], -1.0, &mut lower);
-        docs.bounds(&query, 0, &integer[..1], 1.0, &mut upper);
-        (lower[0], upper[0])
+        let integer = Kernel::detect().panel([bytes.as_slice(); ROWS], &docs.panels[..docs.quads]);
+        let bounds = docs.panel_bounds(0, [&query; ROWS], &integer);
+        (bounds.lower[0][0], bounds.upper[0][0])
     }
 
     /// The bound holds for random and for adversarial pairs, and the adversarial ones (an

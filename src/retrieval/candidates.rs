@@ -1,0 +1,173 @@
+//! One query's two passes. The first collects every document whose upper bound reaches the
+//! k-th best lower bound seen so far (k documents are certainly at least that good); the
+//! second scores the survivors exactly, best bound first, and stops at the first bound below
+//! the k-th exact score.
+//!
+//! The k-th best lower bound over the whole corpus is within the bound's width of the final
+//! k-th score, so the exact pass scores little more than the documents whose bound reaches
+//! the final k-th score, instead of every document that beat a k-th score still rising.
+
+use super::quantize::PANEL;
+use super::{Hit, TopK, Vectors, kernel};
+
+/// Rows fetched ahead of the exact pass's dot products (they are scattered over the corpus).
+const PREFETCH: usize = 8;
+
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    /// Its upper bound, +∞ for NaN (a vector that is not finite: always scored).
+    upper: f32,
+    doc: u32,
+}
+
+pub struct Candidates {
+    /// The k best lower bounds: `floor()` is a score k documents certainly reach.
+    lower: TopK,
+    kept: Vec<Candidate>,
+    exclude: Option<u32>,
+}
+
+impl Candidates {
+    pub fn new(k: usize, exclude: Option<u32>) -> Candidates {
+        Candidates {
+            lower: TopK::new(k),
+            kept: Vec::new(),
+            exclude,
+        }
+    }
+
+    /// The score an upper bound must reach to be kept.
+    pub fn floor(&self) -> f32 {
+        self.lower.floor()
+    }
+
+    /// Offers the documents of a panel, `first..` (at most `live` of them), by their bounds.
+    pub fn admit(&mut self, first: usize, live: usize, lower: &[f32; PANEL], upper: &[f32; PANEL]) {
+        let mut reaching = reaching(upper, self.floor());
+        if live < PANEL {
+            reaching &= (1 << live) - 1;
+        }
+        while reaching != 0 {
+            let j = reaching.trailing_zeros() as usize;
+            reaching &= reaching - 1;
+            let doc = (first + j) as u32;
+            // The floor may have risen since the mask was taken.
+            if upper[j] < self.floor() || self.exclude == Some(doc) {
+                continue;
+            }
+            self.lower.offer(lower[j], doc, doc);
+            self.kept.push(Candidate {
+                upper: if upper[j].is_nan() {
+                    f32::INFINITY
+                } else {
+                    upper[j]
+                },
+                doc,
+            });
+        }
+    }
+
+    /// The exact pass: the top k of the kept documents by exact score, best first.
+    pub fn into_hits(
+        mut self,
+        k: usize,
+        query: &[f32],
+        docs: Vectors<'_>,
+        id_rank: &[u32],
+    ) -> Vec<Hit> {
+        let floor = self.floor();
+        self.kept.retain(|c| c.upper >= floor);
+        self.kept
+            .sort_unstable_by(|a, b| b.upper.total_cmp(&a.upper));
+        let dim = docs.dim;
+        let row = |c: &Candidate| &docs.data[c.doc as usize * dim..(c.doc as usize + 1) * dim];
+        self.kept
+            .iter()
+            .take(PREFETCH)
+            .for_each(|c| kernel::prefetch(row(c)));
+        let mut top = TopK::new(k);
+        for (n, c) in self.kept.iter().enumerate() {
+            // Sorted by bound: no later document can reach the k-th exact score either.
+            if c.upper < top.floor() {
+                break;
+            }
+            if let Some(ahead) = self.kept.get(n + PREFETCH) {
+                kernel::prefetch(row(ahead));
+            }
+            top.offer(kernel::dot(query, row(c)), id_rank[c.doc as usize], c.doc);
+        }
+        top.into_sorted()
+    }
+}
+
+/// Bit j is set where `upper[j]` reaches `floor` or is NaN. Most panels have none.
+#[cfg(target_arch = "x86_64")]
+fn reaching(upper: &[f32; PANEL], floor: f32) -> u32 {
+    use std::arch::x86_64::*;
+    // The compiler builds the mask bit by bit; SSE (part of x86-64) compares 4 at a time.
+    // SAFETY: 16 f32 are four 128-bit vectors, every bit pattern valid.
+    unsafe {
+        let floor = _mm_set1_ps(floor);
+        let quarters = std::mem::transmute::<[f32; PANEL], [__m128; 4]>(*upper);
+        quarters.iter().enumerate().fold(0, |mask, (i, &u)| {
+            // "Not less than": true for NaN.
+            mask | ((_mm_movemask_ps(_mm_cmpnlt_ps(u, floor)) as u32) << (4 * i))
+        })
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn reaching(upper: &[f32; PANEL], floor: f32) -> u32 {
+    upper.iter().enumerate().fold(0, |mask, (j, &u)| {
+        mask | (u32::from(u >= floor || u.is_nan()) << j)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reaching_marks_bounds_at_or_above_the_floor_and_nan() {
+        let mut upper = [0.0f32; PANEL];
+        upper[1] = 1.0;
+        upper[2] = 2.0;
+        upper[5] = f32::NAN;
+        upper[15] = f32::INFINITY;
+        upper[9] = f32::NEG_INFINITY;
+        assert_eq!(reaching(&upper, 1.0), 0b1000_0000_0010_0110);
+        assert_eq!(reaching(&upper, f32::NEG_INFINITY), 0xffff);
+        assert_eq!(reaching(&upper, f32::INFINITY), 0b1000_0000_0010_0000);
+    }
+
+    /// The bounds decide what is scored: given bounds that (falsely) rule a document out, it is
+    /// never scored, however good it is; the exact pass stops at the first bound below the k-th
+    /// exact score, and an excluded document is never kept.
+    #[test]
+    fn only_documents_whose_bound_can_reach_are_scored() {
+        // Exact scores against the query (1): 5, 4, 100, 50, 9. The bounds of docs 2 and 3 lie.
+        let data = [5.0, 4.0, 100.0, 50.0, 9.0];
+        let docs = Vectors {
+            data: &data,
+            dim: 1,
+        };
+        let mut lower = [f32::NEG_INFINITY; PANEL];
+        let mut upper = [f32::NEG_INFINITY; PANEL];
+        // k = 2: after docs 0 and 1 the k-th best lower bound is 3.5. Doc 2's upper bound (1)
+        // is below it: never kept. Doc 3's (3.9) is kept, but below the k-th exact score (4)
+        // once docs 0 and 1 are scored: the exact pass stops before it. Doc 4 is excluded.
+        for (j, (l, u)) in [(4.5, 5.5), (3.5, 4.5), (0.0, 1.0), (2.5, 3.9), (8.0, 10.0)]
+            .into_iter()
+            .enumerate()
+        {
+            (lower[j], upper[j]) = (l, u);
+        }
+        let mut kept = Candidates::new(2, Some(4));
+        kept.admit(0, 5, &lower, &upper);
+        let hits = kept.into_hits(2, &[1.0], docs, &[0, 1, 2, 3, 4]);
+        assert_eq!(
+            hits,
+            vec![Hit { doc: 0, score: 5.0 }, Hit { doc: 1, score: 4.0 }]
+        );
+    }
+}
