@@ -21,6 +21,7 @@ struct Candidate {
 }
 
 pub struct Candidates {
+    k: usize,
     /// The k best lower bounds: `floor()` is a score k documents certainly reach.
     lower: TopK,
     kept: Vec<Candidate>,
@@ -30,6 +31,7 @@ pub struct Candidates {
 impl Candidates {
     pub fn new(k: usize, exclude: Option<u32>) -> Candidates {
         Candidates {
+            k,
             lower: TopK::new(k),
             kept: Vec::new(),
             exclude,
@@ -68,13 +70,7 @@ impl Candidates {
     }
 
     /// The exact pass: the top k of the kept documents by exact score, best first.
-    pub fn into_hits(
-        mut self,
-        k: usize,
-        query: &[f32],
-        docs: Vectors<'_>,
-        id_rank: &[u32],
-    ) -> Vec<Hit> {
+    pub fn into_hits(mut self, query: &[f32], docs: Vectors<'_>, id_rank: &[u32]) -> Vec<Hit> {
         let floor = self.floor();
         self.kept.retain(|c| c.upper >= floor);
         self.kept
@@ -85,7 +81,7 @@ impl Candidates {
             .iter()
             .take(PREFETCH)
             .for_each(|c| kernel::prefetch(row(c)));
-        let mut top = TopK::new(k);
+        let mut top = TopK::new(self.k);
         for (n, c) in self.kept.iter().enumerate() {
             // Sorted by bound: no later document can reach the k-th exact score either.
             if c.upper < top.floor() {
@@ -164,7 +160,7 @@ mod tests {
         }
         let mut kept = Candidates::new(2, Some(4));
         kept.admit(0, 5, &lower, &upper);
-        let hits = kept.into_hits(2, &[1.0], docs, &[0, 1, 2, 3, 4]);
+        let hits = kept.into_hits(&[1.0], docs, &[0, 1, 2, 3, 4]);
         assert_eq!(
             hits,
             vec![Hit { doc: 0, score: 5.0 }, Hit { doc: 1, score: 4.0 }]

@@ -205,7 +205,7 @@ fn search_block(
             }
         }
         for (i, kept) in candidates.into_iter().enumerate() {
-            out[q0 + i] = kept.into_hits(options.k, query(i), docs, id_rank);
+            out[q0 + i] = kept.into_hits(query(i), docs, id_rank);
         }
         done(qn);
     }
