@@ -39,7 +39,7 @@ impl Candidates {
     }
 
     /// The score an upper bound must reach to be kept.
-    pub fn floor(&self) -> f32 {
+    fn floor(&self) -> f32 {
         self.lower.floor()
     }
 

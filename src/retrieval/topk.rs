@@ -68,10 +68,6 @@ impl TopK {
         }
     }
 
-    pub fn is_full(&self) -> bool {
-        self.heap.len() == self.k
-    }
-
     /// The score a hit must reach to be kept: the k-th best so far once k are kept.
     pub fn floor(&self) -> f32 {
         if self.k == 0 {
