@@ -163,6 +163,25 @@ fn dimension_mismatch_is_an_error() {
     assert_eq!(err.to_string(), "queries have dimension 2, documents 3");
 }
 
+#[test]
+fn dimensions_past_exact_integer_sums_are_an_error() {
+    let dim = retrieval::MAX_DIM + 1;
+    let one = vec![1.0; dim];
+    let vectors = Vectors { data: &one, dim };
+    let err = retrieval::search(vectors, vectors, &[0], &[], SearchOptions::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "dimension 65537 is beyond the 65536 whose byte products sum exactly in 32 bits"
+    );
+    let dim = retrieval::MAX_DIM;
+    let vectors = Vectors {
+        data: &one[..dim],
+        dim,
+    };
+    let hits = retrieval::search(vectors, vectors, &[0], &[], SearchOptions::default()).unwrap();
+    assert_eq!(hits[0][0].score, dim as f32);
+}
+
 const SPEC: &str = r#"name: retrieval
 workdir: work
 stages:

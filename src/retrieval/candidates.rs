@@ -7,7 +7,7 @@
 //! k-th score, so the exact pass scores little more than the documents whose bound reaches
 //! the final k-th score, instead of every document that beat a k-th score still rising.
 
-use super::quantize::PANEL;
+use super::quantize::{Bounds, PANEL};
 use super::{Hit, TopK, Vectors, kernel};
 
 /// Rows fetched ahead of the exact pass's dot products (they are scattered over the corpus).
@@ -44,11 +44,22 @@ impl Candidates {
     }
 
     /// Offers the documents of a panel, `first..` (at most `live` of them), by their bounds.
-    pub fn admit(&mut self, first: usize, live: usize, lower: &[f32; PANEL], upper: &[f32; PANEL]) {
-        let mut reaching = reaching(upper, self.floor());
+    /// Inlined: most panels have no document that reaches, and that test is a few vector
+    /// instructions on bounds still in registers.
+    #[inline(always)]
+    pub fn admit(&mut self, first: usize, live: usize, bounds: &Bounds) {
+        let mut reaching = reaching(&bounds.upper, self.floor());
         if live < PANEL {
             reaching &= (1 << live) - 1;
         }
+        if reaching != 0 {
+            self.keep(first, reaching, bounds);
+        }
+    }
+
+    /// Keeps the documents marked in `reaching` whose bound still reaches the floor.
+    fn keep(&mut self, first: usize, mut reaching: u32, bounds: &Bounds) {
+        let Bounds { lower, upper } = bounds;
         while reaching != 0 {
             let j = reaching.trailing_zeros() as usize;
             reaching &= reaching - 1;
@@ -147,8 +158,10 @@ mod tests {
             data: &data,
             dim: 1,
         };
-        let mut lower = [f32::NEG_INFINITY; PANEL];
-        let mut upper = [f32::NEG_INFINITY; PANEL];
+        let mut bounds = Bounds {
+            lower: [f32::NEG_INFINITY; PANEL],
+            upper: [f32::NEG_INFINITY; PANEL],
+        };
         // k = 2: after docs 0 and 1 the k-th best lower bound is 3.5. Doc 2's upper bound (1)
         // is below it: never kept. Doc 3's (3.9) is kept, but below the k-th exact score (4)
         // once docs 0 and 1 are scored: the exact pass stops before it. Doc 4 is excluded.
@@ -156,10 +169,10 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            (lower[j], upper[j]) = (l, u);
+            (bounds.lower[j], bounds.upper[j]) = (l, u);
         }
         let mut kept = Candidates::new(2, Some(4));
-        kept.admit(0, 5, &lower, &upper);
+        kept.admit(0, 5, &bounds);
         let hits = kept.into_hits(&[1.0], docs, &[0, 1, 2, 3, 4]);
         assert_eq!(
             hits,

@@ -63,7 +63,13 @@ pub enum SearchError {
     Dimension { queries: usize, docs: usize },
     #[error("{0} document id ranks for {1} documents")]
     IdRanks(usize, usize),
+    #[error("dimension {0} is beyond the {MAX_DIM} whose byte products sum exactly in 32 bits")]
+    TooManyDimensions(usize),
 }
+
+/// The largest dimension searched: sums of `dim` products of a byte (≤ 255) and a signed byte
+/// (≤ 127 in magnitude) stay inside i32 up to 66,311.
+pub const MAX_DIM: usize = 65_536;
 
 /// The rank of each id in byte order: the tie-breaker trec_eval uses (larger id first).
 pub fn id_ranks<S: AsRef<str>>(ids: &[S]) -> Vec<u32> {
@@ -108,13 +114,16 @@ pub fn search_with_progress(
             docs: docs.dim,
         });
     }
+    if docs.dim > MAX_DIM {
+        return Err(SearchError::TooManyDimensions(docs.dim));
+    }
     if id_rank.len() != docs.rows() {
         return Err(SearchError::IdRanks(id_rank.len(), docs.rows()));
     }
     let nq = queries.rows();
     let corpus = Corpus {
         vectors: docs,
-        quantized: &QuantizedDocs::new(docs, options.threads),
+        quantized: &QuantizedDocs::new(docs, Kernel::detect(), options.threads),
         id_rank,
     };
     let threads = options.threads.clamp(1, nq.max(1));
@@ -160,6 +169,25 @@ fn search_block(
     done: &(dyn Fn(usize) + Sync),
 ) {
     let kernel = Kernel::detect();
+    // Compiled for the kernel's instruction set: the bounds and the quantizer go wider.
+    kernel.vectorized(
+        #[inline(always)]
+        || scan(kernel, queries, corpus, exclude, options, out, done),
+    )
+}
+
+/// [`search_block`]'s work, inlined into the code compiled for `kernel`.
+#[inline(always)]
+fn scan(
+    kernel: Kernel,
+    queries: Vectors<'_>,
+    corpus: &Corpus<'_>,
+    exclude: &[Option<u32>],
+    options: SearchOptions,
+    out: &mut [Vec<Hit>],
+    done: &(dyn Fn(usize) + Sync),
+) {
+    let levels = kernel.query_levels();
     let Corpus {
         vectors: docs,
         quantized,
@@ -178,7 +206,7 @@ fn search_block(
             .chunks_exact_mut(quads)
             .take(qn)
             .enumerate()
-            .map(|(i, row)| QuantizedQuery::new(query(i), row, &mut scratch))
+            .map(|(i, row)| QuantizedQuery::new(query(i), levels, row, &mut scratch))
             .collect();
         let groups = &bytes[..qn.div_ceil(ROWS) * ROWS * quads];
         let mut candidates: Vec<Candidates> = (0..qn)
@@ -190,17 +218,11 @@ fn search_block(
             for (g, group) in groups.chunks_exact(ROWS * quads).enumerate() {
                 let rows = std::array::from_fn(|r| &group[r * quads..(r + 1) * quads]);
                 let integer = kernel.panel(rows, panel);
-                let live = (qn - g * ROWS).min(ROWS);
-                // A stale row borrows a live row's terms; its bounds are never read.
-                let row_terms = std::array::from_fn(|r| &terms[g * ROWS + r.min(live - 1)]);
-                let bounds = quantized.panel_bounds(p, row_terms, &integer);
-                for r in 0..live {
-                    candidates[g * ROWS + r].admit(
-                        first_doc,
-                        nd - first_doc,
-                        &bounds.lower[r],
-                        &bounds.upper[r],
-                    );
+                // Rows past the last query (stale bytes) have no candidates: never read.
+                let rows = candidates[g * ROWS..].iter_mut().zip(&terms[g * ROWS..]);
+                for ((kept, terms), integer) in rows.zip(&integer) {
+                    let bounds = quantized.bounds(p, terms, integer);
+                    kept.admit(first_doc, nd - first_doc, &bounds);
                 }
             }
         }

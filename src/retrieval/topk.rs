@@ -58,8 +58,8 @@ impl TopK {
         if self.heap.len() < self.k {
             self.heap.push(Reverse(key));
         } else if key > self.heap.peek().expect("full").0 {
-            self.heap.pop();
-            self.heap.push(Reverse(key));
+            // One sift down in place of a pop and a push.
+            *self.heap.peek_mut().expect("full") = Reverse(key);
         } else {
             return;
         }
