@@ -22,8 +22,8 @@ struct Candidate {
 
 pub struct Candidates {
     k: usize,
-    /// The k best lower bounds: `floor()` is a score k documents certainly reach.
-    lower: TopK,
+    /// The best lower bounds: `floor()` is a score k documents certainly reach.
+    lower: LowerBounds,
     kept: Vec<Candidate>,
     exclude: Option<u32>,
 }
@@ -32,7 +32,7 @@ impl Candidates {
     pub fn new(k: usize, exclude: Option<u32>) -> Candidates {
         Candidates {
             k,
-            lower: TopK::new(k),
+            lower: LowerBounds::new(k),
             kept: Vec::new(),
             exclude,
         }
@@ -40,7 +40,7 @@ impl Candidates {
 
     /// The score an upper bound must reach to be kept.
     fn floor(&self) -> f32 {
-        self.lower.floor()
+        self.lower.floor
     }
 
     /// Offers the documents of a panel, `first..` (at most `live` of them), by their bounds.
@@ -68,7 +68,7 @@ impl Candidates {
             if upper[j] < self.floor() || self.exclude == Some(doc) {
                 continue;
             }
-            self.lower.offer(lower[j], doc, doc);
+            self.lower.offer(lower[j]);
             self.kept.push(Candidate {
                 upper: if upper[j].is_nan() {
                     f32::INFINITY
@@ -82,7 +82,7 @@ impl Candidates {
 
     /// The exact pass: the top k of the kept documents by exact score, best first.
     pub fn into_hits(mut self, query: &[f32], docs: Vectors<'_>, id_rank: &[u32]) -> Vec<Hit> {
-        let floor = self.floor();
+        let floor = self.lower.cut();
         self.kept.retain(|c| c.upper >= floor);
         self.kept
             .sort_unstable_by(|a, b| b.upper.total_cmp(&a.upper));
@@ -104,6 +104,54 @@ impl Candidates {
             top.offer(kernel::dot(query, row(c)), id_rank[c.doc as usize], c.doc);
         }
         top.into_sorted()
+    }
+}
+
+/// The best lower bounds seen, kept loosely: new ones are appended, and at 2k the list is cut
+/// back to its k best by a linear-time selection (a heap of k costs a sift per bound, and
+/// thousands are offered per query). `floor` is the k-th best at the last cut: never above the
+/// k-th best of all offered, so a document it keeps may be useless but none it drops can count.
+struct LowerBounds {
+    k: usize,
+    best: Vec<f32>,
+    floor: f32,
+}
+
+impl LowerBounds {
+    fn new(k: usize) -> LowerBounds {
+        LowerBounds {
+            k,
+            best: Vec::with_capacity(2 * k),
+            // Nothing reaches the top 0.
+            floor: if k == 0 {
+                f32::INFINITY
+            } else {
+                f32::NEG_INFINITY
+            },
+        }
+    }
+
+    fn offer(&mut self, lower: f32) {
+        // NaN (a vector that is not finite) proves nothing.
+        if lower.is_nan() || lower < self.floor {
+            return;
+        }
+        self.best.push(lower);
+        if self.best.len() >= 2 * self.k {
+            self.cut();
+        }
+    }
+
+    /// Cuts the list to its k best; returns the k-th best of all offered (−∞ below k).
+    fn cut(&mut self) -> f32 {
+        if self.k > 0 && self.best.len() >= self.k {
+            let (_, kth, _) = self
+                .best
+                .select_nth_unstable_by(self.k - 1, |a, b| b.total_cmp(a));
+            self.floor = *kth;
+            self.best.truncate(self.k);
+        }
+        self.floor
     }
 }
 
@@ -133,6 +181,39 @@ fn reaching(upper: &[f32; PANEL], floor: f32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The floor never passes the k-th best lower bound offered so far, and a cut makes it
+    /// exactly that, for k of 0, 1, a few and more than are offered, NaN among them.
+    #[test]
+    fn lower_bounds_floor_is_the_kth_best_at_a_cut_and_never_above() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        for k in [0, 1, 3, 100, 5000] {
+            let mut lower = LowerBounds::new(k);
+            let mut offered: Vec<f32> = Vec::new();
+            let kth_best = |offered: &[f32]| {
+                let mut sorted = offered.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                match k {
+                    0 => f32::INFINITY,
+                    _ => sorted.get(k - 1).copied().unwrap_or(f32::NEG_INFINITY),
+                }
+            };
+            for n in 0..2000 {
+                let value = if n % 97 == 0 {
+                    f32::NAN
+                } else {
+                    rng.random_range(-50.0..50.0f32).round()
+                };
+                lower.offer(value);
+                if !value.is_nan() {
+                    offered.push(value);
+                }
+                assert!(lower.floor <= kth_best(&offered), "k {k}, after {n}");
+            }
+            assert_eq!(lower.cut(), kth_best(&offered), "k {k}");
+        }
+    }
 
     #[test]
     fn reaching_marks_bounds_at_or_above_the_floor_and_nan() {
