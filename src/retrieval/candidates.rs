@@ -21,7 +21,6 @@ struct Candidate {
 }
 
 pub struct Candidates {
-    k: usize,
     /// The best lower bounds: `floor()` is a score k documents certainly reach.
     lower: LowerBounds,
     kept: Vec<Candidate>,
@@ -31,7 +30,6 @@ pub struct Candidates {
 impl Candidates {
     pub fn new(k: usize, exclude: Option<u32>) -> Candidates {
         Candidates {
-            k,
             lower: LowerBounds::new(k),
             kept: Vec::new(),
             exclude,
@@ -92,7 +90,7 @@ impl Candidates {
             .iter()
             .take(PREFETCH)
             .for_each(|c| kernel::prefetch(row(c)));
-        let mut top = TopK::new(self.k);
+        let mut top = TopK::new(self.lower.k);
         for (n, c) in self.kept.iter().enumerate() {
             // Sorted by bound: no later document can reach the k-th exact score either.
             if c.upper < top.floor() {

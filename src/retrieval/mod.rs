@@ -121,10 +121,12 @@ pub fn search_with_progress(
         return Err(SearchError::IdRanks(id_rank.len(), docs.rows()));
     }
     let nq = queries.rows();
+    let kernel = Kernel::detect();
     let corpus = Corpus {
         vectors: docs,
-        quantized: &QuantizedDocs::new(docs, Kernel::detect(), options.threads),
+        quantized: &QuantizedDocs::new(docs, kernel, options.threads),
         id_rank,
+        kernel,
     };
     let threads = options.threads.clamp(1, nq.max(1));
     let per_thread = nq.div_ceil(threads).max(1);
@@ -137,13 +139,12 @@ pub fn search_with_progress(
                     data: &queries.data[start * queries.dim..(start + out.len()) * queries.dim],
                     dim: queries.dim,
                 };
-                search_block(
-                    rows,
-                    &corpus,
-                    &exclude_slice(exclude, start, out.len()),
-                    options,
-                    out,
-                    done,
+                let exclude = exclude_slice(exclude, start, out.len());
+                // Compiled for the kernel's instruction set: the bounds and the quantizer go
+                // wider.
+                kernel.vectorized(
+                    #[inline(always)]
+                    || search_block(rows, &corpus, &exclude, options, out, done),
                 );
             });
         }
@@ -159,7 +160,9 @@ fn exclude_slice(exclude: &[Option<u32>], start: usize, len: usize) -> Vec<Optio
 
 /// One thread's share: its queries against all documents, a block of queries at a time. The
 /// integer pass scores every pair and keeps, per query, the documents whose upper bound
-/// reaches the k-th best lower bound so far; those alone are scored exactly.
+/// reaches the k-th best lower bound so far; those alone are scored exactly. Inlined into the
+/// code compiled for the corpus's kernel.
+#[inline(always)]
 fn search_block(
     queries: Vectors<'_>,
     corpus: &Corpus<'_>,
@@ -168,31 +171,13 @@ fn search_block(
     out: &mut [Vec<Hit>],
     done: &(dyn Fn(usize) + Sync),
 ) {
-    let kernel = Kernel::detect();
-    // Compiled for the kernel's instruction set: the bounds and the quantizer go wider.
-    kernel.vectorized(
-        #[inline(always)]
-        || scan(kernel, queries, corpus, exclude, options, out, done),
-    )
-}
-
-/// [`search_block`]'s work, inlined into the code compiled for `kernel`.
-#[inline(always)]
-fn scan(
-    kernel: Kernel,
-    queries: Vectors<'_>,
-    corpus: &Corpus<'_>,
-    exclude: &[Option<u32>],
-    options: SearchOptions,
-    out: &mut [Vec<Hit>],
-    done: &(dyn Fn(usize) + Sync),
-) {
-    let levels = kernel.query_levels();
     let Corpus {
         vectors: docs,
         quantized,
         id_rank,
+        kernel,
     } = *corpus;
+    let levels = kernel.query_levels();
     let (dim, quads) = (queries.dim, quantized.quads);
     let (nq, nd) = (queries.rows(), docs.rows());
     let query_block = options.query_block.max(1).div_ceil(ROWS) * ROWS;
@@ -233,12 +218,14 @@ fn scan(
     }
 }
 
-/// The documents of a search: their vectors, quantized copies and id ranks.
+/// The documents of a search: their vectors, quantized copies, id ranks, and the kernel the
+/// copies are scored with.
 #[derive(Clone, Copy)]
 struct Corpus<'a> {
     vectors: Vectors<'a>,
     quantized: &'a QuantizedDocs,
     id_rank: &'a [u32],
+    kernel: Kernel,
 }
 
 /// trec_eval's order of two hits: higher score first, then larger id.

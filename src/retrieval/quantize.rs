@@ -188,7 +188,6 @@ impl QuantizedDocs {
             per_doc(&self.slack_per_query_residual),
         );
         let sum: [i32; PANEL] = self.sum[docs].try_into().expect("a panel");
-        let q = query;
         // Plain loops over the lanes, not `array::from_fn`: that one is not inlined in the
         // dev profile, and a call per bound costs more than the arithmetic.
         let mut bounds = Bounds {
@@ -197,9 +196,9 @@ impl QuantizedDocs {
         };
         for j in 0..PANEL {
             // Exact in i32: both sums are below 255 · 127 · dim (`super::MAX_DIM`).
-            let products = integer[j].wrapping_sub(q.offset.wrapping_mul(sum[j]));
-            let approx = products as f32 * (q.scale * scale[j]);
-            let slack = q.norm * slack_norm[j] + q.residual_norm * slack_residual[j];
+            let products = integer[j].wrapping_sub(query.offset.wrapping_mul(sum[j]));
+            let approx = products as f32 * (query.scale * scale[j]);
+            let slack = query.norm * slack_norm[j] + query.residual_norm * slack_residual[j];
             bounds.lower[j] = approx - slack;
             bounds.upper[j] = approx + slack;
         }
