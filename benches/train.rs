@@ -91,6 +91,7 @@ fn main() {
         },
         max_grad_norm: None,
         seed: 0,
+        chunk_size: None,
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

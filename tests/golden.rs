@@ -137,7 +137,114 @@ fn assemble_lists_do_not_depend_on_row_order() {
                 r#"name: order
 workdir: work
 stages:
-  - name: graded
+{}  - name: lists
+    kind: assemble
+    inputs: {{graded: graded}}
+    config: {{group_size: 3, selection: random, sources: [{{input: graded}}], seed: 11}}
+"#,
+                graded_fixture(3, order)
+            ),
+        );
+        let pipeline = common::load(&spec, &dir.path().join("work"));
+        common::run(&pipeline, Selection::All, false);
+        query(
+            &pipeline,
+            "SELECT query_id, doc_id, label FROM lists ORDER BY query_id, position",
+        )
+    };
+    let ascending = lists("ASC");
+    assert_eq!(ascending.lines().count(), 1 + 3 * 3, "{ascending}");
+    assert_eq!(ascending, lists("DESC"));
+}
+
+/// `assemble` keeps one record per document across sources, the later source's (as the
+/// reference's dict update does), and draws each epoch's lists anew, epoch 0 being what a
+/// one-epoch table holds.
+#[test]
+fn assemble_dedups_across_sources_and_redraws_each_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::write_spec(
+        dir.path(),
+        "spec.yaml",
+        &format!(
+            r#"name: dedup
+workdir: work
+stages:
+{}  - name: corpus
+    kind: sql
+    inputs: [graded]
+    config: {{schema: corpus, query: "SELECT doc_id, title, text FROM graded"}}
+  - name: real
+    kind: sql
+    inputs: [graded]
+    config: {{schema: qrels, query: "SELECT query_id, doc_id, 7 AS relevance FROM graded WHERE level = 3"}}
+  - name: real_last
+    kind: assemble
+    inputs: {{graded: graded, qrels: real, corpus: corpus}}
+    config: {{group_size: 4, selection: top, sources: [{{input: graded}}, {{input: qrels}}]}}
+  - name: real_first
+    kind: assemble
+    inputs: {{graded: graded, qrels: real, corpus: corpus}}
+    config: {{group_size: 4, selection: top, sources: [{{input: qrels}}, {{input: graded}}]}}
+  - name: one_epoch
+    kind: assemble
+    inputs: {{graded: graded}}
+    config: {{group_size: 2, selection: random, sources: [{{input: graded}}], seed: 5}}
+  - name: three_epochs
+    kind: assemble
+    inputs: {{graded: graded}}
+    config: {{group_size: 2, selection: random, sources: [{{input: graded}}], seed: 5, epochs: 3}}
+"#,
+            graded_fixture(4, "")
+        ),
+    );
+    let pipeline = common::load(&spec, &dir.path().join("work"));
+    common::run(&pipeline, Selection::All, false);
+    let sql = |text: &str| query(&pipeline, text);
+    let labels = |table: &str| {
+        sql(&format!(
+            "SELECT doc_id, label FROM {table} WHERE query_id = 'q1' ORDER BY position"
+        ))
+    };
+    assert_eq!(
+        labels("real_last"),
+        "doc_id,label\nd13,7.0\nd12,2.0\nd11,1.0\nd10,0.0"
+    );
+    assert_eq!(
+        labels("real_first"),
+        "doc_id,label\nd13,3.0\nd12,2.0\nd11,1.0\nd10,0.0"
+    );
+    let counts = sql(
+        "SELECT epoch, count(*) AS rows, count(DISTINCT query_id) AS queries FROM three_epochs \
+         GROUP BY epoch ORDER BY epoch",
+    );
+    assert_eq!(counts, "epoch,rows,queries\n0,8,4\n1,8,4\n2,8,4");
+    let epoch = |e: i32| {
+        sql(&format!(
+            "SELECT query_id, doc_id FROM three_epochs WHERE epoch = {e} ORDER BY query_id, position"
+        ))
+    };
+    assert_eq!(
+        epoch(0),
+        sql("SELECT query_id, doc_id FROM one_epoch ORDER BY query_id, position")
+    );
+    assert!(
+        epoch(1) != epoch(0) || epoch(2) != epoch(0),
+        "every epoch drew the same lists"
+    );
+}
+
+/// A `graded_docs` stage `graded` of `queries` queries x levels 3..0, document ids `d<q><l>`,
+/// rows in `ORDER BY doc_id <order>` (none when empty).
+fn graded_fixture(queries: u32, order: &str) -> String {
+    let values: Vec<String> = (1..=queries).map(|q| format!("({q})")).collect();
+    let order = if order.is_empty() {
+        String::new()
+    } else {
+        format!("\n        ORDER BY doc_id {order}")
+    };
+    format!(
+        r#"  - name: graded
     kind: sql
     config:
       schema: graded_docs
@@ -145,29 +252,21 @@ stages:
         SELECT 'q' || CAST(q AS VARCHAR) AS query_id, 'd' || CAST(q * 10 + l AS VARCHAR) AS doc_id,
                l AS level, '' AS title, 'passage' AS text, 'm' AS model, 'p' AS prompt_id,
                'h' AS request_hash
-        FROM (VALUES (1), (2), (3)) AS a(q) CROSS JOIN (VALUES (3), (2), (1), (0)) AS b(l)
-        ORDER BY doc_id {order}
-  - name: lists
-    kind: assemble
-    inputs: {{graded: graded}}
-    config: {{group_size: 3, selection: random, sources: [{{input: graded}}], seed: 11}}
-"#
-            ),
-        );
-        let pipeline = common::load(&spec, &dir.path().join("work"));
-        common::run(&pipeline, Selection::All, false);
-        common::runtime().block_on(async {
-            let ctx = query_session(&pipeline).await.unwrap();
-            let sql = "SELECT query_id, doc_id, label FROM lists ORDER BY query_id, position";
-            csv(&read_only_sql(&ctx, sql)
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .unwrap())
-        })
-    };
-    let ascending = lists("ASC");
-    assert_eq!(ascending.lines().count(), 1 + 3 * 3, "{ascending}");
-    assert_eq!(ascending, lists("DESC"));
+        FROM (VALUES {}) AS a(q) CROSS JOIN (VALUES (3), (2), (1), (0)) AS b(l){order}
+"#,
+        values.join(", ")
+    )
+}
+
+/// A read-only query's result as CSV.
+fn query(pipeline: &synthrank::pipeline::Pipeline, sql: &str) -> String {
+    common::runtime().block_on(async {
+        let ctx = query_session(pipeline).await.unwrap();
+        csv(&read_only_sql(&ctx, sql)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap())
+    })
 }

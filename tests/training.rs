@@ -32,6 +32,7 @@ fn config(loss: LossKind, lr: f64, dropout: bool, total_steps: u64) -> TrainConf
         },
         max_grad_norm: None,
         seed: 11,
+        chunk_size: None,
     }
 }
 
@@ -177,4 +178,53 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
         params_of(&Trainer::new(fresh(), cfg, 0).unwrap())
     );
     assert!(losses[5] < losses[0], "losses {losses:?}");
+}
+
+/// GradCache: a micro-batch embedded in chunks (no graph kept, loss on every embedding, then
+/// each chunk re-embedded and backpropagated) has the unchunked batch's loss and gradients.
+#[test]
+fn chunked_steps_have_the_unchunked_gradients() {
+    let groups: Vec<TrainGroup> = (0..6u32)
+        .map(|i| TrainGroup {
+            query: vec![1, 5 + i, 9 + (i % 3), 2],
+            passages: (0..4u32)
+                .map(|j| vec![1, 10 + i + j, 20 + j, 30 + i, 40 + (i * j) % 7, 2])
+                .collect(),
+            labels: vec![3.0, 2.0, 1.0, 0.0],
+        })
+        .collect();
+    let model = || Bert::random(BertConfig::tiny(), 5, DType::F32, &Device::Cpu).unwrap();
+    for (kind, in_batch) in [
+        (LossKind::Wasserstein, true),
+        (LossKind::Infonce, true),
+        (LossKind::Wasserstein, false),
+    ] {
+        let mut cfg = config(kind, 1e-3, false, 1);
+        cfg.in_batch_negatives = in_batch;
+        let whole = Trainer::new(model(), cfg, 0).unwrap();
+        let (loss, grads) = whole.loss_and_grads(&groups, 0, 0).unwrap();
+        // Uneven chunks (4 + 2) and single groups.
+        for chunk in [4, 1] {
+            cfg.chunk_size = Some(chunk);
+            let chunked = Trainer::new(model(), cfg, 0).unwrap();
+            let (chunked_loss, chunked_grads) = chunked.loss_and_grads(&groups, 0, 0).unwrap();
+            assert!((loss - chunked_loss).abs() <= 1e-6 * loss.abs().max(1.0));
+            assert_eq!(grads.len(), chunked_grads.len());
+            let (mut worst, mut scale) = (0f32, 0f32);
+            for (a, b) in grads.iter().zip(&chunked_grads) {
+                let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(&b) {
+                    worst = worst.max((x - y).abs());
+                    scale = scale.max(x.abs());
+                }
+            }
+            assert!(scale > 0.0, "{kind:?}: no gradient at all");
+            assert!(
+                worst <= 1e-5 * scale,
+                "{kind:?} in-batch {in_batch} chunk {chunk}: gradients differ by {worst} (largest {scale})"
+            );
+        }
+    }
 }

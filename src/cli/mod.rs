@@ -13,6 +13,7 @@ use crate::pipeline::{
     Pipeline, PipelineError, QueryError, RunOptions, Selection, StageState, query_session,
     read_only_sql,
 };
+use crate::spec::PipelineSpec;
 use crate::stages;
 use crate::table::{self, TableError};
 
@@ -45,13 +46,13 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
-        workdir: WorkdirArg,
+        spec: SpecArgs,
     },
     /// Show each stage: fresh, stale (and why) or missing; rows; last run.
     Status {
         pipeline: PathBuf,
         #[command(flatten)]
-        workdir: WorkdirArg,
+        spec: SpecArgs,
     },
     /// Read-only SQL over every built table; a stage's tables are `stage` and `stage.table`.
     Sql {
@@ -60,7 +61,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = SqlFormat::Table)]
         format: SqlFormat,
         #[command(flatten)]
-        workdir: WorkdirArg,
+        spec: SpecArgs,
     },
     /// Evaluate a TREC run file against qrels with trec_eval semantics.
     Eval {
@@ -117,15 +118,25 @@ enum Command {
         #[arg(long)]
         tag: Option<String>,
         #[command(flatten)]
-        workdir: WorkdirArg,
+        spec: SpecArgs,
     },
 }
 
+/// How a spec is read: its work directory and variable overrides.
 #[derive(clap::Args)]
-struct WorkdirArg {
+struct SpecArgs {
     /// Use this work directory instead of the spec's `workdir`.
     #[arg(long)]
     workdir: Option<PathBuf>,
+    /// Replace a variable of the spec's `vars:` (VALUE is YAML: `--var beir='[scifact, fiqa]'`).
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_var)]
+    vars: Vec<(String, String)>,
+}
+
+fn parse_var(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{text}` is not NAME=VALUE"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -212,12 +223,12 @@ pub fn main() -> i32 {
     })
 }
 
-fn load(path: &Path, workdir: &WorkdirArg) -> Result<Pipeline, CliError> {
-    Ok(Pipeline::load(
-        path,
-        &stages::registry(),
-        workdir.workdir.as_deref(),
-    )?)
+fn load(path: &Path, args: &SpecArgs) -> Result<Pipeline, CliError> {
+    let mut spec = PipelineSpec::load_with_vars(path, &args.vars).map_err(PipelineError::from)?;
+    if let Some(w) = &args.workdir {
+        spec.workdir = w.clone();
+    }
+    Ok(Pipeline::bind(spec, &stages::registry())?)
 }
 
 async fn execute(command: Command) -> Result<(), CliError> {
@@ -228,9 +239,9 @@ async fn execute(command: Command) -> Result<(), CliError> {
             from,
             force,
             dry_run,
-            workdir,
+            spec,
         } => {
-            let pipeline = load(&pipeline, &workdir)?;
+            let pipeline = load(&pipeline, &spec)?;
             let selection = match (only, from) {
                 (Some(s), _) => Selection::Only(s),
                 (None, Some(s)) => Selection::From(s),
@@ -256,17 +267,17 @@ async fn execute(command: Command) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Status { pipeline, workdir } => {
-            let pipeline = load(&pipeline, &workdir)?;
+        Command::Status { pipeline, spec } => {
+            let pipeline = load(&pipeline, &spec)?;
             print_status(&pipeline)
         }
         Command::Sql {
             pipeline,
             query,
             format,
-            workdir,
+            spec,
         } => {
-            let pipeline = load(&pipeline, &workdir)?;
+            let pipeline = load(&pipeline, &spec)?;
             let ctx = query_session(&pipeline).await?;
             let frame = read_only_sql(&ctx, &query).await?;
             let batches = frame.collect().await.map_err(QueryError::from)?;
@@ -316,9 +327,9 @@ async fn execute(command: Command) -> Result<(), CliError> {
             format,
             output,
             tag,
-            workdir,
+            spec,
         } => {
-            let pipeline = load(&pipeline, &workdir)?;
+            let pipeline = load(&pipeline, &spec)?;
             pipeline.table_path(&table)?;
             let ctx = query_session(&pipeline).await?;
             let frame = ctx.table(table.as_str()).await.map_err(QueryError::from)?;

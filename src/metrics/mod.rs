@@ -8,12 +8,14 @@
 //! queries missing from the run, as zeros.
 
 mod measure;
+mod significance;
 
 use std::collections::{BTreeMap, HashMap};
 
 use rayon::prelude::*;
 
 pub use measure::{Measure, MeasureError};
+pub use significance::{PairedTest, paired_test};
 
 /// What `synthrank eval` and the `evaluate` stage report unless told otherwise: the paper's
 /// nDCG@10 and recall@100, with MAP and MS MARCO's MRR@10.

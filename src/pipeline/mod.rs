@@ -118,7 +118,8 @@ impl Pipeline {
         Self::bind(spec, registry)
     }
 
-    fn bind(spec: PipelineSpec, registry: &Registry) -> Result<Pipeline, PipelineError> {
+    /// Validates a parsed spec against the registry's stage kinds.
+    pub fn bind(spec: PipelineSpec, registry: &Registry) -> Result<Pipeline, PipelineError> {
         let err = |line: u64, kind: SpecErrorKind| SpecError::new(&spec.path, Some(line), kind);
         let mut bound: BTreeMap<String, Vec<OutputDecl>> = BTreeMap::new();
         let mut planned = Vec::new();

@@ -43,6 +43,10 @@ pub enum SpecErrorKind {
     Yaml(String),
     #[error("pipeline name `{0}` is not allowed: use letters, digits, `_`, `-` and `.`")]
     BadPipelineName(String),
+    #[error("`vars:` {0}")]
+    Vars(String),
+    #[error("stage template `{stage}`: {message}")]
+    Template { stage: String, message: String },
     #[error("stage name `{name}` is not allowed: {why}")]
     BadStageName { name: String, why: String },
     #[error("duplicate stage name `{name}` (first defined on line {first})")]

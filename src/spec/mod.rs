@@ -3,6 +3,7 @@
 
 mod error;
 mod raw;
+mod template;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -67,13 +68,29 @@ const RESERVED_STAGE_NAMES: &[&str] = &["public", "information_schema", "datafus
 
 impl PipelineSpec {
     pub fn load(path: &Path) -> Result<PipelineSpec, SpecError> {
+        Self::load_with_vars(path, &[])
+    }
+
+    /// Loads a spec with some of its `vars:` replaced (`NAME=VALUE`, VALUE read as YAML).
+    pub fn load_with_vars(
+        path: &Path,
+        overrides: &[(String, String)],
+    ) -> Result<PipelineSpec, SpecError> {
         let source = std::fs::read_to_string(path)
             .map_err(|e| SpecError::new(path, None, SpecErrorKind::Io(e)))?;
-        Self::parse(path, source)
+        Self::parse_with_vars(path, source, overrides)
     }
 
     /// Parses spec text as if read from `path` (relative paths resolve against its directory).
     pub fn parse(path: &Path, source: String) -> Result<PipelineSpec, SpecError> {
+        Self::parse_with_vars(path, source, &[])
+    }
+
+    fn parse_with_vars(
+        path: &Path,
+        source: String,
+        overrides: &[(String, String)],
+    ) -> Result<PipelineSpec, SpecError> {
         let raw = raw::parse(path, &source)?;
         let base_dir = path
             .parent()
@@ -88,42 +105,98 @@ impl PipelineSpec {
                 SpecErrorKind::BadPipelineName(raw.name.value.clone()),
             ));
         }
+        let (vars_line, declared) = match raw.vars {
+            Some(v) => (v.referenced.line(), v.value),
+            None => (raw.name.referenced.line(), BTreeMap::new()),
+        };
+        let vars_error = |message: String| err(vars_line, SpecErrorKind::Vars(message));
+        let mut vars = template::Vars::new(declared).map_err(vars_error)?;
+        vars.override_with(overrides).map_err(vars_error)?;
+        let top = vars.scope(BTreeMap::new());
         let workdir = match &raw.workdir {
-            Some(w) => clean_path(&base_dir.join(&w.value)),
+            Some(w) => clean_path(
+                &base_dir.join(
+                    top.string(&w.value)
+                        .map_err(|m| err(w.referenced.line(), SpecErrorKind::Vars(m)))?,
+                ),
+            ),
             None => base_dir.join("work").join(&raw.name.value),
         };
 
         let mut stages: Vec<StageSpec> = Vec::with_capacity(raw.stages.len());
         let mut first_line: BTreeMap<String, u64> = BTreeMap::new();
-        for raw_stage in raw.stages {
-            let name = raw_stage.name.value.clone();
+        for raw_stage in &raw.stages {
             let line = raw_stage.name.referenced.line();
-            check_stage_name(&name).map_err(|kind| err(line, kind))?;
-            if let Some(first) = first_line.insert(name.clone(), line) {
-                return Err(err(line, SpecErrorKind::DuplicateStage { name, first }));
-            }
-            let inputs = raw_stage
-                .inputs
-                .map(|i| raw::input_refs(i, &name))
-                .transpose()
-                .map_err(|(line, kind)| err(line, kind))?
-                .unwrap_or_default();
-            let sql = raw_stage.sql.map(raw::sql_filters).unwrap_or_default();
-            let (config, config_line) = match raw_stage.config {
-                Some(c) => (c.value, c.referenced.line()),
-                None => (serde_json::Value::Object(Default::default()), line),
+            let template_error = |line: u64, message: String| {
+                err(
+                    line,
+                    SpecErrorKind::Template {
+                        stage: raw_stage.name.value.clone(),
+                        message,
+                    },
+                )
             };
-            stages.push(StageSpec {
-                name,
-                line,
-                kind: raw_stage.kind.value,
-                kind_line: raw_stage.kind.referenced.line(),
-                description: raw_stage.description,
-                inputs,
-                sql,
-                config,
-                config_line,
-            });
+            let combinations = match &raw_stage.matrix {
+                None => vec![BTreeMap::new()],
+                Some(m) => {
+                    let at = m.referenced.line();
+                    for key in m.value.keys() {
+                        if !raw_stage.name.value.contains(&format!("${{{key}}}")) {
+                            return Err(template_error(
+                                line,
+                                format!(
+                                    "the name does not use the matrix key `${{{key}}}`: \
+                                     each expanded stage needs a name of its own"
+                                ),
+                            ));
+                        }
+                    }
+                    vars.combinations(&m.value)
+                        .map_err(|msg| template_error(at, msg))?
+                }
+            };
+            for binding in combinations {
+                let scope = vars.scope(binding);
+                let name = scope
+                    .string(&raw_stage.name.value)
+                    .map_err(|m| template_error(line, m))?;
+                check_stage_name(&name).map_err(|kind| err(line, kind))?;
+                if let Some(first) = first_line.insert(name.clone(), line) {
+                    return Err(err(line, SpecErrorKind::DuplicateStage { name, first }));
+                }
+                let inputs = raw_stage
+                    .inputs
+                    .as_ref()
+                    .map(|i| raw::input_refs(i, &name, &scope))
+                    .transpose()
+                    .map_err(|(line, kind)| err(line, kind))?
+                    .unwrap_or_default();
+                let sql = match &raw_stage.sql {
+                    Some(s) => raw::sql_filters(s, &scope)
+                        .map_err(|m| template_error(s.referenced.line(), m))?,
+                    None => Vec::new(),
+                };
+                let (config, config_line) = match &raw_stage.config {
+                    Some(c) => (
+                        scope
+                            .value(&c.value)
+                            .map_err(|m| template_error(c.referenced.line(), m))?,
+                        c.referenced.line(),
+                    ),
+                    None => (serde_json::Value::Object(Default::default()), line),
+                };
+                stages.push(StageSpec {
+                    name,
+                    line,
+                    kind: raw_stage.kind.value.clone(),
+                    kind_line: raw_stage.kind.referenced.line(),
+                    description: raw_stage.description.clone(),
+                    inputs,
+                    sql,
+                    config,
+                    config_line,
+                });
+            }
         }
 
         // Input references must name stages of this pipeline.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use super::template::Scope;
 use super::{InputRef, SpecError, SpecErrorKind, SqlFilter, SqlSource};
 
 #[derive(Deserialize)]
@@ -16,6 +17,9 @@ pub(super) struct RawSpec {
     pub description: Option<String>,
     #[serde(default)]
     pub workdir: Option<Spanned<String>>,
+    /// Template variables: scalars, or lists for matrices and fan-in inputs.
+    #[serde(default)]
+    pub vars: Option<Spanned<BTreeMap<String, serde_json::Value>>>,
     pub stages: Vec<RawStage>,
 }
 
@@ -26,6 +30,9 @@ pub(super) struct RawStage {
     pub kind: Spanned<String>,
     #[serde(default)]
     pub description: Option<String>,
+    /// One stage per combination of these values (lists, or names of list variables).
+    #[serde(default)]
+    pub matrix: Option<Spanned<BTreeMap<String, serde_json::Value>>>,
     #[serde(default)]
     pub inputs: Option<Spanned<RawInputs>>,
     #[serde(default)]
@@ -35,7 +42,7 @@ pub(super) struct RawStage {
 }
 
 /// `inputs: [a, b.table]` or `inputs: {role: a, other: b.table}`.
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(untagged)]
 pub(super) enum RawInputs {
     List(Vec<String>),
@@ -43,7 +50,7 @@ pub(super) enum RawInputs {
 }
 
 /// `sql: "SELECT ..."`, `sql: filters/x.sql`, or `sql: {role: "SELECT ..."}`.
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(untagged)]
 pub(super) enum RawSql {
     One(String),
@@ -59,67 +66,87 @@ pub(super) fn parse(path: &Path, source: &str) -> Result<RawSpec, SpecError> {
 }
 
 pub(super) fn input_refs(
-    inputs: Spanned<RawInputs>,
+    inputs: &Spanned<RawInputs>,
     stage: &str,
+    scope: &Scope,
 ) -> Result<Vec<InputRef>, (u64, SpecErrorKind)> {
-    {
-        let line = inputs.referenced.line();
-        let pairs: Vec<(Option<String>, String)> = match inputs.value {
-            RawInputs::List(refs) => refs.into_iter().map(|r| (None, r)).collect(),
-            RawInputs::Map(map) => map.into_iter().map(|(k, v)| (Some(k), v)).collect(),
-        };
-        pairs
-            .into_iter()
-            .map(|(role, reference)| {
-                let (target, table) = match reference.split_once('.') {
-                    Some((s, t)) => (s.to_string(), Some(t.to_string())),
-                    None => (reference.clone(), None),
-                };
-                if target.is_empty() || table.as_deref() == Some("") {
-                    return Err((
-                        line,
-                        SpecErrorKind::BadInputRef {
-                            stage: stage.to_string(),
-                            reference,
-                        },
-                    ));
-                }
-                Ok(InputRef {
-                    role,
-                    stage: target,
-                    table,
-                    line,
-                })
-            })
-            .collect()
+    let line = inputs.referenced.line();
+    let template = |message: String| {
+        (
+            line,
+            SpecErrorKind::Template {
+                stage: stage.to_string(),
+                message,
+            },
+        )
+    };
+    let mut pairs: Vec<(Option<String>, String)> = Vec::new();
+    match &inputs.value {
+        RawInputs::List(refs) => {
+            for r in refs {
+                pairs.extend(scope.input_entries(None, r).map_err(template)?);
+            }
+        }
+        RawInputs::Map(map) => {
+            for (k, v) in map {
+                pairs.extend(scope.input_entries(Some(k), v).map_err(template)?);
+            }
+        }
     }
+    pairs
+        .into_iter()
+        .map(|(role, reference)| {
+            let (target, table) = match reference.split_once('.') {
+                Some((s, t)) => (s.to_string(), Some(t.to_string())),
+                None => (reference.clone(), None),
+            };
+            if target.is_empty() || table.as_deref() == Some("") {
+                return Err((
+                    line,
+                    SpecErrorKind::BadInputRef {
+                        stage: stage.to_string(),
+                        reference,
+                    },
+                ));
+            }
+            Ok(InputRef {
+                role,
+                stage: target,
+                table,
+                line,
+            })
+        })
+        .collect()
 }
 
-pub(super) fn sql_filters(sql: Spanned<RawSql>) -> Vec<SqlFilter> {
-    {
-        let line = sql.referenced.line();
-        let source = |text: String| {
-            let trimmed = text.trim();
+pub(super) fn sql_filters(sql: &Spanned<RawSql>, scope: &Scope) -> Result<Vec<SqlFilter>, String> {
+    let line = sql.referenced.line();
+    let source = |text: &str| -> Result<SqlSource, String> {
+        let text = scope.string(text)?;
+        let trimmed = text.trim();
+        Ok(
             if trimmed.ends_with(".sql") && !trimmed.contains(char::is_whitespace) {
                 SqlSource::File(PathBuf::from(trimmed))
             } else {
                 SqlSource::Inline(text)
-            }
-        };
-        match sql.value {
-            RawSql::One(text) => vec![SqlFilter {
-                role: None,
-                source: source(text),
-                line,
-            }],
-            RawSql::PerRole(map) => map
-                .into_iter()
-                .map(|(role, text)| SqlFilter {
-                    role: Some(role),
-                    source: source(text),
+            },
+        )
+    };
+    match &sql.value {
+        RawSql::One(text) => Ok(vec![SqlFilter {
+            role: None,
+            source: source(text)?,
+            line,
+        }]),
+        RawSql::PerRole(map) => map
+            .iter()
+            .map(|(role, text)| {
+                Ok(SqlFilter {
+                    role: Some(scope.string(role)?),
+                    source: source(text)?,
                     line,
                 })
-                .collect(),
-        }
+            })
+            .collect(),
     }
 }

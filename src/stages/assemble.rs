@@ -1,7 +1,8 @@
 //! `assemble`: graded passages (+ real qrels, + sampled negatives) -> training lists (`groups`),
 //! following the reference implementation's semantics: per-source score filters and transforms,
-//! per-source random subsets, `random` (shuffle, cycle when short) or `top` selection, and a
-//! binary mode for InfoNCE.
+//! per-source random subsets, one record per document id across sources (the later source
+//! wins), `random` (shuffle, cycle when short) or `top` selection, a binary mode for InfoNCE,
+//! and the random draws made anew for every epoch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -91,6 +92,14 @@ struct Config {
     binary: Option<BinaryConfig>,
     #[serde(default)]
     seed: u64,
+    /// Draw this many epochs of lists (random subsets and selections anew each time, as the
+    /// reference's data loader does each time it visits a query).
+    #[serde(default = "one_epoch")]
+    epochs: usize,
+}
+
+fn one_epoch() -> usize {
+    1
 }
 
 fn default_selection() -> Selection {
@@ -117,6 +126,9 @@ impl StageKind for Assemble {
                 "group_size",
                 "binary lists need a positive and at least one negative",
             ));
+        }
+        if config.epochs == 0 {
+            return Err(ConfigError::new("epochs", "must be at least 1"));
         }
         if config.sources.is_empty() {
             return Err(ConfigError::new("sources", "name at least one source"));
@@ -270,43 +282,27 @@ impl Prepared {
         queries.sort();
         queries.dedup();
 
-        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
-        let mut rows: Vec<(String, Candidate, i32)> = Vec::new();
+        let mut rows: Vec<(String, Candidate, i32, i32)> = Vec::new();
         let mut skipped = 0u64;
-        for query in queries {
-            let mut candidates = Vec::new();
-            for (source, by_query) in &sources {
-                let mut kept: Vec<Candidate> = by_query
-                    .get(query)
-                    .into_iter()
-                    .flatten()
-                    .filter(|c| source.min_score.is_none_or(|m| c.label >= m))
-                    .filter(|c| source.max_score.is_none_or(|m| c.label < m))
-                    .cloned()
-                    .map(|mut c| {
-                        if let Some(label) = source.score_transform {
-                            c.label = label;
-                        }
-                        c
-                    })
-                    .collect();
-                if let Some(k) = source.group_random_k {
-                    kept.shuffle(&mut rng);
-                    kept.truncate(k);
+        for epoch in 0..self.config.epochs {
+            // Epoch 0 draws from stream 0: the lists of a one-epoch table.
+            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
+            rng.set_stream(epoch as u64);
+            for &query in &queries {
+                let candidates = self.candidates(&sources, query, &mut rng);
+                let group = match &self.config.binary {
+                    None => self.select(candidates, self.config.group_size, &mut rng),
+                    Some(b) => self.binary_group(candidates, b.threshold, &mut rng),
+                };
+                match group {
+                    Some(list) => rows.extend(
+                        list.into_iter()
+                            .enumerate()
+                            .map(|(i, c)| (query.clone(), c, epoch as i32, i as i32)),
+                    ),
+                    None if epoch == 0 => skipped += 1,
+                    None => {}
                 }
-                candidates.extend(kept);
-            }
-            let group = match &self.config.binary {
-                None => self.select(candidates, self.config.group_size, &mut rng),
-                Some(b) => self.binary_group(candidates, b.threshold, &mut rng),
-            };
-            match group {
-                Some(list) => rows.extend(
-                    list.into_iter()
-                        .enumerate()
-                        .map(|(i, c)| (query.clone(), c, i as i32)),
-                ),
-                None => skipped += 1,
             }
         }
 
@@ -315,8 +311,8 @@ impl Prepared {
             schema.clone(),
             vec![
                 columns::utf8(rows.iter().map(|r| r.0.as_str())),
-                columns::int32(rows.iter().map(|_| 0)),
                 columns::int32(rows.iter().map(|r| r.2)),
+                columns::int32(rows.iter().map(|r| r.3)),
                 columns::utf8(rows.iter().map(|r| r.1.doc_id.as_str())),
                 columns::float64(rows.iter().map(|r| r.1.label)),
                 columns::utf8(rows.iter().map(|r| r.1.source.as_str())),
@@ -325,10 +321,54 @@ impl Prepared {
             ],
         )
         .expect("columns follow the groups kind");
-        let groups = rows.iter().filter(|r| r.2 == 0).count() as u64;
+        let groups = rows.iter().filter(|r| r.3 == 0).count() as u64;
         ctx.set_stat("groups", groups);
+        ctx.set_stat("epochs", self.config.epochs as u64);
         ctx.set_stat("queries_skipped", skipped);
         ctx.write_table("groups", schema, &[batch])
+    }
+
+    /// A query's passages from every source: each source filtered, subsampled and relabelled,
+    /// then one record per document id, the later source's where two name the same document
+    /// (at the earlier one's place, as a Python dict update keeps it).
+    fn candidates(
+        &self,
+        sources: &[(&SourceConfig, ByQuery)],
+        query: &str,
+        rng: &mut ChaCha8Rng,
+    ) -> Vec<Candidate> {
+        let mut candidates: Vec<Candidate> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for (source, by_query) in sources {
+            let mut kept: Vec<Candidate> = by_query
+                .get(query)
+                .into_iter()
+                .flatten()
+                .filter(|c| source.min_score.is_none_or(|m| c.label >= m))
+                .filter(|c| source.max_score.is_none_or(|m| c.label < m))
+                .cloned()
+                .map(|mut c| {
+                    if let Some(label) = source.score_transform {
+                        c.label = label;
+                    }
+                    c
+                })
+                .collect();
+            if let Some(k) = source.group_random_k {
+                kept.shuffle(rng);
+                kept.truncate(k);
+            }
+            for c in kept {
+                match index.get(&c.doc_id) {
+                    Some(&at) => candidates[at] = c,
+                    None => {
+                        index.insert(c.doc_id.clone(), candidates.len());
+                        candidates.push(c);
+                    }
+                }
+            }
+        }
+        candidates
     }
 
     /// `size` passages from the candidates, highest label first; None when there are none.

@@ -11,6 +11,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
+use crate::metrics::{PairedTest, paired_test};
 use crate::pipeline::{
     ConfigError, InputRoles, OutputDecl, Stage, StageContext, StageError, StageKind, parse_config,
 };
@@ -27,6 +28,30 @@ struct Config {
     /// Measures to show (names as in the metrics tables, e.g. `ndcg_cut_10`); default: all.
     #[serde(default)]
     measures: Vec<String>,
+    /// The run every other run is tested against (paired, per measure, on the queries both
+    /// evaluated); without one, no tests (runs on different query sets are not comparable).
+    #[serde(default)]
+    baseline: Option<String>,
+    /// Sign flips for the permutation test: all 2^n when that is at most this, else this many
+    /// random ones.
+    #[serde(default = "default_permutations")]
+    permutations: u64,
+    #[serde(default)]
+    seed: u64,
+    /// Extra rows: the mean over some runs of their means (e.g. the BEIR average).
+    #[serde(default)]
+    averages: Vec<Average>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Average {
+    name: String,
+    runs: Vec<String>,
+}
+
+fn default_permutations() -> u64 {
+    10_000
 }
 
 fn default_title() -> String {
@@ -44,9 +69,19 @@ impl StageKind for Report {
         InputRoles::Any
     }
     fn prepare(&self, config: &serde_json::Value, _: &Path) -> Result<Box<dyn Stage>, ConfigError> {
-        Ok(Box::new(Prepared {
-            config: parse_config(config)?,
-        }))
+        let config: Config = parse_config(config)?;
+        if config.permutations == 0 {
+            return Err(ConfigError::new("permutations", "must be at least 1"));
+        }
+        for (i, a) in config.averages.iter().enumerate() {
+            if a.runs.is_empty() {
+                return Err(ConfigError::new(
+                    format!("averages[{i}].runs"),
+                    "name at least one run",
+                ));
+            }
+        }
+        Ok(Box::new(Prepared { config }))
     }
 }
 
@@ -56,10 +91,13 @@ struct Prepared {
 
 impl Stage for Prepared {
     fn outputs(&self) -> Vec<OutputDecl> {
-        vec![OutputDecl {
-            name: "summary".to_string(),
-            kind: None,
-        }]
+        ["summary", "significance"]
+            .into_iter()
+            .map(|name| OutputDecl {
+                name: name.to_string(),
+                kind: None,
+            })
+            .collect()
     }
 
     fn run<'a>(&'a self, ctx: &'a mut StageContext) -> BoxFuture<'a, Result<(), StageError>> {
@@ -67,11 +105,18 @@ impl Stage for Prepared {
     }
 }
 
-/// One run's metrics: measure -> (mean, per-query values).
+/// One run's metrics: measure -> mean, and measure -> query -> value.
 struct RunMetrics {
     name: String,
     means: BTreeMap<String, f64>,
-    per_query: BTreeMap<String, Vec<f64>>,
+    per_query: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+/// A run tested against the baseline on one measure.
+struct Comparison {
+    run: String,
+    measure: String,
+    test: PairedTest,
 }
 
 impl Prepared {
@@ -87,9 +132,17 @@ impl Prepared {
             ));
         }
         let mut runs = Vec::new();
-        for role in roles {
-            runs.push(self.read_run(ctx, &role).await?);
+        for role in &roles {
+            runs.push(self.read_run(ctx, role).await?);
         }
+        let baseline = self.config.baseline.clone().unwrap_or_default();
+        if !baseline.is_empty() && !roles.contains(&baseline) {
+            return Err(StageError::Invalid(format!(
+                "`baseline: {baseline}` is not a metrics input (inputs: {})",
+                roles.join(", ")
+            )));
+        }
+        let averages = self.averages(&runs)?;
         let training = self.training_plots(ctx).await?;
         let measures: Vec<String> = if self.config.measures.is_empty() {
             let mut all: Vec<String> = runs.iter().flat_map(|r| r.means.keys().cloned()).collect();
@@ -119,7 +172,11 @@ impl Prepared {
             let lines: Vec<Series> = runs
                 .iter()
                 .map(|r| {
-                    let mut values = r.per_query.get(measure).cloned().unwrap_or_default();
+                    let mut values: Vec<f64> = r
+                        .per_query
+                        .get(measure)
+                        .map(|q| q.values().copied().collect())
+                        .unwrap_or_default();
                     values.sort_by(|a, b| b.total_cmp(a));
                     Series {
                         name: r.name.clone(),
@@ -139,7 +196,10 @@ impl Prepared {
             )
             .map_err(StageError::io(&file))?;
         }
-        let markdown = markdown_table(&runs, &measures);
+        let comparisons = self.comparisons(&runs, &baseline, &measures);
+        runs.extend(averages);
+        let mut markdown = markdown_table(&runs, &measures);
+        markdown.push_str(&markdown_significance(&baseline, &comparisons));
         std::fs::write(ctx.output_path("summary.md")?, &markdown)
             .map_err(StageError::io("summary.md"))?;
         std::fs::write(
@@ -149,10 +209,86 @@ impl Prepared {
         .map_err(StageError::io("summary.tex"))?;
         std::fs::write(
             ctx.output_path("report.html")?,
-            self.html(&runs, &measures, &training),
+            self.html(&runs, &measures, &training, &baseline, &comparisons),
         )
         .map_err(StageError::io("report.html"))?;
+        write_significance(ctx, &baseline, &comparisons)?;
         self.write_summary(ctx, &runs, &measures)
+    }
+
+    /// One row per configured average: the mean of the named runs' means, per measure that
+    /// every one of them has.
+    fn averages(&self, runs: &[RunMetrics]) -> Result<Vec<RunMetrics>, StageError> {
+        self.config
+            .averages
+            .iter()
+            .map(|average| {
+                let members: Vec<&RunMetrics> = average
+                    .runs
+                    .iter()
+                    .map(|name| {
+                        runs.iter().find(|r| &r.name == name).ok_or_else(|| {
+                            StageError::Invalid(format!(
+                                "average `{}` names `{name}`, which is not a metrics input",
+                                average.name
+                            ))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                let mut means = BTreeMap::new();
+                for measure in members[0].means.keys() {
+                    let values: Option<Vec<f64>> = members
+                        .iter()
+                        .map(|r| r.means.get(measure).copied())
+                        .collect();
+                    if let Some(values) = values {
+                        means.insert(
+                            measure.clone(),
+                            values.iter().sum::<f64>() / values.len() as f64,
+                        );
+                    }
+                }
+                Ok(RunMetrics {
+                    name: average.name.clone(),
+                    means,
+                    per_query: BTreeMap::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// Every other run against the baseline, per measure, over the queries both evaluated.
+    fn comparisons(
+        &self,
+        runs: &[RunMetrics],
+        baseline: &str,
+        measures: &[String],
+    ) -> Vec<Comparison> {
+        let Some(base) = runs.iter().find(|r| r.name == baseline) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for run in runs.iter().filter(|r| r.name != baseline) {
+            for measure in measures {
+                let (Some(a), Some(b)) = (base.per_query.get(measure), run.per_query.get(measure))
+                else {
+                    continue;
+                };
+                let (x, y): (Vec<f64>, Vec<f64>) = a
+                    .iter()
+                    .filter_map(|(q, &va)| b.get(q).map(|&vb| (va, vb)))
+                    .unzip();
+                if x.is_empty() {
+                    continue;
+                }
+                out.push(Comparison {
+                    run: run.name.clone(),
+                    measure: measure.clone(),
+                    test: paired_test(&x, &y, self.config.permutations, self.config.seed),
+                });
+            }
+        }
+        out
     }
 
     async fn read_run(&self, ctx: &mut StageContext, role: &str) -> Result<RunMetrics, StageError> {
@@ -174,7 +310,7 @@ impl Prepared {
                     run.per_query
                         .entry(measure.to_string())
                         .or_default()
-                        .push(value);
+                        .insert(query.to_string(), value);
                 }
             }
         }
@@ -197,7 +333,7 @@ impl Prepared {
             .iter()
             .flat_map(|r| {
                 measures.iter().map(move |m| {
-                    let n = r.per_query.get(m).map_or(0, Vec::len) as i64;
+                    let n = r.per_query.get(m).map_or(0, BTreeMap::len) as i64;
                     (r.name.as_str(), m.as_str(), r.means.get(m).copied(), n)
                 })
             })
@@ -246,7 +382,14 @@ impl Prepared {
         Ok(files)
     }
 
-    fn html(&self, runs: &[RunMetrics], measures: &[String], training: &[String]) -> String {
+    fn html(
+        &self,
+        runs: &[RunMetrics],
+        measures: &[String],
+        training: &[String],
+        baseline: &str,
+        comparisons: &[Comparison],
+    ) -> String {
         let mut html = String::new();
         let title = escape(&self.config.title);
         let _ = write!(
@@ -271,10 +414,38 @@ impl Prepared {
                         .map_or("–".to_string(), |v| format!("{v:.4}"))
                 );
             }
-            let queries = run.per_query.values().map(Vec::len).max().unwrap_or(0);
+            let queries = run.per_query.values().map(BTreeMap::len).max().unwrap_or(0);
             let _ = writeln!(html, "<td>{queries}</td></tr>");
         }
-        html.push_str("</table>\n<p><img src=\"plots/metrics.svg\" alt=\"metrics per run\"></p>\n<h2>Per query</h2>\n");
+        html.push_str("</table>\n<p><img src=\"plots/metrics.svg\" alt=\"metrics per run\"></p>\n");
+        if !comparisons.is_empty() {
+            let _ = write!(
+                html,
+                "<h2>Against {}</h2>\n<p>Paired over the queries both runs evaluated: mean \
+                 difference, its standard error, two-sided p-values of the t-test and of the \
+                 sign-flip permutation test.</p>\n<table><tr><th>run</th><th>measure</th>\
+                 <th>queries</th><th>difference</th><th>std. error</th><th>p (t-test)</th>\
+                 <th>p (permutation)</th></tr>\n",
+                escape(baseline)
+            );
+            for c in comparisons {
+                let t = &c.test;
+                let _ = writeln!(
+                    html,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:+.4}</td><td>{:.4}</td>\
+                     <td>{}</td><td>{}</td></tr>",
+                    escape(&c.run),
+                    escape(&c.measure),
+                    t.queries,
+                    t.difference,
+                    t.std_error,
+                    p_value(t.p_t_test),
+                    p_value(t.p_permutation)
+                );
+            }
+            html.push_str("</table>\n");
+        }
+        html.push_str("<h2>Per query</h2>\n");
         for m in measures {
             let _ = writeln!(
                 html,
@@ -302,6 +473,81 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+/// p-values as papers print them: four decimals, or `< 0.0001`.
+fn p_value(p: f64) -> String {
+    if p.is_nan() {
+        "–".to_string()
+    } else if p < 1e-4 {
+        "< 0.0001".to_string()
+    } else {
+        format!("{p:.4}")
+    }
+}
+
+fn markdown_significance(baseline: &str, comparisons: &[Comparison]) -> String {
+    if comparisons.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\nAgainst `{baseline}` (paired; two-sided p-values):\n\n\
+         | run | measure | queries | difference | std. error | p (t-test) | p (permutation) |\n\
+         |---|---|---:|---:|---:|---:|---:|\n"
+    );
+    for c in comparisons {
+        let t = &c.test;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:+.4} | {:.4} | {} | {} |",
+            c.run,
+            c.measure,
+            t.queries,
+            t.difference,
+            t.std_error,
+            p_value(t.p_t_test),
+            p_value(t.p_permutation)
+        );
+    }
+    out
+}
+
+/// The comparisons as a table, for SQL.
+fn write_significance(
+    ctx: &mut StageContext,
+    baseline: &str,
+    comparisons: &[Comparison],
+) -> Result<(), StageError> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("baseline", DataType::Utf8, false),
+        Field::new("run", DataType::Utf8, false),
+        Field::new("measure", DataType::Utf8, false),
+        Field::new("queries", DataType::Int64, false),
+        Field::new("difference", DataType::Float64, false),
+        Field::new("std_error", DataType::Float64, false),
+        Field::new("t", DataType::Float64, false),
+        Field::new("p_t_test", DataType::Float64, false),
+        Field::new("p_permutation", DataType::Float64, false),
+        Field::new("permutations", DataType::Int64, false),
+    ]));
+    let tests = || comparisons.iter().map(|c| c.test);
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            columns::utf8(comparisons.iter().map(|_| baseline)),
+            columns::utf8(comparisons.iter().map(|c| c.run.as_str())),
+            columns::utf8(comparisons.iter().map(|c| c.measure.as_str())),
+            columns::int64(tests().map(|t| t.queries as i64)),
+            columns::float64(tests().map(|t| t.difference)),
+            columns::float64(tests().map(|t| t.std_error)),
+            columns::float64(tests().map(|t| t.t)),
+            columns::float64(tests().map(|t| t.p_t_test)),
+            columns::float64(tests().map(|t| t.p_permutation)),
+            columns::int64(tests().map(|t| t.permutations as i64)),
+        ],
+    )
+    .expect("significance columns");
+    ctx.write_table("significance", schema, &[batch])
 }
 
 fn cell(run: &RunMetrics, measure: &str) -> String {

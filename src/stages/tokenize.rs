@@ -171,7 +171,7 @@ impl Prepared {
                 schema.clone(),
                 vec![
                     batch.column_by_name("query_id").expect("conformed").clone(),
-                    batch.column_by_name("group").expect("conformed").clone(),
+                    batch.column_by_name("epoch").expect("conformed").clone(),
                     batch.column_by_name("position").expect("conformed").clone(),
                     batch.column_by_name("doc_id").expect("conformed").clone(),
                     batch.column_by_name("label").expect("conformed").clone(),

@@ -25,6 +25,7 @@ use crate::stages::with_threads;
 use crate::table::{self, columns};
 use crate::train::{
     AdamWConfig, Decay, Schedule, StepStats, TrainConfig, TrainGroup, Trainer, Warmup,
+    warmup_steps_for_ratio,
 };
 
 pub struct Train;
@@ -52,8 +53,13 @@ struct Config {
     /// Default: whether the model directory normalizes.
     #[serde(default)]
     normalize: Option<bool>,
-    /// Training groups (queries) per micro-batch.
+    /// Training groups (queries) per loss computation: the loss's in-batch negatives and, for
+    /// Wasserstein, its Gaussians span them all.
     batch_size: usize,
+    /// GradCache chunks: embed this many groups at a time (memory of one chunk's activations,
+    /// gradients of the whole batch's loss). Default: the whole batch at once.
+    #[serde(default)]
+    chunk_size: Option<usize>,
     #[serde(default = "one_usize")]
     grad_accumulation: usize,
     #[serde(default = "one_usize")]
@@ -139,6 +145,7 @@ impl StageKind for Train {
                 config.temperature.is_nan() || config.temperature <= 0.0,
             ),
             ("threads", config.threads == Some(0)),
+            ("chunk_size", config.chunk_size == Some(0)),
             (
                 "warmup_ratio",
                 config
@@ -219,11 +226,12 @@ fn train_error(e: impl std::fmt::Display) -> StageError {
     StageError::Invalid(e.to_string())
 }
 
-/// Training groups in (query, group) order, passages by position.
-fn read_groups(batches: &[RecordBatch]) -> Result<Vec<TrainGroup>, StageError> {
+/// Training groups per epoch of the table (`epoch` 0, 1, ...), each in query order, passages
+/// by position.
+fn read_groups(batches: &[RecordBatch]) -> Result<Vec<Vec<TrainGroup>>, StageError> {
     struct Row {
         query: String,
-        group: i32,
+        epoch: i32,
         position: i32,
         label: f64,
         query_tokens: Vec<u32>,
@@ -232,7 +240,7 @@ fn read_groups(batches: &[RecordBatch]) -> Result<Vec<TrainGroup>, StageError> {
     let mut rows: Vec<Row> = Vec::new();
     for batch in batches {
         let q = columns::get::<StringArray>(batch, "query_id");
-        let g = columns::get::<Int32Array>(batch, "group");
+        let e = columns::get::<Int32Array>(batch, "epoch");
         let p = columns::get::<Int32Array>(batch, "position");
         let l = columns::get::<Float64Array>(batch, "label");
         let qt = columns::token_lists(batch, "query_tokens");
@@ -240,7 +248,7 @@ fn read_groups(batches: &[RecordBatch]) -> Result<Vec<TrainGroup>, StageError> {
         for (i, (qt, pt)) in qt.into_iter().zip(pt).enumerate() {
             rows.push(Row {
                 query: q.value(i).to_string(),
-                group: g.value(i),
+                epoch: e.value(i),
                 position: p.value(i),
                 label: l.value(i),
                 query_tokens: qt,
@@ -248,11 +256,22 @@ fn read_groups(batches: &[RecordBatch]) -> Result<Vec<TrainGroup>, StageError> {
             });
         }
     }
-    rows.sort_by(|a, b| (&a.query, a.group, a.position).cmp(&(&b.query, b.group, b.position)));
-    let mut groups: Vec<TrainGroup> = Vec::new();
-    let mut current: Option<(String, i32)> = None;
+    rows.sort_by(|a, b| (a.epoch, &a.query, a.position).cmp(&(b.epoch, &b.query, b.position)));
+    let mut epochs: Vec<Vec<TrainGroup>> = Vec::new();
+    let mut current: Option<(i32, String)> = None;
     for row in rows {
-        let key = Some((row.query, row.group));
+        let key = Some((row.epoch, row.query));
+        if key.as_ref().map(|k| k.0) != current.as_ref().map(|k| k.0) {
+            if row.epoch != epochs.len() as i32 {
+                return Err(StageError::Invalid(format!(
+                    "input `tokens`: epoch {} follows epoch {}: epochs are numbered 0, 1, ...",
+                    row.epoch,
+                    epochs.len() as i32 - 1
+                )));
+            }
+            epochs.push(Vec::new());
+        }
+        let groups = epochs.last_mut().expect("pushed above");
         if key != current {
             groups.push(TrainGroup {
                 query: row.query_tokens,
@@ -265,17 +284,28 @@ fn read_groups(batches: &[RecordBatch]) -> Result<Vec<TrainGroup>, StageError> {
         last.passages.push(row.passage_tokens);
         last.labels.push(row.label);
     }
-    if let Some(bad) = groups
-        .iter()
-        .find(|g| g.passages.len() != groups[0].passages.len())
-    {
+    let first = epochs.first().and_then(|e| e.first());
+    if let (Some(first), Some(bad)) = (
+        first,
+        epochs
+            .iter()
+            .flatten()
+            .find(|g| Some(g.passages.len()) != first.map(|f| f.passages.len())),
+    ) {
         return Err(StageError::Invalid(format!(
             "input `tokens` has groups of {} and {} passages: the losses need one group size",
-            groups[0].passages.len(),
+            first.passages.len(),
             bad.passages.len()
         )));
     }
-    Ok(groups)
+    if let Some(bad) = epochs.iter().find(|e| e.len() != epochs[0].len()) {
+        return Err(StageError::Invalid(format!(
+            "input `tokens` has epochs of {} and {} lists: every epoch needs the same queries",
+            epochs[0].len(),
+            bad.len()
+        )));
+    }
+    Ok(epochs)
 }
 
 impl Prepared {
@@ -285,7 +315,7 @@ impl Prepared {
             .warmup_steps
             .or(c
                 .warmup_ratio
-                .map(|r| (r * total_steps as f64).round() as u64))
+                .map(|r| warmup_steps_for_ratio(r, total_steps)))
             .unwrap_or(0);
         TrainConfig {
             loss: c.loss,
@@ -309,6 +339,7 @@ impl Prepared {
             },
             max_grad_norm: c.max_grad_norm,
             seed: c.seed,
+            chunk_size: c.chunk_size,
         }
     }
 
@@ -318,14 +349,14 @@ impl Prepared {
             .find(|i| i.role == "tokens")
             .map(|i| i.path.clone())
             .expect("required input");
-        let groups = read_groups(&ctx.read_input("tokens").await?)?;
+        let epochs = read_groups(&ctx.read_input("tokens").await?)?;
+        let lists = epochs.first().map_or(0, Vec::len);
         let c = &self.config;
         let per_step = c.batch_size * c.grad_accumulation;
-        let steps_per_epoch = (groups.len() / per_step) as u64;
+        let steps_per_epoch = (lists / per_step) as u64;
         if steps_per_epoch == 0 {
             return Err(StageError::Invalid(format!(
-                "{} training groups are fewer than one step's batch_size x grad_accumulation = {per_step}",
-                groups.len()
+                "{lists} training groups are fewer than one step's batch_size x grad_accumulation = {per_step}"
             )));
         }
         let mut total_steps = steps_per_epoch * c.epochs as u64;
@@ -365,6 +396,8 @@ impl Prepared {
                 while trainer.steps() < total_steps {
                     let step = trainer.steps();
                     let epoch = step / steps_per_epoch;
+                    // Epoch e trains on the table's lists for e, cycling through its epochs.
+                    let groups = &epochs[epoch as usize % epochs.len()];
                     if order_epoch != Some(epoch) {
                         order = (0..groups.len()).collect();
                         let mut rng = ChaCha8Rng::seed_from_u64(c.seed);
@@ -451,7 +484,7 @@ impl Prepared {
         .expect("columns follow the model kind");
         ctx.set_stat("steps", steps);
         ctx.set_stat("resumed_from_step", resumed_from);
-        ctx.set_stat("groups", groups.len() as u64);
+        ctx.set_stat("groups", lists as u64);
         if let Some(last) = log.last() {
             ctx.set_stat("final_loss", last.loss);
         }

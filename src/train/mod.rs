@@ -7,7 +7,7 @@ mod schedule;
 mod trainer;
 
 pub use optimizer::{AdamW, AdamWConfig};
-pub use schedule::{Decay, Schedule, Warmup};
+pub use schedule::{Decay, Schedule, Warmup, warmup_steps_for_ratio};
 pub use trainer::{StepStats, TrainConfig, TrainGroup, Trainer};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,5 @@
-//! Learning-rate schedules: warmup (linear, or logarithmic as DeepSpeed's WarmupDecayLR that the
-//! paper's trainer used), then linear decay to zero or constant.
+//! Learning-rate schedules: warmup (linear, logarithmic, or exactly DeepSpeed's WarmupDecayLR as
+//! the paper's trainer drove it), then linear decay to zero or constant.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +10,12 @@ pub enum Warmup {
     Linear,
     /// lr * ln(step + 1) / ln(warmup_steps).
     Log,
+    /// DeepSpeed's WarmupDecayLR (log warmup) as the Hugging Face trainer steps it, which the
+    /// paper's reference ran: the scheduler is first stepped after the first optimizer step,
+    /// so optimizer step s (0-based) uses iteration i = s - 1; i = -1 gives the minimum lr
+    /// (0), i < W gives lr * ln(i + 1) / ln(W) (0 again at i = 0), later i decay as
+    /// lr * (T - i) / (T - W). W is at least 2, as DeepSpeed enforces.
+    DeepspeedLog,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -33,12 +39,15 @@ pub struct Schedule {
 impl Schedule {
     /// The learning rate of optimizer step `step` (0-based).
     pub fn lr_at(&self, step: u64) -> f64 {
+        if self.warmup == Warmup::DeepspeedLog {
+            return self.deepspeed_lr(step);
+        }
         let w = self.warmup_steps;
         if step < w {
             let gamma = match self.warmup {
                 Warmup::Linear => (step + 1) as f64 / w as f64,
                 Warmup::Log if w > 1 => ((step + 1) as f64).ln() / (w as f64).ln(),
-                Warmup::Log => 1.0,
+                Warmup::Log | Warmup::DeepspeedLog => 1.0,
             };
             return self.lr * gamma;
         }
@@ -51,6 +60,29 @@ impl Schedule {
             }
         }
     }
+
+    fn deepspeed_lr(&self, step: u64) -> f64 {
+        let Some(i) = step.checked_sub(1) else {
+            return 0.0;
+        };
+        let w = self.warmup_steps.max(2);
+        if i < w {
+            return self.lr * ((i + 1) as f64).ln() / (w as f64).ln();
+        }
+        match self.decay {
+            Decay::Constant => self.lr,
+            Decay::Linear => {
+                let remaining = self.total_steps.saturating_sub(i) as f64;
+                let span = self.total_steps.saturating_sub(w).max(1) as f64;
+                self.lr * (remaining / span).max(0.0)
+            }
+        }
+    }
+}
+
+/// Warmup steps for a ratio of the total, rounded up as the Hugging Face trainer does.
+pub fn warmup_steps_for_ratio(ratio: f64, total_steps: u64) -> u64 {
+    (ratio * total_steps as f64).ceil() as u64
 }
 
 #[cfg(test)]
@@ -87,5 +119,35 @@ mod tests {
         assert!((s.lr_at(50) - 2.0 * 51f64.ln() / 100f64.ln()).abs() < 1e-12);
         assert!((s.lr_at(99) - 2.0).abs() < 1e-12);
         assert_eq!(s.lr_at(500), 2.0);
+    }
+
+    #[test]
+    fn deepspeed_warmup_decay_as_the_reference_ran_it() {
+        // T = 100 optimizer steps, warmup_ratio 0.05 -> W = ceil(5.0) = 5.
+        let s = Schedule {
+            lr: 1e-5,
+            warmup: Warmup::DeepspeedLog,
+            warmup_steps: warmup_steps_for_ratio(0.05, 100),
+            decay: Decay::Linear,
+            total_steps: 100,
+        };
+        assert_eq!(s.warmup_steps, 5);
+        // Two steps at lr 0: the minimum before the scheduler's first step, then ln(1).
+        assert_eq!(s.lr_at(0), 0.0);
+        assert_eq!(s.lr_at(1), 0.0);
+        for step in 2..=5 {
+            let want = 1e-5 * ((step) as f64).ln() / 5f64.ln();
+            assert!((s.lr_at(step) - want).abs() < 1e-20, "step {step}");
+        }
+        // Iteration 5 = W: the decay starts at its peak.
+        assert!((s.lr_at(6) - 1e-5).abs() < 1e-20);
+        assert!((s.lr_at(99) - 1e-5 * 2.0 / 95.0).abs() < 1e-20);
+        // DeepSpeed warms up over at least 2 iterations.
+        let short = Schedule {
+            warmup_steps: 1,
+            ..s
+        };
+        assert!((short.lr_at(2) - 1e-5 * 2f64.ln() / 2f64.ln()).abs() < 1e-20);
+        assert_eq!(warmup_steps_for_ratio(0.05, 101), 6);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,9 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     pub max_grad_norm: Option<f64>,
     pub seed: u64,
+    /// GradCache: embed a micro-batch this many groups at a time, so memory holds one chunk's
+    /// activations while the loss still sees every group (None: the whole micro-batch at once).
+    pub chunk_size: Option<usize>,
 }
 
 /// A query and its list of passages with graded labels, as token ids.
@@ -79,17 +82,23 @@ impl Trainer {
         self.optimizer.steps()
     }
 
-    /// Loss and gradients (in parameter order) of one batch of groups.
-    pub fn loss_and_grads(
+    /// Dropout for chunk `chunk` of micro-batch `micro` of optimizer step `step`: a pure
+    /// function of (seed, step, micro, chunk). Chunk 0 draws what an unchunked batch draws.
+    fn dropout(&self, step: u64, micro: usize, chunk: usize) -> Option<Dropout> {
+        self.config.dropout.then(|| {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
+            rng.set_stream(step * 1024 + micro as u64);
+            rng.set_word_pos((chunk as u128) << 40);
+            Dropout::new(rng)
+        })
+    }
+
+    /// Query embeddings (B x H) and passage embeddings (B*G x H, group by group).
+    fn embed_groups(
         &self,
         groups: &[TrainGroup],
-        dropout: Option<&mut Dropout>,
-    ) -> Result<(f64, Vec<Tensor>), TrainError> {
-        let b = groups.len();
-        let g = groups.first().map_or(0, |x| x.passages.len());
-        if let Some(other) = groups.iter().find(|x| x.passages.len() != g) {
-            return Err(TrainError::RaggedGroups(g, other.passages.len()));
-        }
+        mut dropout: Option<Dropout>,
+    ) -> Result<(Tensor, Tensor), TrainError> {
         let device = self.model.device();
         let queries: Vec<&[u32]> = groups.iter().map(|x| x.query.as_slice()).collect();
         let passages: Vec<&[u32]> = groups
@@ -99,13 +108,25 @@ impl Trainer {
         let (qi, qm) = pad_batch(&queries, self.pad_id, device)?;
         let (pi, pm) = pad_batch(&passages, self.pad_id, device)?;
         let c = &self.config;
-        let mut dropout = dropout;
         let q = self
             .model
-            .embed(&qi, &qm, c.pooling, c.normalize, dropout.as_deref_mut())?;
+            .embed(&qi, &qm, c.pooling, c.normalize, dropout.as_mut())?;
         let p = self
             .model
-            .embed(&pi, &pm, c.pooling, c.normalize, dropout)?;
+            .embed(&pi, &pm, c.pooling, c.normalize, dropout.as_mut())?;
+        Ok((q, p))
+    }
+
+    /// The loss of the batch's scores, and the surrogate whose gradient with respect to the
+    /// embeddings is the loss's: sum(logits * dL/dlogits).
+    fn loss_surrogate(
+        &self,
+        q: &Tensor,
+        p: &Tensor,
+        groups: &[TrainGroup],
+    ) -> Result<(f64, Tensor), TrainError> {
+        let (b, g) = (groups.len(), groups.first().map_or(0, |x| x.passages.len()));
+        let c = &self.config;
         let logits = if c.in_batch_negatives {
             q.matmul(&p.t()?)?
         } else {
@@ -136,11 +157,15 @@ impl Trainer {
                 temperature: c.temperature,
             },
         )?;
-        let grad = Tensor::from_vec(value.grad.into_data(), logits.shape(), device)?
+        let grad = Tensor::from_vec(value.grad.into_data(), logits.shape(), logits.device())?
             .to_dtype(logits.dtype())?;
-        let surrogate = (logits * grad)?.sum_all()?;
+        Ok((value.loss, (logits * grad)?.sum_all()?))
+    }
+
+    /// Gradients of `surrogate` for every parameter, in parameter order.
+    fn param_grads(&self, surrogate: &Tensor) -> Result<Vec<Tensor>, TrainError> {
         let store = surrogate.backward()?;
-        let grads = self
+        Ok(self
             .model
             .params()
             .iter()
@@ -148,8 +173,55 @@ impl Trainer {
                 Some(g) => Ok(g.clone()),
                 None => var.as_tensor().zeros_like(),
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((value.loss, grads))
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Loss and gradients (in parameter order) of micro-batch `micro` of optimizer step
+    /// `step`. With `chunk_size`, GradCache: embed chunk by chunk without keeping the graph,
+    /// take the loss and its gradient with respect to every embedding, then re-embed each
+    /// chunk (same dropout masks) and backpropagate that gradient through it.
+    pub fn loss_and_grads(
+        &self,
+        groups: &[TrainGroup],
+        step: u64,
+        micro: usize,
+    ) -> Result<(f64, Vec<Tensor>), TrainError> {
+        let b = groups.len();
+        let g = groups.first().map_or(0, |x| x.passages.len());
+        if let Some(other) = groups.iter().find(|x| x.passages.len() != g) {
+            return Err(TrainError::RaggedGroups(g, other.passages.len()));
+        }
+        let chunk = self.config.chunk_size.unwrap_or(b).max(1);
+        if chunk >= b {
+            let (q, p) = self.embed_groups(groups, self.dropout(step, micro, 0))?;
+            let (loss, surrogate) = self.loss_surrogate(&q, &p, groups)?;
+            return Ok((loss, self.param_grads(&surrogate)?));
+        }
+        let mut queries = Vec::new();
+        let mut passages = Vec::new();
+        for (i, part) in groups.chunks(chunk).enumerate() {
+            let (q, p) = self.embed_groups(part, self.dropout(step, micro, i))?;
+            queries.push(q.detach());
+            passages.push(p.detach());
+        }
+        let q = Var::from_tensor(&Tensor::cat(&queries, 0)?)?;
+        let p = Var::from_tensor(&Tensor::cat(&passages, 0)?)?;
+        let (loss, surrogate) = self.loss_surrogate(q.as_tensor(), p.as_tensor(), groups)?;
+        let store = surrogate.backward()?;
+        let grad_of = |v: &Var| match store.get(v.as_tensor()) {
+            Some(t) => Ok(t.clone()),
+            None => v.as_tensor().zeros_like(),
+        };
+        let (dq, dp) = (grad_of(&q)?, grad_of(&p)?);
+        let mut total: Option<Vec<Tensor>> = None;
+        for (i, part) in groups.chunks(chunk).enumerate() {
+            let (qc, pc) = self.embed_groups(part, self.dropout(step, micro, i))?;
+            let rows = part.len();
+            let surrogate = ((qc * dq.narrow(0, i * chunk, rows)?)?.sum_all()?
+                + (pc * dp.narrow(0, i * chunk * g, rows * g)?)?.sum_all()?)?;
+            total = Some(add_grads(total, self.param_grads(&surrogate)?)?);
+        }
+        Ok((loss, total.unwrap_or_default()))
     }
 
     /// One optimizer step over `micro_batches` (gradient accumulation: the mean of their
@@ -160,12 +232,7 @@ impl Trainer {
         let mut total: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
         for (i, groups) in micro_batches.iter().enumerate() {
-            let mut dropout = self.config.dropout.then(|| {
-                let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
-                rng.set_stream(step * 1024 + i as u64);
-                Dropout::new(rng)
-            });
-            let (loss, grads) = self.loss_and_grads(groups, dropout.as_mut())?;
+            let (loss, grads) = self.loss_and_grads(groups, step, i)?;
             if !loss.is_finite() {
                 return Err(TrainError::Diverged {
                     step: step + 1,
@@ -173,14 +240,7 @@ impl Trainer {
                 });
             }
             loss_sum += loss;
-            total = Some(match total {
-                None => grads,
-                Some(acc) => acc
-                    .iter()
-                    .zip(&grads)
-                    .map(|(a, g)| a + g)
-                    .collect::<Result<Vec<_>, _>>()?,
-            });
+            total = Some(add_grads(total, grads)?);
         }
         let mut grads = total.unwrap_or_default();
         if n > 1.0 {
@@ -255,4 +315,16 @@ impl Trainer {
             .load(&dir.join("optimizer.safetensors"), state.step, &device)?;
         Ok(state.step)
     }
+}
+
+/// Element-wise sum of two gradient lists (the first may be empty).
+fn add_grads(acc: Option<Vec<Tensor>>, grads: Vec<Tensor>) -> Result<Vec<Tensor>, TrainError> {
+    Ok(match acc {
+        None => grads,
+        Some(acc) => acc
+            .iter()
+            .zip(&grads)
+            .map(|(a, g)| a + g)
+            .collect::<Result<Vec<_>, _>>()?,
+    })
 }
