@@ -48,6 +48,7 @@ fn main() {
         selection,
         force: false,
         dry_run: false,
+        wait_for_lock: false,
     };
     rt.block_on(pipeline.run(
         &options(Selection::Only("queries".into())),

@@ -5,6 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
 use synthrank::encoder::{
     Bert, BertConfig, CandleEmbedder, Embedder, ModelDir, OnnxOps, Pooling, pad_batch,
 };
@@ -65,6 +66,7 @@ fn minilm_matches_sentence_transformers() {
     assert!(dir.normalize);
     assert_eq!(dir.max_seq_length, Some(256));
     let model = dir.load_model(&Device::Cpu).unwrap();
+    assert_eq!(cases.len(), golden.ids.len());
     for (case, ids) in cases.iter().zip(&golden.ids) {
         let expected: Vec<u32> = case["input_ids"]
             .as_array()
@@ -165,6 +167,7 @@ fn gradients_match_finite_differences() {
     let grads = scalar_loss(&model, &ids, &mask).backward().unwrap();
     let h = 1e-6;
     let mut checked = 0;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     for (name, var) in model.params() {
         let g: Vec<f64> = grads
             .get(var.as_tensor())
@@ -174,10 +177,13 @@ fn gradients_match_finite_differences() {
             .to_vec1()
             .unwrap();
         let original: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        // A few coordinates per parameter, the largest gradients (rows actually used).
+        // Per parameter, the three largest gradients (rows actually used) and three coordinates
+        // drawn at random (small or zero gradients: unused embedding rows must get none).
         let mut order: Vec<usize> = (0..g.len()).collect();
         order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-        for &i in order.iter().take(3) {
+        let mut coordinates: Vec<usize> = order.iter().take(3).copied().collect();
+        coordinates.extend((0..3).map(|_| rng.random_range(0..g.len())));
+        for &i in &coordinates {
             let eval = |delta: f64| {
                 let mut v = original.clone();
                 v[i] += delta;
@@ -197,7 +203,7 @@ fn gradients_match_finite_differences() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 3 * model.params().len());
+    assert_eq!(checked, 6 * model.params().len());
 }
 
 /// Both export flavors, run by one and by three single-threaded sessions (the batch of 29
@@ -290,6 +296,7 @@ fn int8_onnx_export_approximates_the_embeddings() {
             &b[i * dim..(i + 1) * dim],
             floats(&case["sentence_transformers"]),
         );
+        assert_eq!(got.len(), want.len(), "case {i}");
         let cosine: f32 = got.iter().zip(&want).map(|(x, y)| x * y).sum();
         assert!(cosine >= 0.97, "case {i}: cosine {cosine}");
         cosines += cosine;
@@ -354,6 +361,7 @@ fn embed_stage_runs_both_onnx_exports() {
     assert_eq!(candle.len(), 24 * 384);
     let parity = max_abs_diff(&candle, &f32_onnx);
     assert!(parity <= 1e-5, "candle vs ONNX Runtime: {parity}");
+    assert_eq!(int8.len(), candle.len());
     for (i, (a, b)) in candle.chunks(384).zip(int8.chunks(384)).enumerate() {
         let cosine: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
         assert!(cosine >= 0.98, "row {i}: cosine {cosine} to the f32 vector");

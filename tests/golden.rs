@@ -100,6 +100,11 @@ fn check(file: &str) {
         out
     });
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        // In CI a rewrite would turn every failure into a pass.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "UPDATE_GOLDEN is refused when CI is set: golden files are reviewed, not rewritten in CI"
+        );
         std::fs::write(&path, render(&text, &blocks, &actual)).unwrap();
         return;
     }

@@ -58,6 +58,7 @@ fn reference_values_and_gradients() {
                 got.loss
             );
             let grad = matrix(&expected["grad_logits"]);
+            assert_eq!(got.grad.data().len(), grad.data().len(), "case {n} {name}");
             for (i, (a, b)) in got.grad.data().iter().zip(grad.data()).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-9,
@@ -165,6 +166,7 @@ fn svd_reconstructs_random_matrices() {
             }
         }
         let back = us.matmul(&v.transpose());
+        assert_eq!(back.data().len(), m.data().len());
         for (a, b) in back.data().iter().zip(m.data()) {
             assert!((a - b).abs() < 1e-12, "n={n}");
         }

@@ -211,3 +211,26 @@ fn cli_reports_spec_errors_in_one_line_with_exit_code_2() {
         "{err}"
     );
 }
+
+/// Durations that `std::time::Duration` cannot hold (negative, NaN, astronomically large, or a
+/// rate whose interval is) are refused with the field's line, never a panic at run time.
+#[test]
+fn out_of_range_durations_name_the_field() {
+    for (field, value) in [
+        ("timeout_s", "1.0e300"),
+        ("timeout_s", "0"),
+        ("backoff_s", "-1"),
+        ("timeout_s", "-3"),
+        ("requests_per_second", "1.0e-300"),
+        ("requests_per_second", "-2"),
+    ] {
+        let msg = error_of(&format!(
+            "name: p\nstages:\n{QUERIES}  - name: pr\n    kind: render_prompts\n    inputs: [q]\n    config: {{template: q.jsonl}}\n  \
+             - name: g\n    kind: generate\n    inputs: [pr]\n    config:\n      endpoints: [http://127.0.0.1:9/v1]\n      model: m\n      {field}: {value}\n"
+        ));
+        assert!(
+            msg.starts_with(&format!(":17: stage `g`, field `{field}`: must be")),
+            "{field}: {value}: {msg}"
+        );
+    }
+}

@@ -186,3 +186,43 @@ fn schema_command_lists_and_describes_kinds() {
     let out = common::synthrank(&["schema", "nope"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// SQL inside a spec (a `sql` stage's query, an input's `sql:` filter) is read-only too: it
+/// can neither write a file anywhere nor define a table over an arbitrary path.
+#[test]
+fn stage_sql_cannot_write_or_read_outside_its_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("q.jsonl"),
+        "{\"_id\": \"1\", \"text\": \"a\"}\n",
+    )
+    .unwrap();
+    let outside = dir.path().join("outside.csv");
+    std::fs::write(dir.path().join("secret.csv"), "a\n1\n").unwrap();
+    for query in [
+        format!("COPY (SELECT * FROM q) TO '{}'", outside.display()),
+        format!(
+            "CREATE EXTERNAL TABLE s STORED AS CSV LOCATION '{}'",
+            dir.path().join("secret.csv").display()
+        ),
+        "SET datafusion.execution.batch_size = 1".to_string(),
+    ] {
+        let spec = common::write_spec(
+            dir.path(),
+            "p.yaml",
+            &format!(
+                "name: p\nworkdir: work\nstages:\n  - name: q\n    kind: load_queries\n    config: {{path: q.jsonl}}\n  \
+                 - name: s\n    kind: sql\n    inputs: [q]\n    config: {{query: \"{query}\"}}\n"
+            ),
+        );
+        let error = common::try_run(
+            &common::load(&spec, &dir.path().join("work")),
+            Selection::All,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("stage SQL is read-only"), "{query}: {error}");
+    }
+    assert!(!outside.exists(), "COPY wrote outside the workdir");
+}

@@ -105,6 +105,7 @@ fn five_steps_reproduce_pytorch() {
             tokenizer.pad_id(),
         );
         let got = embedder.embed(&[ids[0].as_slice()]).unwrap();
+        assert_eq!(got.len(), want.len(), "{name}: probe embedding length");
         let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
         let worst = got
             .iter()

@@ -69,11 +69,16 @@ fn killed_training_resumes_to_the_same_result() {
         .spawn()
         .unwrap();
     // Kill as soon as the first checkpoint exists (step 1 of 6).
-    let state = crashed
-        .path()
-        .join(".state/train/checkpoint/trainer_state.json");
+    let checkpoints = crashed.path().join(".state/train/checkpoints");
+    let complete = || {
+        std::fs::read_dir(&checkpoints).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+        })
+    };
     let started = Instant::now();
-    while !state.exists() {
+    while !complete() {
         assert!(
             started.elapsed() < Duration::from_secs(600),
             "no checkpoint appeared"
@@ -90,6 +95,11 @@ fn killed_training_resumes_to_the_same_result() {
         !crashed.path().join("train/model").exists(),
         "training finished before the kill: the test proves nothing"
     );
+    // A checkpoint being written when a kill came (here: a later one, half written) is not
+    // mistaken for a complete one.
+    let partial = checkpoints.join(".step-0000000099.partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("model.safetensors"), b"half a file").unwrap();
     run_to_end(&spec, crashed.path());
     let manifest: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(crashed.path().join("train/_manifest.json")).unwrap(),

@@ -45,6 +45,9 @@ enum Command {
         /// Say what would run and why; run nothing.
         #[arg(long)]
         dry_run: bool,
+        /// If another run holds the work directory, wait for it to finish (default: exit 2).
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         spec: SpecArgs,
     },
@@ -183,6 +186,7 @@ impl CliError {
             CliError::Pipeline(PipelineError::Spec(_))
             | CliError::Pipeline(PipelineError::UnknownStage { .. })
             | CliError::Pipeline(PipelineError::UnknownTable { .. })
+            | CliError::Pipeline(PipelineError::Locked { .. })
             | CliError::Query(QueryError::ReadOnly(_))
             | CliError::Usage(_)
             | CliError::Table(TableError::UnknownKind { .. }) => 2,
@@ -239,6 +243,7 @@ async fn execute(command: Command) -> Result<(), CliError> {
             from,
             force,
             dry_run,
+            wait,
             spec,
         } => {
             let pipeline = load(&pipeline, &spec)?;
@@ -251,6 +256,7 @@ async fn execute(command: Command) -> Result<(), CliError> {
                 selection,
                 force,
                 dry_run,
+                wait_for_lock: wait,
             };
             let summary = if dry_run {
                 pipeline.run(&options, &mut std::io::stdout()).await?

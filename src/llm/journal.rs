@@ -2,7 +2,9 @@
 //! arrives, keyed by the request's hash. Reopening it tells which requests need no resending.
 //!
 //! Each line goes to the file in one `write` on an append-only descriptor, so a crash or a
-//! `kill -9` loses at most the line being written; a torn last line is dropped on reopening.
+//! `kill -9` loses at most the line being written; a torn last line is dropped on reopening,
+//! and a line that is not an entry (garbage a crashed filesystem left) is skipped with a
+//! warning: its request is sent again, while every other answer paid for stays usable.
 //! `sync` flushes to the disk (for power loss) and runs at the end and every few seconds.
 
 use std::collections::HashMap;
@@ -43,9 +45,17 @@ pub enum JournalError {
     },
 }
 
+/// A journal opened for appending, with what it already holds.
+pub struct OpenedJournal {
+    pub journal: Journal,
+    pub entries: HashMap<String, JournalEntry>,
+    /// Lines that were not entries, skipped.
+    pub skipped_lines: usize,
+}
+
 impl Journal {
     /// Opens (or creates) the journal and returns the entries it already holds.
-    pub fn open(path: &Path) -> Result<(Journal, HashMap<String, JournalEntry>), JournalError> {
+    pub fn open(path: &Path) -> Result<OpenedJournal, JournalError> {
         let io = |source| JournalError::Io {
             path: path.to_path_buf(),
             source,
@@ -54,41 +64,51 @@ impl Journal {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
         let mut entries = HashMap::new();
+        let mut skipped_lines = 0;
         if path.exists() {
-            let text = std::fs::read_to_string(path).map_err(io)?;
-            let complete = match text.rfind('\n') {
-                Some(i) => i + 1,
-                None => 0,
-            };
-            if complete < text.len() {
+            // Bytes, not a string: a damaged line may not even be UTF-8.
+            let bytes = std::fs::read(path).map_err(io)?;
+            let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            if complete < bytes.len() {
                 // A line torn by a crash mid-write: drop it, its request will be sent again.
                 let file = OpenOptions::new().write(true).open(path).map_err(io)?;
                 file.set_len(complete as u64).map_err(io)?;
             }
-            entries = parse_lines(path, &text[..complete])?;
+            let text = String::from_utf8_lossy(&bytes[..complete]);
+            let (parsed, bad) = parse_lines(path, &text);
+            for error in &bad {
+                tracing::warn!("skipping a damaged journal line: {error}");
+            }
+            (entries, skipped_lines) = (parsed, bad.len());
         }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(io)?;
-        Ok((
-            Journal {
+        Ok(OpenedJournal {
+            journal: Journal {
                 path: path.to_path_buf(),
                 file: Mutex::new(file),
             },
             entries,
-        ))
+            skipped_lines,
+        })
     }
 
-    /// The entries of a journal file, read only (a recorded journal shipped with a pipeline).
+    /// The entries of a journal file, read only (a recorded journal shipped with a pipeline):
+    /// strict, since a damaged recording is the user's to repair.
     pub fn read(path: &Path) -> Result<HashMap<String, JournalEntry>, JournalError> {
         let text = std::fs::read_to_string(path).map_err(|source| JournalError::Io {
             path: path.to_path_buf(),
             source,
         })?;
         let complete = text.rfind('\n').map_or(0, |i| i + 1);
-        parse_lines(path, &text[..complete])
+        let (entries, mut bad) = parse_lines(path, &text[..complete]);
+        match bad.is_empty() {
+            true => Ok(entries),
+            false => Err(bad.swap_remove(0)),
+        }
     }
 
     pub fn append(&self, entry: &JournalEntry) -> Result<(), JournalError> {
@@ -114,19 +134,78 @@ impl Journal {
     }
 }
 
-fn parse_lines(path: &Path, text: &str) -> Result<HashMap<String, JournalEntry>, JournalError> {
+/// The entries of complete lines, and an error for each line that is not one.
+fn parse_lines(path: &Path, text: &str) -> (HashMap<String, JournalEntry>, Vec<JournalError>) {
     let mut entries = HashMap::new();
+    let mut bad = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let entry: JournalEntry =
-            serde_json::from_str(line).map_err(|e| JournalError::Corrupt {
+        match serde_json::from_str::<JournalEntry>(line) {
+            Ok(entry) => {
+                entries.insert(entry.hash.clone(), entry);
+            }
+            Err(e) => bad.push(JournalError::Corrupt {
                 path: path.to_path_buf(),
                 line: i + 1,
                 message: e.to_string(),
-            })?;
-        entries.insert(entry.hash.clone(), entry);
+            }),
+        }
     }
-    Ok(entries)
+    (entries, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(hash: &str) -> JournalEntry {
+        JournalEntry {
+            hash: hash.to_string(),
+            response: ChatResponse {
+                text: format!("answer {hash}"),
+                model: "m".into(),
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                finish_reason: None,
+            },
+            attempts: 1,
+        }
+    }
+
+    #[test]
+    fn damaged_lines_are_skipped_and_every_good_answer_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let line = |h: &str| serde_json::to_string(&entry(h)).unwrap();
+        // A line of NULs (a crashed filesystem's), a half line followed by a good one, and
+        // a torn last line without its newline.
+        let text = format!(
+            "{}\n\0\0\0\0\n{{\"hash\": \"b\", \"resp\n{}\n{}",
+            line("a"),
+            line("c"),
+            &line("d")[..10]
+        );
+        std::fs::write(&path, text).unwrap();
+        let opened = Journal::open(&path).unwrap();
+        let mut hashes: Vec<&String> = opened.entries.keys().collect();
+        hashes.sort();
+        assert_eq!(hashes, ["a", "c"]);
+        assert_eq!(opened.skipped_lines, 2);
+        opened.journal.append(&entry("d")).unwrap();
+        drop(opened);
+        let reopened = Journal::open(&path).unwrap();
+        assert_eq!(
+            reopened.entries.len(),
+            3,
+            "the torn line was cut, the new one kept"
+        );
+        // A recording is read strictly: the damaged line is named.
+        let error = Journal::read(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("journal.jsonl:2: not a journal entry"),
+            "{error}"
+        );
+    }
 }

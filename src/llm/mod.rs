@@ -6,15 +6,17 @@ mod journal;
 mod openai;
 mod parse;
 mod retry;
+mod secret;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub use embedded::EmbeddedBackend;
-pub use journal::{Journal, JournalEntry, JournalError};
+pub use journal::{Journal, JournalEntry, JournalError, OpenedJournal};
 pub use openai::{OpenAiBackend, OpenAiConfig};
 pub use parse::{GradedPassage, ParseError, parse_all_levels, parse_single_level};
 pub use retry::RetryPolicy;
+pub use secret::Secret;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
-use super::{ChatBackend, ChatRequest, ChatResponse, LlmError};
+use super::{ChatBackend, ChatRequest, ChatResponse, LlmError, Secret};
 
 #[derive(Debug, Clone)]
 pub struct OpenAiConfig {
     /// Base URLs (`http://host:8000/v1`) or full `.../chat/completions` URLs.
     pub endpoints: Vec<String>,
     /// Sent as a bearer token; read by the caller from an environment variable.
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     pub timeout: Duration,
     /// Cap on requests started per second, over all endpoints.
     pub requests_per_second: Option<f64>,
@@ -24,7 +24,7 @@ pub struct OpenAiConfig {
 pub struct OpenAiBackend {
     client: reqwest::Client,
     urls: Vec<String>,
-    api_key: Option<String>,
+    api_key: Option<Secret>,
     timeout: Duration,
     next: AtomicUsize,
     /// The earliest instant the next request may start (rate limit).
@@ -56,14 +56,16 @@ impl OpenAiBackend {
             })
             .collect();
         let next_slot = match config.requests_per_second {
-            Some(rps) if rps > 0.0 => Some((
-                Duration::from_secs_f64(1.0 / rps),
-                Mutex::new(Instant::now()),
-            )),
-            Some(_) => {
-                return Err(LlmError::Config(
-                    "requests_per_second must be positive".to_string(),
-                ));
+            Some(rps) => {
+                let interval = Duration::try_from_secs_f64(1.0 / rps)
+                    .ok()
+                    .filter(|_| rps > 0.0 && rps.is_finite())
+                    .ok_or_else(|| {
+                        LlmError::Config(format!(
+                            "requests_per_second must be a positive number, not {rps}"
+                        ))
+                    })?;
+                Some((interval, Mutex::new(Instant::now())))
             }
             None => None,
         };
@@ -96,7 +98,7 @@ impl OpenAiBackend {
         let url = &self.urls[self.next.fetch_add(1, Ordering::Relaxed) % self.urls.len()];
         let mut builder = self.client.post(url).json(request);
         if let Some(key) = &self.api_key {
-            builder = builder.bearer_auth(key);
+            builder = builder.bearer_auth(key.expose());
         }
         let response = builder.send().await.map_err(|e| self.transport_error(e))?;
         let status = response.status();
@@ -126,6 +128,8 @@ impl OpenAiBackend {
         } else {
             // Walk to the root cause: "connection closed before message completed" is more
             // useful than "error sending request".
+            // Without the URL: an endpoint may carry a key in its query string.
+            let e = e.without_url();
             let mut message = e.to_string();
             let mut source = std::error::Error::source(&e);
             while let Some(s) = source {

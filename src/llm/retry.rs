@@ -24,14 +24,19 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// How long to wait before retry number `retry` (0-based) after `error`.
+    /// How long to wait before retry number `retry` (0-based) after `error`. A server's
+    /// Retry-After wins, capped at `max_delay`; one that is not a number of seconds (negative,
+    /// NaN) is ignored.
     pub fn delay(&self, retry: u32, error: &LlmError) -> Duration {
         if let LlmError::Status {
             retry_after: Some(seconds),
             ..
         } = error
+            && *seconds >= 0.0
         {
-            return Duration::from_secs_f64(seconds.max(0.0)).min(self.max_delay);
+            return Duration::try_from_secs_f64(*seconds)
+                .unwrap_or(Duration::MAX)
+                .min(self.max_delay);
         }
         let ceiling = self
             .base_delay
@@ -58,6 +63,31 @@ impl RetryPolicy {
                 }
                 Err(e) => return (Err(e), attempts),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(retry_after: f64) -> LlmError {
+        LlmError::Status {
+            status: 429,
+            body: String::new(),
+            retry_after: Some(retry_after),
+        }
+    }
+
+    #[test]
+    fn retry_after_is_capped_and_nonsense_falls_back_to_backoff() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy.delay(0, &status(2.5)), Duration::from_millis(2500));
+        for huge in [1e20, f64::INFINITY, 1e300] {
+            assert_eq!(policy.delay(0, &status(huge)), policy.max_delay);
+        }
+        for nonsense in [-1.0, f64::NAN, f64::NEG_INFINITY] {
+            assert!(policy.delay(0, &status(nonsense)) <= policy.base_delay);
         }
     }
 }

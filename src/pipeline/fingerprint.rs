@@ -16,6 +16,9 @@ pub const PROGRAM_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct Components {
     pub version: String,
     pub kind: String,
+    /// Manifests written before stage kinds had versions read as version 1.
+    #[serde(default = "first_version")]
+    pub kind_version: u32,
     pub config: serde_json::Value,
     pub inputs: BTreeMap<String, InputComponent>,
     /// Per config field, the files it names (a model directory names several).
@@ -40,6 +43,10 @@ pub struct FileComponent {
     pub stamp: Option<FileStamp>,
 }
 
+fn first_version() -> u32 {
+    1
+}
+
 impl Components {
     pub fn fingerprint(&self) -> String {
         let mut hashed = self.clone();
@@ -62,6 +69,11 @@ impl Components {
         }
         if self.kind != previous.kind {
             reasons.push(format!("kind changed ({} -> {})", previous.kind, self.kind));
+        } else if self.kind_version != previous.kind_version {
+            reasons.push(format!(
+                "`{}` writes its output differently since version {} (was {})",
+                self.kind, self.kind_version, previous.kind_version
+            ));
         }
         if self.config != previous.config {
             reasons.push(format!(
@@ -215,8 +227,109 @@ pub fn compute(
     Ok(Computed::Ready(Components {
         version: PROGRAM_VERSION.to_string(),
         kind: stage.spec.kind.clone(),
-        config: stage.spec.config.clone(),
+        kind_version: stage.kind_version,
+        config: without_credentials(&stage.spec.config),
         inputs,
         files,
     }))
+}
+
+/// Query parameters whose values are credentials (matched case-insensitively as substrings).
+const SECRET_PARAMS: [&str; 6] = ["key", "token", "secret", "password", "sig", "auth"];
+
+/// The config as manifests record it: URLs without their user info and without the values of
+/// credential-like query parameters (`?api_key=...`). A run with another key is the same
+/// computation, so the fingerprint does not see keys either.
+fn without_credentials(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.contains("://") => Value::String(redact_url(s)),
+        Value::Array(items) => Value::Array(items.iter().map(without_credentials).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), without_credentials(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let (path, query) = match tail.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (tail, None),
+    };
+    let mut out = format!("{scheme}://{host}{path}");
+    if let Some(query) = query {
+        let (query, fragment) = query.split_once('#').unwrap_or((query, ""));
+        let params: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _))
+                    if SECRET_PARAMS
+                        .iter()
+                        .any(|s| name.to_ascii_lowercase().contains(s)) =>
+                {
+                    format!("{name}=***")
+                }
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+        if !fragment.is_empty() {
+            out.push('#');
+            out.push_str(fragment);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_kind_version_makes_older_outputs_stale() {
+        let older: Components = serde_json::from_value(serde_json::json!({
+            "version": "0.1.0", "kind": "assemble", "config": {}, "inputs": {}, "files": {}
+        }))
+        .unwrap();
+        assert_eq!(older.kind_version, 1, "manifests before versions read as 1");
+        let newer = Components {
+            kind_version: 2,
+            ..older.clone()
+        };
+        assert_ne!(newer.fingerprint(), older.fingerprint());
+        assert_eq!(
+            newer.differences(&older),
+            ["`assemble` writes its output differently since version 2 (was 1)"]
+        );
+    }
+
+    #[test]
+    fn urls_lose_user_info_and_credential_parameters() {
+        assert_eq!(
+            redact_url(
+                "https://user:pw@api.example.com:8443/v1?api-version=2024&api_key=sk1&Sig=x"
+            ),
+            "https://api.example.com:8443/v1?api-version=2024&api_key=***&Sig=***"
+        );
+        assert_eq!(
+            redact_url("http://127.0.0.1:8000/v1"),
+            "http://127.0.0.1:8000/v1"
+        );
+        let config = serde_json::json!({"endpoints": ["http://a:b@h/v1?token=t"], "n": 3});
+        assert_eq!(
+            without_credentials(&config),
+            serde_json::json!({"endpoints": ["http://h/v1?token=***"], "n": 3})
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! stages into atomically replaced output directories, and answers SQL over their tables.
 
 mod fingerprint;
+mod lock;
 mod plan;
 mod progress;
 mod query;
@@ -41,6 +42,11 @@ pub enum PipelineError {
         "stage `{stage}` needs input `{input}`, which has not been built: run stage `{input}` first"
     )]
     InputNotBuilt { stage: String, input: String },
+    #[error(
+        "{}: the work directory is in use by {holder}; wait for it (or run with --wait)",
+        path.display()
+    )]
+    Locked { path: PathBuf, holder: String },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -80,6 +86,8 @@ pub struct ResolvedInput {
 /// A stage bound to its kind, with resolved inputs, outputs and files.
 pub struct PlannedStage {
     pub spec: StageSpec,
+    /// The stage kind's version (`StageKind::version`).
+    pub kind_version: u32,
     pub stage: Box<dyn Stage>,
     pub inputs: Vec<ResolvedInput>,
     pub outputs: Vec<OutputDecl>,
@@ -171,6 +179,7 @@ impl Pipeline {
             planned.push(PlannedStage {
                 dir: spec.workdir.join(&stage_spec.name),
                 spec: stage_spec.clone(),
+                kind_version: kind.version(),
                 stage,
                 inputs,
                 outputs,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use datafusion::catalog::MemorySchemaProvider;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SessionStateBuilder;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{
     DataFrame, ParquetReadOptions, SQLOptions, SessionConfig, SessionContext,
 };
@@ -70,17 +71,22 @@ pub async fn query_session(pipeline: &Pipeline) -> Result<SessionContext, QueryE
 /// session statements (SET).
 pub async fn read_only_sql(ctx: &SessionContext, sql: &str) -> Result<DataFrame, QueryError> {
     let plan = ctx.state().create_logical_plan(sql).await?;
+    verify_read_only(&plan).map_err(QueryError::ReadOnly)?;
+    Ok(ctx.execute_logical_plan(plan).await?)
+}
+
+/// Why `plan` is not a plain query, if it is not: DDL (CREATE, including external tables over
+/// any path), DML (INSERT, COPY ... TO a path) and session statements (SET) are refused, so SQL
+/// reads only the tables registered for it and writes nothing.
+pub(crate) fn verify_read_only(plan: &LogicalPlan) -> Result<(), String> {
     SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false)
-        .verify_plan(&plan)
+        .verify_plan(plan)
         .map_err(|e| {
-            QueryError::ReadOnly(
-                e.strip_backtrace()
-                    .trim_start_matches("Error during planning: ")
-                    .to_string(),
-            )
-        })?;
-    Ok(ctx.execute_logical_plan(plan).await?)
+            e.strip_backtrace()
+                .trim_start_matches("Error during planning: ")
+                .to_string()
+        })
 }

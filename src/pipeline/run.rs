@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::table::{MANIFEST_FILE, Manifest, ManifestTable, StagingDir, recover_interrupted};
 
 use super::fingerprint::PROGRAM_VERSION;
+use super::lock::WorkdirLock;
 use super::plan::{Assessment, StageState};
 use super::stage::{BoundInput, StageContext, StageError};
 use super::{Pipeline, PipelineError, PlannedStage};
@@ -28,6 +29,8 @@ pub struct RunOptions {
     pub force: bool,
     /// Say what would run and why; run nothing.
     pub dry_run: bool,
+    /// When another run holds the work directory, wait for it instead of failing.
+    pub wait_for_lock: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -54,7 +57,17 @@ impl Pipeline {
         options: &RunOptions,
         log: &mut dyn Write,
     ) -> Result<RunSummary, PipelineError> {
-        recover_interrupted(self.workdir())?;
+        // Repairing an interrupted commit needs the lock (a live run may be mid-commit). A dry
+        // run only repairs when no run is live, and does not keep the lock while it assesses.
+        let lock = match WorkdirLock::acquire(self.workdir(), options.wait_for_lock).await {
+            Ok(lock) => {
+                recover_interrupted(self.workdir())?;
+                Some(lock)
+            }
+            Err(PipelineError::Locked { .. }) if options.dry_run => None,
+            Err(e) => return Err(e),
+        };
+        let _lock = lock.filter(|_| !options.dry_run);
         let selected = self.selected(&options.selection)?;
         let mut summary = RunSummary::default();
         // In a dry run, the stages that would have run: their outputs would change. (A real run

@@ -142,6 +142,11 @@ impl StageError {
 
 pub trait StageKind: Send + Sync {
     fn kind(&self) -> &'static str;
+    /// Part of every fingerprint of this kind: raised whenever what the kind writes for the
+    /// same config and inputs changes, so outputs of older builds go stale.
+    fn version(&self) -> u32 {
+        1
+    }
     fn summary(&self) -> &'static str;
     fn inputs(&self) -> InputRoles;
     /// Validates the config; paths in it resolve against `base_dir` (the spec's directory).
@@ -242,8 +247,13 @@ impl StageContext {
         Ok(self.session.as_ref().expect("just set"))
     }
 
+    /// A read-only query over the inputs (as `synthrank sql`: nothing else is read or written).
     pub async fn sql(&mut self, query: &str) -> Result<DataFrame, StageError> {
-        Ok(self.session().await?.sql(query).await?)
+        let ctx = self.session().await?;
+        let plan = ctx.state().create_logical_plan(query).await?;
+        super::query::verify_read_only(&plan)
+            .map_err(|why| StageError::Invalid(format!("stage SQL is read-only: {why}")))?;
+        Ok(ctx.execute_logical_plan(plan).await?)
     }
 
     /// All rows of the input bound to `role`, after the stage's `sql:` filter if it has one,

@@ -110,6 +110,10 @@ impl StageKind for Assemble {
     fn kind(&self) -> &'static str {
         "assemble"
     }
+    /// 2: one record per document across sources; an `epoch` column.
+    fn version(&self) -> u32 {
+        2
+    }
     fn summary(&self) -> &'static str {
         "training lists of graded passages per query (group size, selection, score filters, binary mode)"
     }

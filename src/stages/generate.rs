@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::llm::{
     ChatBackend, ChatRequest, EmbeddedBackend, Journal, JournalEntry, Message, OpenAiBackend,
-    OpenAiConfig, RetryPolicy, parse_all_levels, parse_single_level,
+    OpenAiConfig, RetryPolicy, Secret, parse_all_levels, parse_single_level,
 };
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -143,14 +143,39 @@ impl StageKind for Generate {
         if config.concurrency == 0 {
             return Err(ConfigError::new("concurrency", "must be at least 1"));
         }
-        if config.timeout_s.is_nan() || config.timeout_s <= 0.0 {
-            return Err(ConfigError::new("timeout_s", "must be positive"));
+        check_seconds("timeout_s", config.timeout_s, false)?;
+        check_seconds("backoff_s", config.backoff_s, true)?;
+        if let Some(rps) = config.requests_per_second {
+            // One request per interval: the interval must be a duration too.
+            check_seconds("requests_per_second", 1.0 / rps, false)
+                .map_err(|_| ConfigError::new("requests_per_second", RATE_RANGE))?;
         }
         Ok(Box::new(Prepared {
             config,
             model_file,
             recorded,
         }))
+    }
+}
+
+/// The longest duration a field may ask for: a week.
+const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+const RATE_RANGE: &str =
+    "must be a number of requests per second between 1/604800 (one a week) and infinity";
+
+/// A duration field: finite, positive (or zero where `zero_ok`), at most a week.
+fn check_seconds(field: &str, seconds: f64, zero_ok: bool) -> Result<(), ConfigError> {
+    let positive = seconds > 0.0 || (zero_ok && seconds == 0.0);
+    if positive && seconds <= MAX_SECONDS {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!(
+                "must be a number of seconds {} 0 and at most {MAX_SECONDS} (a week), not {seconds:?}",
+                if zero_ok { "from" } else { "above" }
+            ),
+        ))
     }
 }
 
@@ -220,11 +245,11 @@ impl Prepared {
                 .map_err(|e| StageError::Invalid(e.to_string()));
         }
         let api_key = match &self.config.api_key_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
+            Some(var) => Some(Secret::new(std::env::var(var).map_err(|_| {
                 StageError::Invalid(format!(
                     "the environment variable `{var}` (api_key_env) is not set"
                 ))
-            })?),
+            })?)),
             None => None,
         };
         OpenAiBackend::new(OpenAiConfig {
@@ -282,8 +307,12 @@ impl Prepared {
         let jobs = self.jobs(&ctx.read_input("prompts").await?);
         let state_dir = ctx.state_dir()?.to_path_buf();
         let journal_path = state_dir.join(JOURNAL);
-        let (journal, mut answered) =
+        let opened =
             Journal::open(&journal_path).map_err(|e| StageError::Invalid(e.to_string()))?;
+        let (journal, mut answered) = (opened.journal, opened.entries);
+        if opened.skipped_lines > 0 {
+            ctx.set_stat("journal_lines_skipped", opened.skipped_lines as u64);
+        }
         if let Some(recorded) = &self.recorded {
             let imported = import_recorded(&journal, &mut answered, recorded)?;
             ctx.set_stat("imported_from_recording", imported);

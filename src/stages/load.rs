@@ -253,6 +253,8 @@ impl Loader {
     }
 }
 
+const HEAD_BYTES: usize = 4096;
+
 fn detect_format(target: Target, file: &Path) -> Format {
     let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
     match ext {
@@ -260,9 +262,13 @@ fn detect_format(target: Target, file: &Path) -> Format {
         "jsonl" | "json" => return Format::Beir,
         _ => {}
     }
-    let head = std::fs::read(file)
-        .map(|b| String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned())
-        .unwrap_or_default();
+    // The first 4 KiB decide: never the whole file (a corpus can be gigabytes).
+    let mut bytes = Vec::with_capacity(HEAD_BYTES);
+    if let Ok(f) = std::fs::File::open(file) {
+        let _ =
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, HEAD_BYTES as u64), &mut bytes);
+    }
+    let head = String::from_utf8_lossy(&bytes).into_owned();
     let first = head.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     match target {
         Target::Queries if head.contains("<top>") => Format::Trec,

@@ -62,6 +62,10 @@ impl StageKind for Report {
     fn kind(&self) -> &'static str {
         "report"
     }
+    /// 2: the `significance` table.
+    fn version(&self) -> u32 {
+        2
+    }
     fn summary(&self) -> &'static str {
         "HTML report with plots and a comparison table of metrics across runs"
     }

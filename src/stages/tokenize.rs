@@ -58,6 +58,10 @@ impl StageKind for Tokenize {
     fn kind(&self) -> &'static str {
         "tokenize"
     }
+    /// 2: the `epoch` column.
+    fn version(&self) -> u32 {
+        2
+    }
     fn summary(&self) -> &'static str {
         "token ids of training queries and passages (passage = \"title text\")"
     }

@@ -25,7 +25,7 @@ use crate::stages::with_threads;
 use crate::table::{self, columns};
 use crate::train::{
     AdamWConfig, Decay, Schedule, StepStats, TrainConfig, TrainGroup, Trainer, Warmup,
-    warmup_steps_for_ratio,
+    warmup_steps_for_ratio, write_synced,
 };
 
 pub struct Train;
@@ -123,6 +123,10 @@ impl StageKind for Train {
     fn kind(&self) -> &'static str {
         "train"
     }
+    /// 2: epochs of the `tokens` table; warmup steps of a ratio rounded up.
+    fn version(&self) -> u32 {
+        2
+    }
     fn summary(&self) -> &'static str {
         "train the encoder on tokenized lists (wasserstein, infonce, kl; AdamW; resumable)"
     }
@@ -205,8 +209,8 @@ impl Stage for Prepared {
     }
 
     fn state_summary(&self, state_dir: &Path, _: u64) -> Option<String> {
-        let state =
-            std::fs::read_to_string(checkpoint_dir(state_dir).join("trainer_state.json")).ok()?;
+        let latest = checkpoints(state_dir).into_iter().next()?;
+        let state = std::fs::read_to_string(latest.join("trainer_state.json")).ok()?;
         let step = serde_json::from_str::<serde_json::Value>(&state).ok()?["step"].as_u64()?;
         Some(format!("checkpoint at step {step}"))
     }
@@ -492,52 +496,94 @@ impl Prepared {
     }
 }
 
-fn checkpoint_dir(state: &Path) -> PathBuf {
-    state.join("checkpoint")
+/// Complete checkpoints live in `STATE/checkpoints/step-NNNNNNNNNN/`, each with the run key it
+/// belongs to inside; one is written beside the last under a hidden name and renamed into
+/// place when complete, so a kill at any moment leaves the previous checkpoint usable.
+const CHECKPOINTS: &str = "checkpoints";
+const RUN_KEY: &str = "run_key";
+const LOG: &str = "train_log.jsonl";
+
+/// The complete checkpoints under `state`, newest first.
+fn checkpoints(state: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(state.join(CHECKPOINTS))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    dirs.sort();
+    dirs.reverse();
+    dirs
 }
 
 fn save_checkpoint(trainer: &Trainer, state: &Path, run_key: &str) -> Result<(), StageError> {
-    let dir = checkpoint_dir(state);
-    trainer.save_checkpoint(&dir).map_err(train_error)?;
-    let key = dir.join("run_key");
-    std::fs::write(&key, run_key).map_err(StageError::io(key))
+    let root = state.join(CHECKPOINTS);
+    let name = format!("step-{:010}", trainer.steps());
+    let partial = root.join(format!(".{name}.partial"));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(StageError::io(&partial))?;
+    }
+    trainer.save_checkpoint(&partial).map_err(train_error)?;
+    write_synced(&partial.join(RUN_KEY), run_key.as_bytes()).map_err(StageError::io(&partial))?;
+    let done = root.join(&name);
+    if done.exists() {
+        std::fs::remove_dir_all(&done).map_err(StageError::io(&done))?;
+    }
+    std::fs::rename(&partial, &done).map_err(StageError::io(&done))?;
+    std::fs::File::open(&root)
+        .and_then(|d| d.sync_all())
+        .map_err(StageError::io(&root))?;
+    tracing::debug!("checkpoint saved: {}", done.display());
+    // Older checkpoints go only once the new one is in place.
+    for old in checkpoints(state).into_iter().filter(|d| *d != done) {
+        std::fs::remove_dir_all(&old).map_err(StageError::io(&old))?;
+    }
+    Ok(())
 }
 
-/// Restores the last checkpoint of this run (same config and input) and the log up to it;
-/// otherwise clears stale state and starts from step 0.
+/// Restores the newest checkpoint of this run (same config, input and base weights) and the
+/// log up to it; otherwise clears stale state and starts from step 0.
 fn resume(trainer: &mut Trainer, state: &Path, run_key: &str) -> Result<Vec<LogRow>, StageError> {
-    let dir = checkpoint_dir(state);
-    let log_path = state.join("train_log.jsonl");
-    let same_run = std::fs::read_to_string(dir.join("run_key")).is_ok_and(|k| k == run_key);
-    if !same_run {
-        for path in [&dir, &log_path] {
+    let log_path = state.join(LOG);
+    let ours = checkpoints(state)
+        .into_iter()
+        .find(|d| std::fs::read_to_string(d.join(RUN_KEY)).is_ok_and(|k| k == run_key));
+    let Some(dir) = ours else {
+        for path in [state.join(CHECKPOINTS), log_path] {
             if path.is_dir() {
-                std::fs::remove_dir_all(path).map_err(StageError::io(path))?;
+                std::fs::remove_dir_all(&path).map_err(StageError::io(&path))?;
             } else if path.exists() {
-                std::fs::remove_file(path).map_err(StageError::io(path))?;
+                std::fs::remove_file(&path).map_err(StageError::io(&path))?;
             }
         }
         return Ok(Vec::new());
-    }
+    };
     let step = trainer.load_checkpoint(&dir).map_err(train_error)?;
     tracing::info!("resuming training from the checkpoint at step {step}");
     let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-    // Steps logged after the checkpoint are redone; a torn last line is dropped.
+    // Steps logged after the checkpoint are redone; a torn last line is dropped. The kept
+    // lines replace the log atomically.
     let log: Vec<LogRow> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<LogRow>(l).ok())
         .filter(|r| r.step <= step)
         .collect();
-    let mut file = std::fs::File::create(&log_path).map_err(StageError::io(&log_path))?;
-    for row in &log {
-        writeln!(file, "{}", serde_json::to_string(row).expect("serializes"))
-            .map_err(StageError::io(&log_path))?;
-    }
+    let kept: String = log
+        .iter()
+        .map(|row| serde_json::to_string(row).expect("serializes") + "\n")
+        .collect();
+    let tmp = state.join(format!("{LOG}.tmp"));
+    write_synced(&tmp, kept.as_bytes()).map_err(StageError::io(&tmp))?;
+    std::fs::rename(&tmp, &log_path).map_err(StageError::io(&log_path))?;
     Ok(log)
 }
 
 fn append_log(state: &Path, row: &LogRow) -> Result<(), StageError> {
-    let path = state.join("train_log.jsonl");
+    let path = state.join(LOG);
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -8,7 +8,7 @@ mod trainer;
 
 pub use optimizer::{AdamW, AdamWConfig};
 pub use schedule::{Decay, Schedule, Warmup, warmup_steps_for_ratio};
-pub use trainer::{StepStats, TrainConfig, TrainGroup, Trainer};
+pub use trainer::{StepStats, TrainConfig, TrainGroup, Trainer, write_synced};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

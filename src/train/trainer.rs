@@ -271,28 +271,31 @@ impl Trainer {
         })
     }
 
-    /// Saves weights, optimizer moments and the step count under `dir` (replaced atomically).
+    /// Writes weights, optimizer moments and the step count into the new directory `dir`,
+    /// every file fsync'd, the step last: a directory without `trainer_state.json` is not a
+    /// checkpoint. Callers make it visible by renaming it (see the `train` stage).
     pub fn save_checkpoint(&self, dir: &Path) -> Result<(), TrainError> {
-        let staging = dir.with_extension("saving");
-        let io = |e: std::io::Error| TrainError::Checkpoint(format!("{}: {e}", staging.display()));
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(io)?;
-        }
-        std::fs::create_dir_all(&staging).map_err(io)?;
+        let io = |e: std::io::Error| TrainError::Checkpoint(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(io)?;
         let weights: std::collections::HashMap<String, Tensor> =
             self.model.state().into_iter().collect();
-        candle_core::safetensors::save(&weights, staging.join("model.safetensors"))?;
-        self.optimizer
-            .save(&staging.join("optimizer.safetensors"))?;
+        let model = dir.join("model.safetensors");
+        candle_core::safetensors::save(&weights, &model)?;
+        let optimizer = dir.join("optimizer.safetensors");
+        self.optimizer.save(&optimizer)?;
+        for file in [&model, &optimizer] {
+            std::fs::File::open(file)
+                .and_then(|f| f.sync_all())
+                .map_err(io)?;
+        }
         let state = serde_json::to_string(&TrainerState {
             step: self.optimizer.steps(),
         })
         .expect("state serializes");
-        std::fs::write(staging.join("trainer_state.json"), state).map_err(io)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(io)?;
-        }
-        std::fs::rename(&staging, dir).map_err(io)
+        write_synced(&dir.join("trainer_state.json"), state.as_bytes()).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)
     }
 
     /// Restores a checkpoint written by [`Trainer::save_checkpoint`]; returns its step.
@@ -327,4 +330,12 @@ fn add_grads(acc: Option<Vec<Tensor>>, grads: Vec<Tensor>) -> Result<Vec<Tensor>
             .map(|(a, g)| a + g)
             .collect::<Result<Vec<_>, _>>()?,
     })
+}
+
+/// Writes `bytes` to `path` and flushes them to the disk.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }

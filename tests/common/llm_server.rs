@@ -13,6 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub struct Received {
     pub body: serde_json::Value,
     pub authorization: Option<String>,
+    /// When the whole request had arrived.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -129,6 +131,7 @@ async fn serve(
         let request = Received {
             body,
             authorization: header("authorization"),
+            at: std::time::Instant::now(),
         };
         let n = {
             let mut log = log.lock().unwrap();

@@ -52,6 +52,7 @@ pub fn try_run(
         selection,
         force,
         dry_run: false,
+        wait_for_lock: false,
     };
     runtime().block_on(pipeline.run(&options, &mut std::io::sink()))
 }
