@@ -199,3 +199,39 @@ fn eval_command_prints_trec_eval_format() {
         common::stderr(&bad)
     );
 }
+
+/// A query whose retrieved documents are all judged non-relevant (or unjudged) scores 0: printed
+/// `0.0000` as trec_eval prints it, never `-0.0000`, on a graded qrels file.
+#[test]
+fn queries_retrieving_nothing_relevant_print_zero_not_negative_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let qrels = dir.path().join("qrels.txt");
+    let run = dir.path().join("run.txt");
+    std::fs::write(&qrels, "q1 0 d1 2\nq1 0 d2 0\nq2 0 d3 1\nq3 0 d4 3\n").unwrap();
+    std::fs::write(
+        &run,
+        "q1 Q0 d2 1 3.0 r\nq1 Q0 d5 2 2.0 r\nq2 Q0 d3 1 1.0 r\nq3 Q0 d6 1 1.0 r\n",
+    )
+    .unwrap();
+    let out = common::synthrank(&[
+        "eval",
+        "--qrels",
+        qrels.to_str().unwrap(),
+        "--run",
+        run.to_str().unwrap(),
+        "-m",
+        "ndcg_cut.10",
+        "ndcg",
+        "map",
+        "-q",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(!text.contains("-0.0000"), "{text}");
+    for query in ["q1", "q3"] {
+        assert!(
+            text.contains(&format!("ndcg_cut_10           \t{query}\t0.0000")),
+            "{text}"
+        );
+    }
+}

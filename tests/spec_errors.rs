@@ -234,3 +234,28 @@ fn out_of_range_durations_name_the_field() {
         );
     }
 }
+
+/// `device:` is checked when the spec is loaded: a misspelt device, and CUDA asked of a build
+/// without it, name the field (never a silent fall-back to the CPU).
+#[test]
+fn devices_are_checked_against_the_build() {
+    let model = common::demo_model("all-MiniLM-L6-v2");
+    let spec = |device: &str| {
+        format!(
+            "name: p\nstages:\n{QUERIES}  - name: e\n    kind: embed\n    inputs: [q]\n    config:\n      model: {}\n      device: {device}\n",
+            model.display()
+        )
+    };
+    let msg = error_of(&spec("gpu"));
+    assert!(
+        msg.contains("field `device`") && msg.contains("`gpu` is not a device"),
+        "{msg}"
+    );
+    if !synthrank::encoder::CUDA_BUILT {
+        let msg = error_of(&spec("cuda:1"));
+        assert!(
+            msg.starts_with(":12: stage `e`, field `device`: device: `cuda:1` asked of a synthrank built without CUDA"),
+            "{msg}"
+        );
+    }
+}

@@ -375,7 +375,12 @@ fn print_status(pipeline: &Pipeline) -> Result<(), CliError> {
             let (rows, last) = match &a.manifest {
                 Some(m) => (
                     m.rows().to_string(),
-                    format!("{} ({:.2}s)", m.started_at, m.duration_s),
+                    match m.stats.get("device").and_then(|d| d.as_str()) {
+                        Some(device) => {
+                            format!("{} ({:.2}s on {device})", m.started_at, m.duration_s)
+                        }
+                        None => format!("{} ({:.2}s)", m.started_at, m.duration_s),
+                    },
                 ),
                 None => ("-".to_string(), "-".to_string()),
             };

@@ -4,6 +4,7 @@
 
 mod bert;
 mod config;
+mod device;
 mod embedder;
 mod model_dir;
 mod onnx_export;
@@ -13,6 +14,7 @@ mod tokenizer;
 
 pub use bert::{Bert, pad_batch};
 pub use config::BertConfig;
+pub use device::{CUDA_BUILT, DeviceChoice, device_label};
 pub use embedder::{CandleEmbedder, Embedder};
 pub use model_dir::ModelDir;
 pub use onnx_export::{OnnxOps, export_onnx};
@@ -58,6 +60,8 @@ pub enum EncoderError {
     Candle(#[from] candle_core::Error),
     #[error("ONNX Runtime: {0}")]
     Onnx(String),
+    #[error("device: {0}")]
+    Device(String),
 }
 
 impl EncoderError {

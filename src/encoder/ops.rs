@@ -48,8 +48,14 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// GELU, erf form: 0.5 x (1 + erf(x / sqrt 2)), as one op whose backward is one pass too.
 /// candle's `gelu_erf` builds its gradient from a dozen elementwise ops over the whole
 /// (tokens x intermediate) activation, the largest tensor of a layer.
+/// On other devices (CUDA) it is candle's own `gelu_erf`, whose kernels run there and whose
+/// backward is made of elementwise ops: the same function and gradient (tested on the CPU).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(GeluErf)
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(GeluErf)
+    } else {
+        x.gelu_erf()
+    }
 }
 
 struct GeluErf;
@@ -259,5 +265,30 @@ mod tests {
         assert!(one.iter().all(|&v| v == 0.0 || v == scale));
         let kept = one.iter().filter(|&&v| v > 0.0).count() as f64 / one.len() as f64;
         assert!((kept - 0.9).abs() < 0.005, "kept {kept}");
+    }
+
+    /// The GPU path's GELU (candle's op) computes what the fused CPU op does, value and
+    /// gradient, so a CUDA step trains the same function.
+    #[test]
+    fn candles_gelu_matches_the_fused_op_and_its_gradient() {
+        let values: Vec<f64> = (-40..=40).map(|i| f64::from(i) * 0.15).collect();
+        let x = candle_core::Var::from_vec(values.clone(), values.len(), &Device::Cpu).unwrap();
+        let fused = gelu_erf(x.as_tensor()).unwrap();
+        let candle = x.as_tensor().gelu_erf().unwrap();
+        let (a, b): (Vec<f64>, Vec<f64>) = (fused.to_vec1().unwrap(), candle.to_vec1().unwrap());
+        assert_eq!(a.len(), b.len());
+        // candle's erf is a rational approximation good to ~1e-9: far below f32 training noise.
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() < 1e-7, "{p} vs {q}");
+        }
+        let grad = |y: &Tensor| -> Vec<f64> {
+            let store = (y * 1.0).unwrap().sum_all().unwrap().backward().unwrap();
+            store.get(x.as_tensor()).unwrap().to_vec1().unwrap()
+        };
+        let (ga, gb) = (grad(&fused), grad(&candle));
+        assert_eq!(ga.len(), values.len());
+        for (p, q) in ga.iter().zip(&gb) {
+            assert!((p - q).abs() < 1e-6, "{p} vs {q}");
+        }
     }
 }

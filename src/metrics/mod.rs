@@ -38,10 +38,6 @@ impl Qrels {
         };
         docs.insert(doc.into(), relevance);
     }
-
-    pub fn queries(&self) -> impl Iterator<Item = &str> {
-        self.judgments.keys().map(AsRef::as_ref)
-    }
 }
 
 /// One query's retrieved documents and scores, in insertion order. The ids share one string
@@ -201,11 +197,13 @@ impl QueryEval {
     }
 
     fn dcg(gains: impl Iterator<Item = i32>) -> f64 {
+        // Folded from +0.0: `Sum` for floats starts at -0.0, and trec_eval prints an empty
+        // DCG as 0.0000, not -0.0000.
         gains
             .enumerate()
             .filter(|(_, g)| *g > 0)
             .map(|(i, g)| g as f64 / ((i + 2) as f64).log2())
-            .sum()
+            .fold(0.0, |sum, x| sum + x)
     }
 
     fn ndcg(&self, cutoff: usize) -> f64 {

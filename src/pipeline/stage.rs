@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -147,7 +146,6 @@ pub trait StageKind: Send + Sync {
     fn version(&self) -> u32 {
         1
     }
-    fn summary(&self) -> &'static str;
     fn inputs(&self) -> InputRoles;
     /// Validates the config; paths in it resolve against `base_dir` (the spec's directory).
     fn prepare(
@@ -214,10 +212,6 @@ impl StageContext {
             stats: serde_json::Map::new(),
             session: None,
         }
-    }
-
-    pub fn stage_name(&self) -> &str {
-        &self.stage
     }
 
     pub fn inputs(&self) -> impl Iterator<Item = &BoundInput> {
@@ -354,6 +348,3 @@ impl StageContext {
         (self.written, self.stats)
     }
 }
-
-/// Shared handle used by the registry; stage kinds are stateless singletons.
-pub type StageKindRef = Arc<dyn StageKind>;

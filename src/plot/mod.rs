@@ -19,7 +19,8 @@ pub struct Series {
     pub values: Vec<f64>,
 }
 
-fn escape(text: &str) -> String {
+/// Text for an XML or HTML element or attribute value.
+pub fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

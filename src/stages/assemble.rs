@@ -114,9 +114,6 @@ impl StageKind for Assemble {
     fn version(&self) -> u32 {
         2
     }
-    fn summary(&self) -> &'static str {
-        "training lists of graded passages per query (group size, selection, score filters, binary mode)"
-    }
     fn inputs(&self) -> InputRoles {
         InputRoles::Fixed(INPUTS)
     }

@@ -11,7 +11,8 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::encoder::{
-    CandleEmbedder, Embedder, ModelDir, OnnxOps, OrtEmbedder, Pooling, export_onnx,
+    CandleEmbedder, DeviceChoice, Embedder, ModelDir, OnnxOps, OrtEmbedder, Pooling, device_label,
+    export_onnx,
 };
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -92,6 +93,10 @@ struct Config {
     prefix: String,
     #[serde(default)]
     threads: Option<usize>,
+    /// `auto` (default), `cpu`, `cuda:N`: where the candle backend runs. The onnx backend runs
+    /// ONNX Runtime's CPU provider.
+    #[serde(default)]
+    device: DeviceChoice,
 }
 
 fn default_backend() -> Backend {
@@ -113,9 +118,6 @@ fn default_max_batch() -> usize {
 impl StageKind for Embed {
     fn kind(&self) -> &'static str {
         "embed"
-    }
-    fn summary(&self) -> &'static str {
-        "embed a corpus or queries with an encoder (candle or ONNX Runtime)"
     }
     fn inputs(&self) -> InputRoles {
         InputRoles::Fixed(INPUTS)
@@ -148,6 +150,16 @@ impl StageKind for Embed {
             return Err(ConfigError::new(
                 "onnx_weights",
                 "8-bit weights are an ONNX export: set `backend: onnx`",
+            ));
+        }
+        config
+            .device
+            .check()
+            .map_err(|e| ConfigError::new("device", e.to_string()))?;
+        if config.backend == Backend::Onnx && matches!(config.device, DeviceChoice::Cuda(_)) {
+            return Err(ConfigError::new(
+                "device",
+                "the onnx backend runs ONNX Runtime's CPU provider: use `backend: candle` on a GPU",
             ));
         }
         if config.backend == Backend::Onnx && library.is_none() {
@@ -234,15 +246,25 @@ impl Prepared {
         }
     }
 
-    fn embedder(&self, model: &ModelDir, state: &Path) -> Result<Box<dyn Embedder>, StageError> {
+    /// The embedder and the device it runs on (for the manifest).
+    fn embedder(
+        &self,
+        model: &ModelDir,
+        state: &Path,
+    ) -> Result<(Box<dyn Embedder>, String), StageError> {
         let c = &self.config;
         let pooling = c.pooling.unwrap_or(model.pooling);
         let normalize = c.normalize.unwrap_or(model.normalize);
         let pad = model.tokenizer().map_err(invalid)?.pad_id();
         match c.backend {
             Backend::Candle => {
-                let bert = model.load_model(&Device::Cpu).map_err(invalid)?;
-                Ok(Box::new(CandleEmbedder::new(bert, pooling, normalize, pad)))
+                let device = c.device.open().map_err(invalid)?;
+                tracing::debug!("embedding on {}", device_label(&device));
+                let bert = model.load_model(&device).map_err(invalid)?;
+                Ok((
+                    Box::new(CandleEmbedder::new(bert, pooling, normalize, pad)),
+                    device_label(&device),
+                ))
             }
             Backend::Onnx => {
                 let onnx = match self.given_onnx_file(model) {
@@ -267,18 +289,17 @@ impl Prepared {
                     .threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
                 let library = self.library.as_ref().expect("checked in prepare");
-                Ok(Box::new(
-                    OrtEmbedder::open(
-                        library,
-                        &onnx,
-                        model.config.hidden_size,
-                        pooling,
-                        normalize,
-                        pad,
-                        threads,
-                    )
-                    .map_err(invalid)?,
-                ))
+                let embedder = OrtEmbedder::open(
+                    library,
+                    &onnx,
+                    model.config.hidden_size,
+                    pooling,
+                    normalize,
+                    pad,
+                    threads,
+                )
+                .map_err(invalid)?;
+                Ok((Box::new(embedder), "cpu".to_string()))
             }
         }
     }
@@ -322,7 +343,8 @@ impl Prepared {
         let schema = table::schema("embeddings")?.arrow_with_dim(Some(dim as i32));
         let mut writer = ctx.create_table("embeddings", schema.clone())?;
         let bar = ctx.progress(Some(ids.len() as u64), role);
-        let embedder = self.embedder(&model, &state)?;
+        let (embedder, device) = self.embedder(&model, &state)?;
+        ctx.set_stat("device", device);
         let written = tokio::task::block_in_place(|| -> Result<usize, StageError> {
             let mut embedder = embedder;
             let mut tokens = Vec::with_capacity(texts.len());

@@ -49,9 +49,6 @@ impl StageKind for Evaluate {
     fn kind(&self) -> &'static str {
         "evaluate"
     }
-    fn summary(&self) -> &'static str {
-        "trec_eval measures of a run against qrels, per query and mean"
-    }
     fn inputs(&self) -> InputRoles {
         InputRoles::Fixed(INPUTS)
     }

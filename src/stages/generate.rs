@@ -71,7 +71,7 @@ struct Config {
     #[serde(default)]
     requests_per_second: Option<f64>,
     /// The levels an all-levels answer must contain.
-    #[serde(default = "default_levels")]
+    #[serde(default = "crate::stages::default_levels")]
     levels: Vec<i32>,
 }
 
@@ -100,16 +100,10 @@ fn default_retries() -> u32 {
 fn default_backoff() -> f64 {
     0.5
 }
-fn default_levels() -> Vec<i32> {
-    vec![3, 2, 1, 0]
-}
 
 impl StageKind for Generate {
     fn kind(&self) -> &'static str {
         "generate"
-    }
-    fn summary(&self) -> &'static str {
-        "ask an LLM for graded passages (journaled, resumable) and parse the answers"
     }
     fn inputs(&self) -> InputRoles {
         InputRoles::Fixed(INPUTS)

@@ -120,13 +120,10 @@ const QRELS_INPUTS: &[InputRole] = &[
 ];
 
 macro_rules! loader_kind {
-    ($ty:ident, $target:expr, $name:literal, $summary:literal, $inputs:expr) => {
+    ($ty:ident, $target:expr, $name:literal, $inputs:expr) => {
         impl StageKind for $ty {
             fn kind(&self) -> &'static str {
                 $name
-            }
-            fn summary(&self) -> &'static str {
-                $summary
             }
             fn inputs(&self) -> InputRoles {
                 InputRoles::Fixed($inputs)
@@ -146,27 +143,9 @@ macro_rules! loader_kind {
     };
 }
 
-loader_kind!(
-    LoadQueries,
-    Target::Queries,
-    "load_queries",
-    "read queries (BEIR jsonl, TSV, TREC topics, Parquet)",
-    &[]
-);
-loader_kind!(
-    LoadCorpus,
-    Target::Corpus,
-    "load_corpus",
-    "read a corpus (BEIR jsonl, TSV, Parquet)",
-    &[]
-);
-loader_kind!(
-    LoadQrels,
-    Target::Qrels,
-    "load_qrels",
-    "read relevance judgments (BEIR TSV, TREC qrels, Parquet)",
-    QRELS_INPUTS
-);
+loader_kind!(LoadQueries, Target::Queries, "load_queries", &[]);
+loader_kind!(LoadCorpus, Target::Corpus, "load_corpus", &[]);
+loader_kind!(LoadQrels, Target::Qrels, "load_qrels", QRELS_INPUTS);
 
 struct Loader {
     target: Target,

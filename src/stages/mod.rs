@@ -34,6 +34,11 @@ pub fn registry() -> Registry {
 }
 
 /// Runs `f` on a thread pool of `threads` workers when asked (candle and gemm use rayon).
+/// The paper's relevance levels, best first: what prompts ask for and answers are read as.
+pub(crate) fn default_levels() -> Vec<i32> {
+    vec![3, 2, 1, 0]
+}
+
 pub(crate) fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> T {
     match threads.and_then(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().ok()) {
         Some(pool) => pool.install(f),

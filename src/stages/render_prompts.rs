@@ -40,7 +40,7 @@ struct Config {
     #[serde(default = "default_mode")]
     mode: Mode,
     /// The relevance levels to ask for, best first.
-    #[serde(default = "default_levels")]
+    #[serde(default = "crate::stages::default_levels")]
     levels: Vec<i32>,
     /// Extra variables for the template.
     #[serde(default)]
@@ -51,16 +51,9 @@ fn default_mode() -> Mode {
     Mode::AllLevels
 }
 
-fn default_levels() -> Vec<i32> {
-    vec![3, 2, 1, 0]
-}
-
 impl StageKind for RenderPrompts {
     fn kind(&self) -> &'static str {
         "render_prompts"
-    }
-    fn summary(&self) -> &'static str {
-        "render one chat prompt per query (or per query and level) from a minijinja template"
     }
     fn inputs(&self) -> InputRoles {
         InputRoles::Fixed(INPUTS)

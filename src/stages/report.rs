@@ -15,7 +15,7 @@ use crate::metrics::{PairedTest, paired_test};
 use crate::pipeline::{
     ConfigError, InputRoles, OutputDecl, Stage, StageContext, StageError, StageKind, parse_config,
 };
-use crate::plot::{self, Series};
+use crate::plot::{self, Series, escape};
 use crate::table::columns;
 
 pub struct Report;
@@ -65,9 +65,6 @@ impl StageKind for Report {
     /// 2: the `significance` table.
     fn version(&self) -> u32 {
         2
-    }
-    fn summary(&self) -> &'static str {
-        "HTML report with plots and a comparison table of metrics across runs"
     }
     fn inputs(&self) -> InputRoles {
         InputRoles::Any
@@ -471,12 +468,6 @@ impl Prepared {
         html.push_str("<p>Also: <a href=\"summary.md\">summary.md</a>, <a href=\"summary.tex\">summary.tex</a>.</p>\n</body></html>\n");
         html
     }
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }
 
 /// p-values as papers print them: four decimals, or `< 0.0001`.

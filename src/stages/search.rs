@@ -51,9 +51,6 @@ impl StageKind for Search {
     fn kind(&self) -> &'static str {
         "search"
     }
-    fn summary(&self) -> &'static str {
-        "exact inner-product top-k of query embeddings over corpus embeddings"
-    }
     fn inputs(&self) -> InputRoles {
         InputRoles::Fixed(INPUTS)
     }

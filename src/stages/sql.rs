@@ -35,9 +35,6 @@ impl StageKind for SqlStage {
     fn kind(&self) -> &'static str {
         "sql"
     }
-    fn summary(&self) -> &'static str {
-        "run a SQL query (DataFusion) over the inputs, each registered under its name"
-    }
     fn inputs(&self) -> InputRoles {
         InputRoles::Any
     }

@@ -62,9 +62,6 @@ impl StageKind for Tokenize {
     fn version(&self) -> u32 {
         2
     }
-    fn summary(&self) -> &'static str {
-        "token ids of training queries and passages (passage = \"title text\")"
-    }
     fn inputs(&self) -> InputRoles {
         InputRoles::Fixed(INPUTS)
     }

@@ -7,14 +7,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use arrow::array::{Float64Array, Int32Array, RecordBatch, StringArray};
-use candle_core::Device;
 use futures::future::BoxFuture;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::encoder::{ModelDir, OnnxOps, Pooling, export_onnx};
+use crate::encoder::{DeviceChoice, ModelDir, OnnxOps, Pooling, device_label, export_onnx};
 use crate::loss::LossKind;
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -98,6 +97,10 @@ struct Config {
     /// Worker threads for the tensor engine (default: all cores).
     #[serde(default)]
     threads: Option<usize>,
+    /// `auto` (default: the GPU when the build has CUDA and one answers), `cpu`, `cuda:N`.
+    /// Not part of the run key: a checkpoint written on one device resumes on another.
+    #[serde(default, skip_serializing)]
+    device: DeviceChoice,
 }
 
 fn default_loss() -> LossKind {
@@ -126,9 +129,6 @@ impl StageKind for Train {
     /// 2: epochs of the `tokens` table; warmup steps of a ratio rounded up.
     fn version(&self) -> u32 {
         2
-    }
-    fn summary(&self) -> &'static str {
-        "train the encoder on tokenized lists (wasserstein, infonce, kl; AdamW; resumable)"
     }
     fn inputs(&self) -> InputRoles {
         InputRoles::Fixed(INPUTS)
@@ -176,6 +176,10 @@ impl StageKind for Train {
                 "the Wasserstein loss fits Gaussians over the batch: use at least 2",
             ));
         }
+        config
+            .device
+            .check()
+            .map_err(|e| ConfigError::new("device", e.to_string()))?;
         let model_path = clean_path(&base_dir.join(&config.model));
         let model =
             ModelDir::open(&model_path).map_err(|e| ConfigError::new("model", e.to_string()))?;
@@ -386,9 +390,10 @@ impl Prepared {
         let config = self.train_config(total_steps);
         let model_dir = self.model.clone();
         let threads = c.threads;
-        let (log, steps, resumed_from) = tokio::task::block_in_place(|| {
-            let run = || -> Result<(Vec<LogRow>, u64, u64), StageError> {
-                let device = Device::Cpu;
+        let (log, steps, resumed_from, device) = tokio::task::block_in_place(|| {
+            let run = || -> Result<(Vec<LogRow>, u64, u64, String), StageError> {
+                let device = c.device.open().map_err(train_error)?;
+                tracing::debug!("training on {}", device_label(&device));
                 let model = model_dir.load_model(&device).map_err(train_error)?;
                 let pad = model_dir.tokenizer().map_err(train_error)?.pad_id();
                 let mut trainer = Trainer::new(model, config, pad).map_err(train_error)?;
@@ -453,7 +458,7 @@ impl Prepared {
                     )
                     .map_err(train_error)?;
                 }
-                Ok((log, trainer.steps(), resumed_from))
+                Ok((log, trainer.steps(), resumed_from, device_label(&device)))
             };
             run()
         })?;
@@ -487,6 +492,7 @@ impl Prepared {
         )
         .expect("columns follow the model kind");
         ctx.set_stat("steps", steps);
+        ctx.set_stat("device", device);
         ctx.set_stat("resumed_from_step", resumed_from);
         ctx.set_stat("groups", lists as u64);
         if let Some(last) = log.last() {
