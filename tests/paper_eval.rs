@@ -65,13 +65,7 @@ fn the_evaluation_suite_runs_and_reports_the_beir_average() {
     let run = |command: &str, extra: &[&str]| {
         let a = args(command, extra);
         let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-        let out = common::synthrank(&refs);
-        assert!(
-            out.status.success(),
-            "synthrank {command}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        common::success(&common::synthrank(&refs))
     };
     run("run", &[]);
     let table = run(

@@ -105,13 +105,7 @@ fn cli(dir: &std::path::Path, args: &[&str]) -> String {
     let workdir = dir.join("work");
     let mut all = args.to_vec();
     all.extend(["--workdir", workdir.to_str().unwrap()]);
-    let out = common::synthrank(&all);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::success(&common::synthrank(&all))
 }
 
 #[test]

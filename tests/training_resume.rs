@@ -41,12 +41,7 @@ fn log(workdir: &Path) -> String {
         "csv",
         "SELECT step, epoch, loss, lr, grad_norm FROM train.train_log ORDER BY step",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::success(&out)
 }
 
 #[test]
