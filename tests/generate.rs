@@ -555,3 +555,55 @@ fn credentials_appear_in_no_table_manifest_journal_or_log() {
         }
     }
 }
+
+/// All-levels prompts ask the server for the parser's JSON (response_format json_schema by
+/// default, vLLM's guided_json on request, nothing when off); per-level prompts ask for plain
+/// text. The constraint is not part of the request hash: journaled answers are reused.
+#[test]
+fn all_levels_requests_carry_the_answer_schema() {
+    for (setting, key) in [
+        ("", Some("response_format")),
+        (
+            "      structured_output: guided_json\n",
+            Some("guided_json"),
+        ),
+        ("      structured_output: off\n", None),
+    ] {
+        let server = LlmServer::start(|r, _| {
+            Reply::Answer(graded_answer(&query_of(&r.user()), &[3, 2, 1, 0]))
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let spec = pipeline(dir.path(), 2, &server.url, setting);
+        common::run(
+            &common::load(&spec, &dir.path().join("work")),
+            Selection::All,
+            false,
+        );
+        let body = &server.requests()[0].body;
+        for other in ["response_format", "guided_json"] {
+            assert_eq!(
+                body.get(other).is_some(),
+                Some(other) == key,
+                "{setting}: {body}"
+            );
+        }
+        let schema = match key {
+            Some("response_format") => &body["response_format"]["json_schema"]["schema"],
+            Some(_) => &body["guided_json"],
+            None => continue,
+        };
+        assert_eq!(schema["required"], serde_json::json!(["3", "2", "1", "0"]));
+        assert_eq!(
+            schema["properties"]["0"]["required"],
+            serde_json::json!(["title", "text"])
+        );
+        // Turning the constraint off later reuses every journaled answer.
+        let unconstrained = pipeline(dir.path(), 2, &server.url, "      structured_output: off\n");
+        common::run(
+            &common::load(&unconstrained, &dir.path().join("work")),
+            Selection::All,
+            false,
+        );
+        assert_eq!(server.count(), 2, "{setting}: answers were bought again");
+    }
+}

@@ -23,6 +23,8 @@ fn request(max_tokens: u32) -> ChatRequest {
         max_tokens: Some(max_tokens),
         seed: Some(1),
         stop: vec![],
+        response_format: None,
+        guided_json: None,
     }
 }
 

@@ -7,6 +7,7 @@ mod openai;
 mod parse;
 mod retry;
 mod secret;
+mod structured;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,7 @@ pub use openai::{OpenAiBackend, OpenAiConfig};
 pub use parse::{GradedPassage, ParseError, parse_all_levels, parse_single_level};
 pub use retry::RetryPolicy;
 pub use secret::Secret;
+pub use structured::{StructuredOutput, graded_passages_schema};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -40,12 +42,25 @@ pub struct ChatRequest {
     pub seed: Option<u64>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub stop: Vec<String>,
+    /// Structured output (`StructuredOutput`): the OpenAI form ...
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub response_format: Option<serde_json::Value>,
+    /// ... or vLLM's older extension.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub guided_json: Option<serde_json::Value>,
 }
 
 impl ChatRequest {
-    /// BLAKE3 of the request's canonical JSON (fields in declaration order, no endpoint, no key).
+    /// BLAKE3 of the request's canonical JSON (fields in declaration order, no endpoint, no
+    /// key). The output constraint is left out: an answer journaled with or without it answers
+    /// the same prompt, and turning it on must not buy every answer again.
     pub fn hash(&self) -> String {
-        let bytes = serde_json::to_vec(self).expect("requests serialize");
+        let unconstrained = ChatRequest {
+            response_format: None,
+            guided_json: None,
+            ..self.clone()
+        };
+        let bytes = serde_json::to_vec(&unconstrained).expect("requests serialize");
         blake3::hash(&bytes).to_hex().to_string()
     }
 }

@@ -12,7 +12,8 @@ use serde::Deserialize;
 
 use crate::llm::{
     ChatBackend, ChatRequest, EmbeddedBackend, Journal, JournalEntry, Message, OpenAiBackend,
-    OpenAiConfig, RetryPolicy, Secret, parse_all_levels, parse_single_level,
+    OpenAiConfig, RetryPolicy, Secret, StructuredOutput, graded_passages_schema, parse_all_levels,
+    parse_single_level,
 };
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -73,6 +74,10 @@ struct Config {
     /// The levels an all-levels answer must contain.
     #[serde(default = "crate::stages::default_levels")]
     levels: Vec<i32>,
+    /// How all-levels answers are constrained to the JSON the parser reads (openai backend):
+    /// `json_schema` (default), `guided_json` (older vLLM) or `off`.
+    #[serde(default)]
+    structured_output: StructuredOutput,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -276,7 +281,8 @@ impl Prepared {
                     role: "user".to_string(),
                     content: users.value(row).to_string(),
                 });
-                let request = ChatRequest {
+                let level = (!arrow::array::Array::is_null(levels, row)).then(|| levels.value(row));
+                let mut request = ChatRequest {
                     model: self.config.model.clone(),
                     messages,
                     temperature: self.config.temperature,
@@ -284,11 +290,19 @@ impl Prepared {
                     max_tokens: self.config.max_tokens,
                     seed: self.config.seed,
                     stop: self.config.stop.clone(),
+                    response_format: None,
+                    guided_json: None,
                 };
+                // The embedded model decodes freely; a server constrains an all-levels answer.
+                if level.is_none() && self.config.backend == BackendKind::Openai {
+                    self.config
+                        .structured_output
+                        .apply(&mut request, graded_passages_schema(&self.config.levels));
+                }
                 jobs.push(Job {
                     prompt_id: prompt_ids.value(row).to_string(),
                     query_id: query_ids.value(row).to_string(),
-                    level: (!arrow::array::Array::is_null(levels, row)).then(|| levels.value(row)),
+                    level,
                     hash: request.hash(),
                     request,
                 });
