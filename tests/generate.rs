@@ -607,3 +607,46 @@ fn all_levels_requests_carry_the_answer_schema() {
         assert_eq!(server.count(), 2, "{setting}: answers were bought again");
     }
 }
+
+/// `max_total_tokens` stops sending once the journal's answers reach it (nothing is bought
+/// past the budget but what is in flight); `status` shows tokens and, with prices, the cost;
+/// a larger budget then sends only the rest.
+#[test]
+fn a_token_budget_stops_the_spending_and_status_shows_the_cost() {
+    let server =
+        LlmServer::start(|r, _| Reply::Answer(graded_answer(&query_of(&r.user()), &[3, 2, 1, 0])));
+    let dir = tempfile::tempdir().unwrap();
+    // Each answer of the test server is 50 prompt + 40 completion tokens.
+    let limited = |budget: u64| {
+        pipeline(
+            dir.path(),
+            4,
+            &server.url,
+            &format!(
+                "      concurrency: 1\n      max_total_tokens: {budget}\n      price_per_mtok: {{prompt: 1.0, completion: 2.0}}\n"
+            ),
+        )
+    };
+    let spec = limited(200);
+    let error = common::run_error(&spec, &dir.path().join("work"));
+    assert!(error.contains("max_total_tokens (200)"), "{error}");
+    assert_eq!(
+        server.count(),
+        3,
+        "sent while under budget: 0, 90 and 180 tokens spent"
+    );
+    let status = common::success(&common::synthrank(&["status", spec.to_str().unwrap()]));
+    assert!(
+        status.contains(
+            "3 answered, 1 pending, 1 failed in the last run; 150 prompt + 120 completion tokens ($0.0004)"
+        ),
+        "{status}"
+    );
+    let spec = limited(1000);
+    common::run(
+        &common::load(&spec, &dir.path().join("work")),
+        Selection::All,
+        false,
+    );
+    assert_eq!(server.count(), 4, "only the unanswered prompt was sent");
+}

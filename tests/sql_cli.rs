@@ -215,13 +215,7 @@ fn stage_sql_cannot_write_or_read_outside_its_inputs() {
                  - name: s\n    kind: sql\n    inputs: [q]\n    config: {{query: \"{query}\"}}\n"
             ),
         );
-        let error = common::try_run(
-            &common::load(&spec, &dir.path().join("work")),
-            Selection::All,
-            false,
-        )
-        .unwrap_err()
-        .to_string();
+        let error = common::run_error(&spec, &dir.path().join("work"));
         assert!(error.contains("stage SQL is read-only"), "{query}: {error}");
     }
     assert!(!outside.exists(), "COPY wrote outside the workdir");

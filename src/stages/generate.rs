@@ -11,9 +11,9 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::llm::{
-    ChatBackend, ChatRequest, EmbeddedBackend, Journal, JournalEntry, Message, OpenAiBackend,
-    OpenAiConfig, RetryPolicy, Secret, StructuredOutput, graded_passages_schema, parse_all_levels,
-    parse_single_level,
+    ChatBackend, ChatRequest, ChatResponse, EmbeddedBackend, Journal, JournalEntry, Message,
+    OpenAiBackend, OpenAiConfig, RetryPolicy, Secret, StructuredOutput, graded_passages_schema,
+    parse_all_levels, parse_single_level,
 };
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -75,9 +75,56 @@ struct Config {
     #[serde(default = "crate::stages::default_levels")]
     levels: Vec<i32>,
     /// How all-levels answers are constrained to the JSON the parser reads (openai backend):
-    /// `json_schema` (default), `guided_json` (older vLLM) or `off`.
+    /// `json_schema` (default), `guided_json` (older vLLM) or `none`.
     #[serde(default)]
     structured_output: StructuredOutput,
+    /// Stop sending once the journal's answers total this many tokens (prompt + completion);
+    /// requests already in flight finish.
+    #[serde(default)]
+    max_total_tokens: Option<u64>,
+    /// Prices per million tokens, for the cost shown by `status` and recorded in the manifest.
+    #[serde(default)]
+    price_per_mtok: Option<Price>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Price {
+    prompt: f64,
+    completion: f64,
+}
+
+/// Tokens bought, and what they cost at a price.
+#[derive(Debug, Default, Clone, Copy)]
+struct Spend {
+    prompt: u64,
+    completion: u64,
+}
+
+impl Spend {
+    fn add(&mut self, response: &ChatResponse) {
+        self.prompt += response.prompt_tokens;
+        self.completion += response.completion_tokens;
+    }
+
+    fn total(&self) -> u64 {
+        self.prompt + self.completion
+    }
+
+    fn cost(&self, price: Price) -> f64 {
+        (self.prompt as f64 * price.prompt + self.completion as f64 * price.completion) / 1e6
+    }
+
+    fn describe(&self, price: Option<Price>) -> String {
+        let mut text = format!(
+            "{} prompt + {} completion tokens",
+            self.prompt, self.completion
+        );
+        if let Some(price) = price {
+            text.push_str(&format!(" (${:.4})", self.cost(price)));
+        }
+        text
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -143,6 +190,14 @@ impl StageKind for Generate {
             return Err(ConfigError::new("concurrency", "must be at least 1"));
         }
         check_seconds("timeout_s", config.timeout_s, false)?;
+        if let Some(p) = config.price_per_mtok
+            && !(p.prompt >= 0.0 && p.completion >= 0.0 && (p.prompt + p.completion).is_finite())
+        {
+            return Err(ConfigError::new(
+                "price_per_mtok",
+                "prices are non-negative numbers (per million tokens)",
+            ));
+        }
         check_seconds("backoff_s", config.backoff_s, true)?;
         if let Some(rps) = config.requests_per_second {
             // One request per interval: the interval must be a duration too.
@@ -209,15 +264,28 @@ impl Stage for Prepared {
     }
 
     fn state_summary(&self, state_dir: &Path, prompts: u64) -> Option<String> {
+        /// The part of a journal line that counts tokens.
+        #[derive(Deserialize)]
+        struct Usage {
+            response: ChatResponse,
+        }
         let journal = std::fs::File::open(state_dir.join(JOURNAL)).ok()?;
-        let answered = std::io::BufRead::lines(std::io::BufReader::new(journal)).count() as u64;
+        let (mut answered, mut spend) = (0u64, Spend::default());
+        for line in std::io::BufRead::lines(std::io::BufReader::new(journal)).map_while(Result::ok)
+        {
+            if let Ok(usage) = serde_json::from_str::<Usage>(&line) {
+                answered += 1;
+                spend.add(&usage.response);
+            }
+        }
         let failed = std::fs::read_to_string(state_dir.join(FAILURES))
             .ok()
             .and_then(|t| t.trim().parse::<u64>().ok())
             .unwrap_or(0);
         Some(format!(
-            "{answered} answered, {} pending, {failed} failed in the last run",
-            prompts.saturating_sub(answered)
+            "{answered} answered, {} pending, {failed} failed in the last run; {}",
+            prompts.saturating_sub(answered),
+            spend.describe(self.config.price_per_mtok)
         ))
     }
 }
@@ -341,63 +409,82 @@ impl Prepared {
             };
             let bar = ctx.progress(Some(pending.len() as u64), "requests");
             let tokens = AtomicU64::new(0);
+            let mut bought = Spend::default();
+            answered.values().for_each(|e| bought.add(&e.response));
+            // Every token the journal holds counts against the budget, this run's as they come.
+            let spent = AtomicU64::new(bought.total());
             let failures = AtomicU64::new(0);
             let started = Instant::now();
             let last_sync = std::sync::Mutex::new(Instant::now());
             let jobs_ref = &jobs;
-            let outcomes: Vec<(usize, Result<JournalEntry, String>)> =
-                futures::stream::iter(pending.iter().copied())
-                    .map(|index| {
-                        let job = &jobs_ref[index];
-                        let (backend, policy, journal) = (&backend, &policy, &journal);
-                        let (bar, tokens, failures, last_sync) =
-                            (&bar, &tokens, &failures, &last_sync);
-                        async move {
-                            let (result, attempts) =
-                                policy.run(backend.as_ref(), &job.request).await;
-                            let outcome = match result {
-                                Ok(response) => {
-                                    let entry = JournalEntry {
-                                        hash: job.hash.clone(),
-                                        response,
-                                        attempts,
-                                    };
-                                    match journal.append(&entry) {
-                                        Ok(()) => Ok(entry),
-                                        Err(e) => Err(e.to_string()),
-                                    }
-                                }
-                                Err(e) => Err(format!("{e} (after {attempts} attempts)")),
+            let outcomes: Vec<(usize, Result<JournalEntry, String>)> = futures::stream::iter(
+                pending.iter().copied(),
+            )
+            .map(|index| {
+                let job = &jobs_ref[index];
+                let (backend, policy, journal) = (&backend, &policy, &journal);
+                let (bar, tokens, failures, last_sync, spent) =
+                    (&bar, &tokens, &failures, &last_sync, &spent);
+                let budget = self.config.max_total_tokens;
+                async move {
+                    if let Some(max) = budget
+                        && spent.load(Ordering::Relaxed) >= max
+                    {
+                        bar.inc(1);
+                        return (
+                            index,
+                            Err(format!(
+                                "not sent: the journal's answers reached max_total_tokens ({max})"
+                            )),
+                        );
+                    }
+                    let (result, attempts) = policy.run(backend.as_ref(), &job.request).await;
+                    let outcome = match result {
+                        Ok(response) => {
+                            let entry = JournalEntry {
+                                hash: job.hash.clone(),
+                                response,
+                                attempts,
                             };
-                            match &outcome {
-                                Ok(entry) => {
-                                    let total = tokens.fetch_add(
-                                        entry.response.completion_tokens,
-                                        Ordering::Relaxed,
-                                    ) + entry.response.completion_tokens;
-                                    let rate =
-                                        total as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                                    bar.set_message(format!(
-                                        "{rate:.0} tok/s, {} failed",
-                                        failures.load(Ordering::Relaxed)
-                                    ));
-                                }
-                                Err(_) => {
-                                    failures.fetch_add(1, Ordering::Relaxed);
-                                }
+                            match journal.append(&entry) {
+                                Ok(()) => Ok(entry),
+                                Err(e) => Err(e.to_string()),
                             }
-                            bar.inc(1);
-                            let mut last = last_sync.lock().expect("sync clock");
-                            if last.elapsed() > Duration::from_secs(2) {
-                                let _ = journal.sync();
-                                *last = Instant::now();
-                            }
-                            (index, outcome)
                         }
-                    })
-                    .buffer_unordered(self.config.concurrency)
-                    .collect()
-                    .await;
+                        Err(e) => Err(format!("{e} (after {attempts} attempts)")),
+                    };
+                    match &outcome {
+                        Ok(entry) => {
+                            let response = &entry.response;
+                            spent.fetch_add(
+                                response.prompt_tokens + response.completion_tokens,
+                                Ordering::Relaxed,
+                            );
+                            let total = tokens
+                                .fetch_add(entry.response.completion_tokens, Ordering::Relaxed)
+                                + entry.response.completion_tokens;
+                            let rate = total as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                            bar.set_message(format!(
+                                "{rate:.0} tok/s, {} failed",
+                                failures.load(Ordering::Relaxed)
+                            ));
+                        }
+                        Err(_) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    bar.inc(1);
+                    let mut last = last_sync.lock().expect("sync clock");
+                    if last.elapsed() > Duration::from_secs(2) {
+                        let _ = journal.sync();
+                        *last = Instant::now();
+                    }
+                    (index, outcome)
+                }
+            })
+            .buffer_unordered(self.config.concurrency)
+            .collect()
+            .await;
             bar.finish_and_clear();
             journal
                 .sync()
@@ -514,6 +601,13 @@ impl Prepared {
         ctx.write_table("rejects", schema, &[batch])?;
         ctx.set_stat("prompt_tokens", prompt_tokens);
         ctx.set_stat("completion_tokens", completion_tokens);
+        if let Some(price) = self.config.price_per_mtok {
+            let spend = Spend {
+                prompt: prompt_tokens,
+                completion: completion_tokens,
+            };
+            ctx.set_stat("cost_usd", spend.cost(price));
+        }
         ctx.set_stat("rejects", rejects.len() as u64);
         Ok(())
     }

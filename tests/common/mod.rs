@@ -57,6 +57,14 @@ pub fn try_run(
     runtime().block_on(pipeline.run(&options, &mut std::io::sink()))
 }
 
+/// The error message of a run of every stage of `spec` (in `workdir`) that must fail.
+pub fn run_error(spec: &Path, workdir: &Path) -> String {
+    match try_run(&load(spec, workdir), Selection::All, false) {
+        Ok(summary) => panic!("the run succeeded: {:?}", summary.ran),
+        Err(e) => e.to_string(),
+    }
+}
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
