@@ -1,6 +1,8 @@
 //! Paired significance tests against scipy's numbers on fixed inputs
 //! (`tests/fixtures/significance.json`, written by `tests/fixtures/significance.py`).
 
+mod common;
+
 use synthrank::metrics::paired_test;
 
 #[derive(serde::Deserialize)]
@@ -57,4 +59,64 @@ fn p_values_equal_scipys_to_1e_9() {
         }
     }
     assert_eq!(permutation_cases, 4);
+}
+
+/// The report stage carries the same p-values: two metrics tables made from a fixture case,
+/// a report against the first, and its `significance` table read back with SQL.
+#[test]
+fn the_report_writes_scipys_p_values() {
+    let fixture: Fixture = serde_json::from_str(
+        &std::fs::read_to_string(common::repo().join("tests/fixtures/significance.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &fixture.cases[1];
+    let rows = |values: &[f64]| -> String {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("('q{i}', 'ndcg_cut_10', {v:?})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let metrics = |name: &str, values: &[f64]| {
+        format!(
+            "  - name: {name}\n    kind: sql\n    config:\n      schema: metrics\n      query: \"SELECT column1 AS query_id, column2 AS measure, column3 AS value FROM (VALUES {})\"\n",
+            rows(values)
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::write_spec(
+        dir.path(),
+        "p.yaml",
+        &format!(
+            "name: p\nworkdir: work\nstages:\n{}{}  - name: report\n    kind: report\n    inputs: {{base: base, run: run}}\n    config: {{baseline: base}}\n",
+            metrics("base", &case.baseline),
+            metrics("run", &case.run)
+        ),
+    );
+    common::run(
+        &common::load(&spec, &dir.path().join("work")),
+        synthrank::pipeline::Selection::All,
+        false,
+    );
+    let out = common::success(&common::synthrank(&[
+        "sql",
+        spec.to_str().unwrap(),
+        "SELECT queries, p_t_test, p_permutation FROM report.significance",
+        "--format",
+        "csv",
+    ]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let row: Vec<&str> = lines[1].split(',').collect();
+    assert_eq!(row[0], case.run.len().to_string());
+    let p_t: f64 = row[1].parse().unwrap();
+    let p_perm: f64 = row[2].parse().unwrap();
+    assert!(
+        (p_t - case.p_t_test).abs() <= 1e-9,
+        "{p_t} vs {}",
+        case.p_t_test
+    );
+    let want = case.p_permutation.unwrap();
+    assert!((p_perm - want).abs() <= 1e-9, "{p_perm} vs {want}");
 }

@@ -146,7 +146,11 @@ impl Prepared {
         let averages = self.averages(&runs)?;
         let training = self.training_plots(ctx).await?;
         let measures: Vec<String> = if self.config.measures.is_empty() {
-            let mut all: Vec<String> = runs.iter().flat_map(|r| r.means.keys().cloned()).collect();
+            // Measures with a mean or with per-query values (a table may lack `all` rows).
+            let mut all: Vec<String> = runs
+                .iter()
+                .flat_map(|r| r.means.keys().chain(r.per_query.keys()).cloned())
+                .collect();
             all.sort();
             all.dedup();
             all
