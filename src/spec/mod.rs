@@ -126,76 +126,17 @@ impl PipelineSpec {
         let mut stages: Vec<StageSpec> = Vec::with_capacity(raw.stages.len());
         let mut first_line: BTreeMap<String, u64> = BTreeMap::new();
         for raw_stage in &raw.stages {
-            let line = raw_stage.name.referenced.line();
-            let template_error = |line: u64, message: String| {
-                err(
-                    line,
-                    SpecErrorKind::Template {
-                        stage: raw_stage.name.value.clone(),
-                        message,
-                    },
-                )
-            };
-            let combinations = match &raw_stage.matrix {
-                None => vec![BTreeMap::new()],
-                Some(m) => {
-                    let at = m.referenced.line();
-                    for key in m.value.keys() {
-                        if !raw_stage.name.value.contains(&format!("${{{key}}}")) {
-                            return Err(template_error(
-                                line,
-                                format!(
-                                    "the name does not use the matrix key `${{{key}}}`: \
-                                     each expanded stage needs a name of its own"
-                                ),
-                            ));
-                        }
-                    }
-                    vars.combinations(&m.value)
-                        .map_err(|msg| template_error(at, msg))?
+            for stage in expand_stage(raw_stage, &vars, &err)? {
+                if let Some(first) = first_line.insert(stage.name.clone(), stage.line) {
+                    return Err(err(
+                        stage.line,
+                        SpecErrorKind::DuplicateStage {
+                            name: stage.name,
+                            first,
+                        },
+                    ));
                 }
-            };
-            for binding in combinations {
-                let scope = vars.scope(binding);
-                let name = scope
-                    .string(&raw_stage.name.value)
-                    .map_err(|m| template_error(line, m))?;
-                check_stage_name(&name).map_err(|kind| err(line, kind))?;
-                if let Some(first) = first_line.insert(name.clone(), line) {
-                    return Err(err(line, SpecErrorKind::DuplicateStage { name, first }));
-                }
-                let inputs = raw_stage
-                    .inputs
-                    .as_ref()
-                    .map(|i| raw::input_refs(i, &name, &scope))
-                    .transpose()
-                    .map_err(|(line, kind)| err(line, kind))?
-                    .unwrap_or_default();
-                let sql = match &raw_stage.sql {
-                    Some(s) => raw::sql_filters(s, &scope)
-                        .map_err(|m| template_error(s.referenced.line(), m))?,
-                    None => Vec::new(),
-                };
-                let (config, config_line) = match &raw_stage.config {
-                    Some(c) => (
-                        scope
-                            .value(&c.value)
-                            .map_err(|m| template_error(c.referenced.line(), m))?,
-                        c.referenced.line(),
-                    ),
-                    None => (serde_json::Value::Object(Default::default()), line),
-                };
-                stages.push(StageSpec {
-                    name,
-                    line,
-                    kind: raw_stage.kind.value.clone(),
-                    kind_line: raw_stage.kind.referenced.line(),
-                    description: raw_stage.description.clone(),
-                    inputs,
-                    sql,
-                    config,
-                    config_line,
-                });
+                stages.push(stage);
             }
         }
 
@@ -325,6 +266,85 @@ impl PipelineSpec {
         }
         Ok(())
     }
+}
+
+/// A stage as written, or each stage its `matrix:` expands into, with every placeholder
+/// substituted; errors point at the template's lines.
+fn expand_stage(
+    raw_stage: &raw::RawStage,
+    vars: &template::Vars,
+    err: &impl Fn(u64, SpecErrorKind) -> SpecError,
+) -> Result<Vec<StageSpec>, SpecError> {
+    let line = raw_stage.name.referenced.line();
+    let template_error = |line: u64, message: String| {
+        err(
+            line,
+            SpecErrorKind::Template {
+                stage: raw_stage.name.value.clone(),
+                message,
+            },
+        )
+    };
+    let combinations = match &raw_stage.matrix {
+        None => vec![BTreeMap::new()],
+        Some(m) => {
+            let used = template::placeholders(&raw_stage.name.value)
+                .map_err(|msg| template_error(line, msg))?;
+            if let Some(key) = m.value.keys().find(|k| !used.contains(&k.as_str())) {
+                return Err(template_error(
+                    line,
+                    format!(
+                        "the name does not use the matrix key `${{{key}}}`: \
+                         each expanded stage needs a name of its own"
+                    ),
+                ));
+            }
+            vars.combinations(&m.value)
+                .map_err(|msg| template_error(m.referenced.line(), msg))?
+        }
+    };
+    let mut stages = Vec::with_capacity(combinations.len());
+    for binding in combinations {
+        let scope = vars.scope(binding);
+        let name = scope
+            .string(&raw_stage.name.value)
+            .map_err(|m| template_error(line, m))?;
+        check_stage_name(&name).map_err(|kind| err(line, kind))?;
+        let inputs = raw_stage
+            .inputs
+            .as_ref()
+            .map(|i| raw::input_refs(i, &name, &scope))
+            .transpose()
+            .map_err(|(line, kind)| err(line, kind))?
+            .unwrap_or_default();
+        let sql = match &raw_stage.sql {
+            Some(s) => {
+                raw::sql_filters(s, &scope).map_err(|m| template_error(s.referenced.line(), m))?
+            }
+            None => Vec::new(),
+        };
+        let (config, config_line) = match &raw_stage.config {
+            Some(c) => (
+                scope
+                    .value(&c.value)
+                    .map_err(|m| template_error(c.referenced.line(), m))?,
+                c.referenced.line(),
+            ),
+            None => (serde_json::Value::Object(Default::default()), line),
+        };
+        stages.push(StageSpec {
+            name,
+            line,
+            kind: raw_stage.kind.value.clone(),
+            kind_line: raw_stage.kind.referenced.line(),
+            description: raw_stage.description.clone(),
+            inputs,
+            sql,
+            config,
+            config_line,
+        });
+    }
+    Ok(stages)
 }
 
 /// Removes `.` and `dir/..` pairs lexically, so paths read well in messages

@@ -42,7 +42,7 @@ pub(super) struct RawStage {
 }
 
 /// `inputs: [a, b.table]` or `inputs: {role: a, other: b.table}`.
-#[derive(Clone, Deserialize)]
+#[derive(Deserialize)]
 #[serde(untagged)]
 pub(super) enum RawInputs {
     List(Vec<String>),
@@ -50,7 +50,7 @@ pub(super) enum RawInputs {
 }
 
 /// `sql: "SELECT ..."`, `sql: filters/x.sql`, or `sql: {role: "SELECT ..."}`.
-#[derive(Clone, Deserialize)]
+#[derive(Deserialize)]
 #[serde(untagged)]
 pub(super) enum RawSql {
     One(String),

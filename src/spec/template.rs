@@ -156,45 +156,15 @@ impl Scope<'_> {
         }
     }
 
-    /// The placeholder names in `text`, in order.
-    fn placeholders(text: &str) -> Result<Vec<&str>, String> {
-        let mut names = Vec::new();
-        let mut rest = text;
-        while let Some(at) = rest.find("${") {
-            if rest[..at].ends_with('$') {
-                rest = &rest[at + 2..];
-                continue;
-            }
-            let after = &rest[at + 2..];
-            let end = after
-                .find('}')
-                .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
-            names.push(after[..end].trim());
-            rest = &after[end + 1..];
-        }
-        Ok(names)
-    }
-
     /// `text` with every `${name}` replaced (`$${` stays a literal `${`).
     pub(super) fn string(&self, text: &str) -> Result<String, String> {
         let mut out = String::with_capacity(text.len());
-        let mut rest = text;
-        while let Some(at) = rest.find("${") {
-            if rest[..at].ends_with('$') {
-                out.push_str(&rest[..at - 1]);
-                out.push_str("${");
-                rest = &rest[at + 2..];
-                continue;
+        for piece in pieces(text)? {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Var(name) => out.push_str(&scalar_text(self.lookup(name)?)),
             }
-            out.push_str(&rest[..at]);
-            let after = &rest[at + 2..];
-            let end = after
-                .find('}')
-                .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
-            out.push_str(&scalar_text(self.lookup(after[..end].trim())?));
-            rest = &after[end + 1..];
         }
-        out.push_str(rest);
         Ok(out)
     }
 
@@ -202,8 +172,8 @@ impl Scope<'_> {
     /// is (a number, or a whole list).
     pub(super) fn value(&self, value: &Value) -> Result<Value, String> {
         Ok(match value {
-            Value::String(s) => match Self::placeholders(s)?.as_slice() {
-                [name] if s.trim() == format!("${{{name}}}") => self.lookup_any(name)?.clone(),
+            Value::String(s) => match pieces(s)?.as_slice() {
+                [Piece::Var(name)] => self.lookup_any(name)?.clone(),
                 _ => Value::String(self.string(s)?),
             },
             Value::Array(items) => Value::Array(
@@ -228,9 +198,9 @@ impl Scope<'_> {
         role: Option<&str>,
         reference: &str,
     ) -> Result<Vec<(Option<String>, String)>, String> {
-        let mut names = Self::placeholders(reference)?;
+        let mut names = placeholders(reference)?;
         if let Some(r) = role {
-            names.extend(Self::placeholders(r)?);
+            names.extend(placeholders(r)?);
         }
         let lists: Vec<&str> = names
             .into_iter()
@@ -262,6 +232,47 @@ impl Scope<'_> {
         }
         Ok(out)
     }
+}
+
+/// A template string: literal text and `${name}` placeholders.
+enum Piece<'a> {
+    Text(&'a str),
+    Var(&'a str),
+}
+
+/// Splits `text` at its placeholders; `$${` is the literal text `${`.
+fn pieces(text: &str) -> Result<Vec<Piece<'_>>, String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        if rest[..at].ends_with('$') {
+            out.push(Piece::Text(&rest[..at - 1]));
+            out.push(Piece::Text(&rest[at..at + 2]));
+            rest = &rest[at + 2..];
+            continue;
+        }
+        out.push(Piece::Text(&rest[..at]));
+        let after = &rest[at + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
+        out.push(Piece::Var(after[..end].trim()));
+        rest = &after[end + 1..];
+    }
+    out.push(Piece::Text(rest));
+    out.retain(|p| !matches!(p, Piece::Text("")));
+    Ok(out)
+}
+
+/// The placeholder names in `text`, in order.
+pub(super) fn placeholders(text: &str) -> Result<Vec<&str>, String> {
+    Ok(pieces(text)?
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Var(name) => Some(name),
+            Piece::Text(_) => None,
+        })
+        .collect())
 }
 
 fn is_scalar(value: &Value) -> bool {
