@@ -13,7 +13,7 @@ pub mod llm;
 pub mod loss;
 pub mod metrics;
 pub mod pipeline;
-pub mod plot;
+pub(crate) mod plot;
 pub mod retrieval;
 pub mod spec;
 pub mod stages;

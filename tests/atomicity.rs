@@ -12,7 +12,7 @@ fn rows(path: &std::path::Path) -> usize {
     read_batches(path)
         .unwrap()
         .iter()
-        .map(|b| b.num_rows())
+        .map(arrow::array::RecordBatch::num_rows)
         .sum()
 }
 

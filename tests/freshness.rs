@@ -9,7 +9,7 @@ use std::time::Instant;
 use synthrank::pipeline::{RunOptions, Selection, StageState};
 
 fn set(names: &[&str]) -> BTreeSet<String> {
-    names.iter().map(|s| s.to_string()).collect()
+    names.iter().map(std::string::ToString::to_string).collect()
 }
 
 fn ran(summary: &synthrank::pipeline::RunSummary) -> BTreeSet<String> {

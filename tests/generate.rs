@@ -29,7 +29,7 @@ fn rows(path: &Path) -> usize {
     read_batches(path)
         .unwrap()
         .iter()
-        .map(|b| b.num_rows())
+        .map(arrow::array::RecordBatch::num_rows)
         .sum()
 }
 
@@ -210,10 +210,10 @@ fn api_key_comes_from_the_environment_and_is_never_written() {
         .env_remove("SYNTHRANK_TEST_KEY")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
         common::stderr(&out)
-            .contains("the environment variable `SYNTHRANK_TEST_KEY` (api_key_env) is not set")
+            .contains("`api_key_env`: the environment variable `SYNTHRANK_TEST_KEY` is not set")
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_synthrank"))
         .args(["run", spec.to_str().unwrap()])

@@ -50,7 +50,10 @@ fn load(dir: &Path, kind: &str, config: &str) -> Result<Vec<Vec<String>>, String
 }
 
 fn row(fields: &[&str]) -> Vec<String> {
-    fields.iter().map(|s| s.to_string()).collect()
+    fields
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect()
 }
 
 #[test]

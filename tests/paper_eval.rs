@@ -53,7 +53,7 @@ fn the_evaluation_suite_runs_and_reports_the_beir_average() {
     ];
     let args = |command: &str, extra: &[&str]| -> Vec<String> {
         let mut a = vec![command.to_string(), spec.display().to_string()];
-        a.extend(extra.iter().map(|s| s.to_string()));
+        a.extend(extra.iter().map(std::string::ToString::to_string));
         for v in &vars {
             a.push("--var".into());
             a.push(v.clone());

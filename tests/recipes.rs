@@ -19,7 +19,7 @@ fn config<'a>(spec: &'a PipelineSpec, stage: &str) -> &'a Value {
         .config
 }
 
-fn assert_fields(spec: &PipelineSpec, stage: &str, want: Value) {
+fn assert_fields(spec: &PipelineSpec, stage: &str, want: &Value) {
     let got = config(spec, stage);
     for (field, value) in want.as_object().unwrap() {
         assert_eq!(&got[field], value, "{} {stage}.{field}", spec.name);
@@ -33,7 +33,7 @@ fn assert_reference_training(spec: &PipelineSpec, loss: &str, group_size: u64) {
     assert_fields(
         spec,
         "train",
-        json!({
+        &json!({
             "loss": loss, "temperature": 1.0, "pooling": "mean", "normalize": false,
             "batch_size": 64, "grad_accumulation": 4, "epochs": 1, "lr": 1.0e-5,
             "warmup": "deepspeed_log", "warmup_ratio": 0.05, "decay": "linear",
@@ -43,7 +43,7 @@ fn assert_reference_training(spec: &PipelineSpec, loss: &str, group_size: u64) {
     assert_fields(
         spec,
         "tokens",
-        json!({"max_query_len": 256, "max_passage_len": 256}),
+        &json!({"max_query_len": 256, "max_passage_len": 256}),
     );
     assert_eq!(config(spec, "lists")["group_size"], group_size);
     for stage in ["corpus_embeddings", "query_embeddings"] {
@@ -55,7 +55,7 @@ fn assert_reference_training(spec: &PipelineSpec, loss: &str, group_size: u64) {
 fn sycl_recipe_matches_the_reference() {
     let s = spec("sycl-msmarco.yaml");
     assert_reference_training(&s, "wasserstein", 4);
-    assert_fields(&s, "lists", json!({"selection": "random"}));
+    assert_fields(&s, "lists", &json!({"selection": "random"}));
     assert!(config(&s, "lists").get("binary").is_none());
 }
 
@@ -66,7 +66,7 @@ fn infonce_baseline_matches_the_reference() {
     assert_fields(
         &s,
         "lists",
-        json!({"selection": "random", "binary": {"threshold": 2}}),
+        &json!({"selection": "random", "binary": {"threshold": 2}}),
     );
 }
 
@@ -77,7 +77,7 @@ fn synthetic_plus_real_matches_the_reference() {
     assert_fields(
         &s,
         "lists",
-        json!({
+        &json!({
             "selection": "random",
             "sources": [
                 {"input": "qrels", "min_score": 1, "score_transform": 3},
@@ -130,7 +130,7 @@ fn the_evaluation_suite_covers_the_papers_table() {
     assert_fields(
         &s,
         "msmarco_dev",
-        json!({"measures": ["mrr_cut.10", "recall.1000", "ndcg_cut.10"]}),
+        &json!({"measures": ["mrr_cut.10", "recall.1000", "ndcg_cut.10"]}),
     );
     for dl in ["dl19", "dl20"] {
         assert_eq!(config(&s, dl)["measures"][0], "ndcg_cut.10");

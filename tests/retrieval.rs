@@ -351,7 +351,7 @@ fn report_compares_runs_in_html_svg_markdown_and_latex() {
     let rows: usize = synthrank::table::read_batches(&report.join("summary.parquet"))
         .unwrap()
         .iter()
-        .map(|b| b.num_rows())
+        .map(arrow::array::RecordBatch::num_rows)
         .sum();
     assert_eq!(rows, 6);
 }

@@ -102,7 +102,11 @@ fn writes_are_refused() {
 fn sql_errors_are_one_line() {
     let b = built();
     let out = sql(&b, "SELECT nope FROM queries", "table");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a query that does not plan is a usage error"
+    );
     let err = common::stderr(&out);
     assert!(err.starts_with("error: ") && err.contains("nope"), "{err}");
 }
@@ -153,7 +157,13 @@ fn export_formats() {
     );
 
     let out = export(&b, "queries", "trec", &out_dir.path().join("x"));
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
+    let left: Vec<_> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('x'))
+        .collect();
+    assert!(left.is_empty(), "a failed export left {left:?}");
     assert!(
         common::stderr(&out).starts_with(
             "error: TREC format needs a runs table (query_id, doc_id, rank, score) or a qrels table"

@@ -8,12 +8,12 @@ use crate::metrics::{self, EvalOptions, Measure, Qrels, Run};
 
 use super::CliError;
 
-pub fn read_qrels(path: &Path) -> Result<Qrels, CliError> {
+pub(crate) fn read_qrels(path: &Path) -> Result<Qrels, CliError> {
     let mut qrels = Qrels::default();
-    for row in formats::qrels(path).map_err(format_error)? {
-        let row = row.map_err(format_error)?;
+    for row in formats::qrels(path)? {
+        let row = row?;
         let relevance = row.fields[2].trim().parse::<i32>().map_err(|_| {
-            format_error(FormatError::record(
+            CliError::from(FormatError::record(
                 path,
                 row.at,
                 format!("relevance `{}` is not an integer", row.fields[2]),
@@ -24,13 +24,13 @@ pub fn read_qrels(path: &Path) -> Result<Qrels, CliError> {
     Ok(qrels)
 }
 
-pub fn read_run(path: &Path) -> Result<Run, CliError> {
+pub(crate) fn read_run(path: &Path) -> Result<Run, CliError> {
     let mut run = Run::default();
     let mut seen = HashSet::new();
-    for row in formats::trec_run(path).map_err(format_error)? {
-        let row = row.map_err(format_error)?;
+    for row in formats::trec_run(path)? {
+        let row = row?;
         if !seen.insert((row.fields[0].clone(), row.fields[1].clone())) {
-            return Err(format_error(FormatError::record(
+            return Err(CliError::from(FormatError::record(
                 path,
                 row.at,
                 format!(
@@ -48,11 +48,7 @@ pub fn read_run(path: &Path) -> Result<Run, CliError> {
     Ok(run)
 }
 
-fn format_error(e: FormatError) -> CliError {
-    CliError::Output(e.to_string())
-}
-
-pub fn parse_measures(specs: &[String]) -> Result<Vec<Measure>, CliError> {
+pub(crate) fn parse_measures(specs: &[String]) -> Result<Vec<Measure>, CliError> {
     let specs: Vec<&str> = if specs.is_empty() {
         metrics::DEFAULT_MEASURES.to_vec()
     } else {
@@ -66,7 +62,7 @@ pub fn parse_measures(specs: &[String]) -> Result<Vec<Measure>, CliError> {
 }
 
 /// Prints trec_eval's three-column format: `measure  query  value`, means under `all`.
-pub fn print(per_query: &metrics::PerQuery, measures: &[Measure], show_queries: bool) {
+pub(crate) fn print(per_query: &metrics::PerQuery, measures: &[Measure], show_queries: bool) {
     if show_queries {
         for (query, values) in per_query {
             for m in measures {

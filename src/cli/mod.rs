@@ -4,7 +4,6 @@
 mod eval;
 mod output;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -16,6 +15,7 @@ use crate::pipeline::{
 use crate::spec::PipelineSpec;
 use crate::stages;
 use crate::table::{self, TableError};
+use output::RowFormat;
 
 #[derive(Parser)]
 #[command(
@@ -166,8 +166,12 @@ pub enum CliError {
     Query(#[from] QueryError),
     #[error(transparent)]
     Table(#[from] TableError),
+    /// Writing results to standard output or a file failed.
     #[error("{0}")]
     Output(String),
+    /// A malformed run or qrels file given to `eval`.
+    #[error(transparent)]
+    Format(#[from] crate::formats::FormatError),
     #[error("{0}")]
     Usage(String),
     #[error("{}: {source}", path.display())]
@@ -182,16 +186,15 @@ pub enum CliError {
 impl CliError {
     /// 2: the spec or the request is wrong; 1: work failed.
     fn exit_code(&self) -> i32 {
-        match self {
-            CliError::Pipeline(PipelineError::Spec(_))
-            | CliError::Pipeline(PipelineError::UnknownStage { .. })
-            | CliError::Pipeline(PipelineError::UnknownTable { .. })
-            | CliError::Pipeline(PipelineError::Locked { .. })
-            | CliError::Query(QueryError::ReadOnly(_))
-            | CliError::Usage(_)
-            | CliError::Table(TableError::UnknownKind { .. }) => 2,
-            _ => 1,
-        }
+        let usage = match self {
+            CliError::Pipeline(e) => e.is_usage(),
+            CliError::Query(e) => e.is_usage(),
+            CliError::Usage(_) => true,
+            CliError::Table(e) => e.is_usage(),
+            CliError::Encoder(e) => e.is_usage(),
+            CliError::Output(_) | CliError::Format(_) | CliError::Io { .. } => false,
+        };
+        if usage { 2 } else { 1 }
     }
 }
 
@@ -235,6 +238,8 @@ fn load(path: &Path, args: &SpecArgs) -> Result<Pipeline, CliError> {
     Ok(Pipeline::bind(spec, &stages::registry())?)
 }
 
+/// One arm per command, each a few lines that unpack its arguments and call the function that
+/// does the work: long only because the commands are many.
 async fn execute(command: Command) -> Result<(), CliError> {
     match command {
         Command::Run {
@@ -246,7 +251,6 @@ async fn execute(command: Command) -> Result<(), CliError> {
             wait,
             spec,
         } => {
-            let pipeline = load(&pipeline, &spec)?;
             let selection = match (only, from) {
                 (Some(s), _) => Selection::Only(s),
                 (None, Some(s)) => Selection::From(s),
@@ -258,25 +262,9 @@ async fn execute(command: Command) -> Result<(), CliError> {
                 dry_run,
                 wait_for_lock: wait,
             };
-            let summary = if dry_run {
-                pipeline.run(&options, &mut std::io::stdout()).await?
-            } else {
-                pipeline.run(&options, &mut std::io::stderr()).await?
-            };
-            if !dry_run {
-                eprintln!(
-                    "{} stage(s) ran, {} fresh; tables in {}",
-                    summary.ran.len(),
-                    summary.skipped_fresh.len(),
-                    pipeline.workdir().display()
-                );
-            }
-            Ok(())
+            run(&load(&pipeline, &spec)?, &options).await
         }
-        Command::Status { pipeline, spec } => {
-            let pipeline = load(&pipeline, &spec)?;
-            print_status(&pipeline)
-        }
+        Command::Status { pipeline, spec } => print_status(&load(&pipeline, &spec)?),
         Command::Sql {
             pipeline,
             query,
@@ -286,13 +274,13 @@ async fn execute(command: Command) -> Result<(), CliError> {
             let pipeline = load(&pipeline, &spec)?;
             let ctx = query_session(&pipeline).await?;
             let frame = read_only_sql(&ctx, &query).await?;
-            let batches = frame.collect().await.map_err(QueryError::from)?;
-            let mut out = std::io::stdout().lock();
-            match format {
-                SqlFormat::Table => output::pretty(&batches, &mut out),
-                SqlFormat::Csv => output::csv(&batches, &mut out),
-                SqlFormat::Json => output::json_lines(&batches, &mut out),
-            }
+            let stream = frame.execute_stream().await.map_err(QueryError::from)?;
+            let format = match format {
+                SqlFormat::Table => RowFormat::Table,
+                SqlFormat::Csv => RowFormat::Csv,
+                SqlFormat::Json => RowFormat::JsonLines,
+            };
+            output::write_rows(stream, format, &mut std::io::stdout().lock()).await
         }
         Command::Schema { kind } => print_schema(kind.as_deref()),
         Command::ExportOnnx {
@@ -301,17 +289,12 @@ async fn execute(command: Command) -> Result<(), CliError> {
             standard_ops,
             int8,
         } => {
-            let dir = crate::encoder::ModelDir::open(&model)?;
-            let bert = dir.load_model(&candle_core::Device::Cpu)?;
-            let path = output.unwrap_or_else(|| model.join("model.onnx"));
             let ops = match (standard_ops, int8) {
                 (true, _) => crate::encoder::OnnxOps::Standard,
                 (false, true) => crate::encoder::OnnxOps::OnnxRuntimeInt8,
                 (false, false) => crate::encoder::OnnxOps::OnnxRuntime,
             };
-            crate::encoder::export_onnx(&bert, &path, ops)?;
-            println!("{}", path.display());
-            Ok(())
+            export_onnx(&model, output, ops)
         }
         Command::Eval {
             qrels,
@@ -335,26 +318,82 @@ async fn execute(command: Command) -> Result<(), CliError> {
             tag,
             spec,
         } => {
-            let pipeline = load(&pipeline, &spec)?;
-            pipeline.table_path(&table)?;
-            let ctx = query_session(&pipeline).await?;
-            let frame = ctx.table(table.as_str()).await.map_err(QueryError::from)?;
-            let batches = frame.collect().await.map_err(QueryError::from)?;
             let tag = tag.unwrap_or_else(|| table.split('.').next().unwrap_or("run").to_string());
-            match output {
-                Some(path) => {
-                    let file = std::fs::File::create(&path).map_err(|source| CliError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    let mut writer = std::io::BufWriter::new(file);
-                    output::export(&batches, format, &tag, &mut writer)?;
-                    writer
-                        .flush()
-                        .map_err(|source| CliError::Io { path, source })
-                }
-                None => output::export(&batches, format, &tag, &mut std::io::stdout().lock()),
-            }
+            export(
+                &load(&pipeline, &spec)?,
+                &table,
+                RowFormat::of_export(format, &tag),
+                output,
+            )
+            .await
+        }
+    }
+}
+
+async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<(), CliError> {
+    if options.dry_run {
+        pipeline.run(options, &mut std::io::stdout()).await?;
+        return Ok(());
+    }
+    let summary = pipeline.run(options, &mut std::io::stderr()).await?;
+    eprintln!(
+        "{} stage(s) ran, {} fresh; tables in {}",
+        summary.ran.len(),
+        summary.skipped_fresh.len(),
+        pipeline.workdir().display()
+    );
+    Ok(())
+}
+
+fn export_onnx(
+    model: &Path,
+    output: Option<PathBuf>,
+    ops: crate::encoder::OnnxOps,
+) -> Result<(), CliError> {
+    let dir = crate::encoder::ModelDir::open(model)?;
+    let bert = dir.load_model(&candle_core::Device::Cpu)?;
+    let path = output.unwrap_or_else(|| model.join("model.onnx"));
+    crate::encoder::export_onnx(&bert, &path, ops)?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// Writes a table to standard output or, atomically, to a file (a failed export leaves no
+/// partial file).
+async fn export(
+    pipeline: &Pipeline,
+    table: &str,
+    format: RowFormat<'_>,
+    output: Option<PathBuf>,
+) -> Result<(), CliError> {
+    pipeline.table_path(table)?;
+    let ctx = query_session(pipeline).await?;
+    let frame = ctx.table(table).await.map_err(QueryError::from)?;
+    let stream = frame.execute_stream().await.map_err(QueryError::from)?;
+    let Some(path) = output else {
+        return output::write_rows(stream, format, &mut std::io::stdout().lock()).await;
+    };
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CliError::Io { path, source }
+    };
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    let partial = path.with_file_name(name);
+    let file = std::fs::File::create(&partial).map_err(io(&partial))?;
+    let mut writer = std::io::BufWriter::new(file);
+    let written = output::write_rows(stream, format, &mut writer).await;
+    let finished = written.and_then(|()| {
+        let file = writer
+            .into_inner()
+            .map_err(|e| io(&partial)(e.into_error()))?;
+        file.sync_all().map_err(io(&partial))
+    });
+    match finished {
+        Ok(()) => std::fs::rename(&partial, &path).map_err(io(&path)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
         }
     }
 }
@@ -367,6 +406,9 @@ fn print_status(pipeline: &Pipeline) -> Result<(), CliError> {
         pipeline.spec.path.display(),
         pipeline.workdir().display()
     );
+    if let Some(description) = &pipeline.spec.description {
+        println!("{}", description.trim());
+    }
     let rows: Vec<[String; 5]> = pipeline
         .stages
         .iter()

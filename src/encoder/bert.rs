@@ -279,7 +279,7 @@ impl Bert {
 
     /// Token states (B, T, H) for token ids (B, T) u32 and an attention mask (B, T) of 0/1
     /// u32. `dropout` is `Some` in training mode.
-    pub fn forward(
+    pub(crate) fn forward(
         &self,
         ids: &Tensor,
         mask: &Tensor,

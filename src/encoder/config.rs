@@ -42,7 +42,7 @@ fn default_dropout() -> f64 {
 }
 
 impl BertConfig {
-    pub fn head_dim(&self) -> usize {
+    pub(crate) fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
 

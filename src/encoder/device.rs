@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer};
 use super::EncoderError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeviceChoice {
+pub(crate) enum DeviceChoice {
     #[default]
     Auto,
     Cpu,
@@ -48,7 +48,7 @@ impl DeviceChoice {
 }
 
 /// How a device is recorded in manifests and shown by `status`.
-pub fn device_label(device: &Device) -> String {
+pub(crate) fn device_label(device: &Device) -> String {
     match device.location() {
         candle_core::DeviceLocation::Cpu => "cpu".to_string(),
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),

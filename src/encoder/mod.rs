@@ -14,7 +14,8 @@ mod tokenizer;
 
 pub use bert::{Bert, pad_batch};
 pub use config::BertConfig;
-pub use device::{CUDA_BUILT, DeviceChoice, device_label};
+pub use device::CUDA_BUILT;
+pub(crate) use device::{DeviceChoice, device_label};
 pub use embedder::{CandleEmbedder, Embedder};
 pub use model_dir::ModelDir;
 pub use onnx_export::{OnnxOps, export_onnx};
@@ -65,6 +66,19 @@ pub enum EncoderError {
 }
 
 impl EncoderError {
+    /// The spec names a model, tokenizer or device that cannot serve (exit 2).
+    pub(crate) fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            EncoderError::NotAModelDir { .. }
+                | EncoderError::Config { .. }
+                | EncoderError::MissingWeight { .. }
+                | EncoderError::WeightShape { .. }
+                | EncoderError::Tokenizer { .. }
+                | EncoderError::Device(_)
+        )
+    }
+
     pub(crate) fn io(path: &Path, source: std::io::Error) -> EncoderError {
         EncoderError::Io {
             path: path.display().to_string(),

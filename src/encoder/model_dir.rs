@@ -124,7 +124,7 @@ impl ModelDir {
         .collect()
     }
 
-    pub fn weights_path(&self) -> Result<PathBuf, EncoderError> {
+    pub(crate) fn weights_path(&self) -> Result<PathBuf, EncoderError> {
         ["model.safetensors", "pytorch_model.bin"]
             .iter()
             .map(|f| self.path.join(f))
@@ -135,7 +135,10 @@ impl ModelDir {
             })
     }
 
-    pub fn load_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>, EncoderError> {
+    pub(crate) fn load_tensors(
+        &self,
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>, EncoderError> {
         let path = self.weights_path()?;
         let tensors = if path.extension().is_some_and(|e| e == "safetensors") {
             candle_core::safetensors::load(&path, device)?
@@ -162,7 +165,7 @@ impl ModelDir {
     /// Writes `model` as a complete model directory at `dest` (replacing it atomically): weights,
     /// this directory's config and tokenizer files, and sentence-transformers module configs
     /// with the given pooling.
-    pub fn save(
+    pub(crate) fn save(
         &self,
         model: &Bert,
         dest: &Path,

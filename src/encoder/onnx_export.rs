@@ -11,7 +11,7 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::{Bert, EncoderError};
+use super::{Bert, BertConfig, EncoderError};
 
 /// Minimal protobuf encoding: the wire types ONNX's messages use.
 #[derive(Default)]
@@ -336,14 +336,175 @@ impl Builder {
     }
 }
 
+/// Graph constants shared by every layer.
+struct Constants {
+    one_f: String,
+    heads_shape: String,
+    merge_shape: String,
+    attention_scale: String,
+    sqrt2: String,
+    half: String,
+}
+
+impl Builder {
+    /// Words + positions 0..T (a slice of the table) + token type 0, layer-normalized.
+    fn embeddings(&mut self) -> Result<String, EncoderError> {
+        let word_table = self.weight("embeddings.word_embeddings.weight")?;
+        let pos_table = self.weight("embeddings.position_embeddings.weight")?;
+        let type0 = self.weights["embeddings.token_type_embeddings.weight"].narrow(0, 0, 1)?;
+        let type0 = self.g.float_tensor("token_type_0", &type0)?;
+        let g = &mut self.g;
+        let words = g.node("Gather", &[&word_table, "input_ids"], &[]);
+        let shape = g.node("Shape", &["input_ids"], &[]);
+        let (zero, one, two) = (
+            g.int64s("const_0", &[0], false),
+            g.int64s("const_1", &[1], false),
+            g.int64s("const_2", &[2], false),
+        );
+        let seq_len = g.node("Slice", &[&shape, &one, &two], &[]);
+        let pos = g.node("Slice", &[&pos_table, &zero, &seq_len, &zero], &[]);
+        let x = g.node("Add", &[&words, &pos], &[]);
+        let x = g.node("Add", &[&x, &type0], &[]);
+        self.layer_norm(&x, "embeddings.LayerNorm")
+    }
+
+    fn constants(&mut self, c: &BertConfig) -> Constants {
+        let (h, heads, hd) = (
+            c.hidden_size as i64,
+            c.num_attention_heads as i64,
+            c.head_dim() as i64,
+        );
+        let g = &mut self.g;
+        Constants {
+            one_f: g.scalar("const_one_f", 1.0),
+            heads_shape: g.int64s("const_heads_shape", &[0, 0, heads, hd], false),
+            merge_shape: g.int64s("const_merge_shape", &[0, 0, h], false),
+            attention_scale: g.scalar("const_attention_scale", 1.0 / (hd as f32).sqrt()),
+            sqrt2: g.scalar("const_sqrt2", std::f32::consts::SQRT_2),
+            half: g.scalar("const_half", 0.5),
+        }
+    }
+
+    fn attention_mask(&mut self, k: &Constants) -> String {
+        let g = &mut self.g;
+        match self.ops {
+            // Additive attention bias (B, 1, 1, T): 0 attended, -1e9 padded.
+            OnnxOps::Standard => {
+                let mask = g.node("Cast", &["attention_mask"], &[("to", Attr::Int(FLOAT))]);
+                let big = g.scalar("const_mask_scale", 1e9);
+                let mask = g.node("Sub", &[&mask, &k.one_f], &[]);
+                let mask = g.node("Mul", &[&mask, &big], &[]);
+                let axes = g.int64s("const_axes_1_2", &[1, 2], false);
+                g.node("Unsqueeze", &[&mask, &axes], &[])
+            }
+            // The contrib Attention takes the raw 0/1 mask as int32 (B, T).
+            OnnxOps::OnnxRuntime | OnnxOps::OnnxRuntimeInt8 => {
+                g.node("Cast", &["attention_mask"], &[("to", Attr::Int(INT32))])
+            }
+        }
+    }
+
+    /// Self-attention of layer `p` over `x`: the context before the output projection.
+    fn self_attention(
+        &mut self,
+        x: &str,
+        p: &str,
+        mask: &str,
+        heads: i64,
+        k: &Constants,
+    ) -> Result<String, EncoderError> {
+        if self.ops == OnnxOps::Standard {
+            let mut split = |name: &str, perm: &[i64]| -> Result<String, EncoderError> {
+                let y = self.linear(x, &format!("{p}.attention.self.{name}"))?;
+                let y = self.g.node("Reshape", &[&y, &k.heads_shape], &[]);
+                Ok(self
+                    .g
+                    .node("Transpose", &[&y], &[("perm", Attr::Ints(perm.to_vec()))]))
+            };
+            let q = split("query", &[0, 2, 1, 3])?;
+            let key = split("key", &[0, 2, 3, 1])?;
+            let v = split("value", &[0, 2, 1, 3])?;
+            let g = &mut self.g;
+            let scores = g.node("MatMul", &[&q, &key], &[]);
+            let scores = g.node("Mul", &[&scores, &k.attention_scale], &[]);
+            let scores = g.node("Add", &[&scores, mask], &[]);
+            let probs = g.node("Softmax", &[&scores], &[("axis", Attr::Int(-1))]);
+            let context = g.node("MatMul", &[&probs, &v], &[]);
+            let perm = Attr::Ints(vec![0, 2, 1, 3]);
+            let context = g.node("Transpose", &[&context], &[("perm", perm)]);
+            return Ok(g.node("Reshape", &[&context, &k.merge_shape], &[]));
+        }
+        // Query, key and value projections as one (H, 3H) weight and (3H) bias.
+        let names = ["query", "key", "value"].map(|n| format!("{p}.attention.self.{n}"));
+        let w: Vec<Tensor> = names
+            .iter()
+            .map(|n| self.weights[&format!("{n}.weight")].t())
+            .collect::<Result<_, _>>()?;
+        let bias: Vec<&Tensor> = names
+            .iter()
+            .map(|n| &self.weights[&format!("{n}.bias")])
+            .collect();
+        let (w, w_name) = (Tensor::cat(&w, 1)?, format!("{p}.attention.qkv.weight_t"));
+        let bias = self
+            .g
+            .float_tensor(&format!("{p}.attention.qkv.bias"), &Tensor::cat(&bias, 0)?)?;
+        let num_heads = [("num_heads", Attr::Int(heads))];
+        if self.ops == OnnxOps::OnnxRuntime {
+            let w = self.g.float_tensor(&w_name, &w)?;
+            return Ok(self
+                .g
+                .contrib("Attention", &[x, &w, &bias, mask], &num_heads));
+        }
+        // QAttention takes its input quantized: per tensor, at run time.
+        let (w, w_scale) = self.quantized(&w_name, &w)?;
+        let xq = ["quantized", "scale", "zero_point"].map(|s| self.g.fresh(s));
+        self.g
+            .node_with_outputs("", "DynamicQuantizeLinear", &[x], &[], &xq);
+        let [xq, x_scale, x_zero] = xq;
+        let inputs = [&*xq, &w, &bias, &x_scale, &w_scale, mask, &x_zero];
+        Ok(self.g.contrib("QAttention", &inputs, &num_heads))
+    }
+
+    /// The intermediate dense layer of `inter` over `a` and its activation.
+    fn intermediate(
+        &mut self,
+        a: &str,
+        inter: &str,
+        hidden_act: &str,
+        k: &Constants,
+    ) -> Result<String, EncoderError> {
+        Ok(match (hidden_act, self.ops) {
+            ("gelu", OnnxOps::OnnxRuntime | OnnxOps::OnnxRuntimeInt8) => {
+                let y = self.matmul(a, inter)?;
+                let bias = self.weight(&format!("{inter}.bias"))?;
+                self.g.contrib("BiasGelu", &[&y, &bias], &[])
+            }
+            // gelu(x) = 0.5 x (1 + erf(x / sqrt 2))
+            ("gelu", OnnxOps::Standard) => {
+                let y = self.linear(a, inter)?;
+                let g = &mut self.g;
+                let scaled = g.node("Div", &[&y, &k.sqrt2], &[]);
+                let erf = g.node("Erf", &[&scaled], &[]);
+                let erf1 = g.node("Add", &[&erf, &k.one_f], &[]);
+                let prod = g.node("Mul", &[&y, &erf1], &[]);
+                g.node("Mul", &[&prod, &k.half], &[])
+            }
+            ("relu", _) => {
+                let y = self.linear(a, inter)?;
+                self.g.node("Relu", &[&y], &[])
+            }
+            (other, _) => {
+                return Err(EncoderError::Onnx(format!(
+                    "export of hidden_act `{other}` is not supported"
+                )));
+            }
+        })
+    }
+}
+
 /// Writes `model` as an ONNX file at `path`, with the operators `ops` allows.
 pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), EncoderError> {
     let c = model.config();
-    let (h, heads, hd) = (
-        c.hidden_size as i64,
-        c.num_attention_heads as i64,
-        c.head_dim() as i64,
-    );
     let mut b = Builder {
         g: Graph {
             nodes: Vec::new(),
@@ -359,132 +520,19 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
             .collect(),
         eps: c.layer_norm_eps as f32,
     };
-
-    // Embeddings: words + positions 0..T (a slice of the table) + token type 0.
-    let word_table = b.weight("embeddings.word_embeddings.weight")?;
-    let pos_table = b.weight("embeddings.position_embeddings.weight")?;
-    let type0 = b.weights["embeddings.token_type_embeddings.weight"].narrow(0, 0, 1)?;
-    let type0 = b.g.float_tensor("token_type_0", &type0)?;
-    let g = &mut b.g;
-    let words = g.node("Gather", &[&word_table, "input_ids"], &[]);
-    let shape = g.node("Shape", &["input_ids"], &[]);
-    let (zero, one, two) = (
-        g.int64s("const_0", &[0], false),
-        g.int64s("const_1", &[1], false),
-        g.int64s("const_2", &[2], false),
-    );
-    let seq_len = g.node("Slice", &[&shape, &one, &two], &[]);
-    let pos = g.node("Slice", &[&pos_table, &zero, &seq_len, &zero], &[]);
-    let x = g.node("Add", &[&words, &pos], &[]);
-    let x = g.node("Add", &[&x, &type0], &[]);
-    let mut x = b.layer_norm(&x, "embeddings.LayerNorm")?;
-
-    let g = &mut b.g;
-    let one_f = g.scalar("const_one_f", 1.0);
-    let attention_mask = match ops {
-        // Additive attention bias (B, 1, 1, T): 0 attended, -1e9 padded.
-        OnnxOps::Standard => {
-            let mask = g.node("Cast", &["attention_mask"], &[("to", Attr::Int(FLOAT))]);
-            let big = g.scalar("const_mask_scale", 1e9);
-            let mask = g.node("Sub", &[&mask, &one_f], &[]);
-            let mask = g.node("Mul", &[&mask, &big], &[]);
-            let axes = g.int64s("const_axes_1_2", &[1, 2], false);
-            g.node("Unsqueeze", &[&mask, &axes], &[])
-        }
-        // The contrib Attention takes the raw 0/1 mask as int32 (B, T).
-        OnnxOps::OnnxRuntime | OnnxOps::OnnxRuntimeInt8 => {
-            g.node("Cast", &["attention_mask"], &[("to", Attr::Int(INT32))])
-        }
-    };
-    let heads_shape = g.int64s("const_heads_shape", &[0, 0, heads, hd], false);
-    let merge_shape = g.int64s("const_merge_shape", &[0, 0, h], false);
-    let scale = g.scalar("const_attention_scale", 1.0 / (hd as f32).sqrt());
-    let sqrt2 = g.scalar("const_sqrt2", std::f32::consts::SQRT_2);
-    let half = g.scalar("const_half", 0.5);
+    let mut x = b.embeddings()?;
+    let k = b.constants(c);
+    let mask = b.attention_mask(&k);
     for i in 0..c.num_hidden_layers {
         let p = format!("encoder.layer.{i}");
-        let context = match ops {
-            OnnxOps::Standard => {
-                let mut split = |name: &str, perm: &[i64]| -> Result<String, EncoderError> {
-                    let y = b.linear(&x, &format!("{p}.attention.self.{name}"))?;
-                    let y = b.g.node("Reshape", &[&y, &heads_shape], &[]);
-                    Ok(b.g.node("Transpose", &[&y], &[("perm", Attr::Ints(perm.to_vec()))]))
-                };
-                let q = split("query", &[0, 2, 1, 3])?;
-                let k = split("key", &[0, 2, 3, 1])?;
-                let v = split("value", &[0, 2, 1, 3])?;
-                let g = &mut b.g;
-                let scores = g.node("MatMul", &[&q, &k], &[]);
-                let scores = g.node("Mul", &[&scores, &scale], &[]);
-                let scores = g.node("Add", &[&scores, &attention_mask], &[]);
-                let probs = g.node("Softmax", &[&scores], &[("axis", Attr::Int(-1))]);
-                let context = g.node("MatMul", &[&probs, &v], &[]);
-                let perm = Attr::Ints(vec![0, 2, 1, 3]);
-                let context = g.node("Transpose", &[&context], &[("perm", perm)]);
-                g.node("Reshape", &[&context, &merge_shape], &[])
-            }
-            OnnxOps::OnnxRuntime | OnnxOps::OnnxRuntimeInt8 => {
-                // Query, key and value projections as one (H, 3H) weight and (3H) bias.
-                let names = ["query", "key", "value"].map(|n| format!("{p}.attention.self.{n}"));
-                let w: Vec<Tensor> = names
-                    .iter()
-                    .map(|n| b.weights[&format!("{n}.weight")].t())
-                    .collect::<Result<_, _>>()?;
-                let bias: Vec<&Tensor> = names
-                    .iter()
-                    .map(|n| &b.weights[&format!("{n}.bias")])
-                    .collect();
-                let (w, w_name) = (Tensor::cat(&w, 1)?, format!("{p}.attention.qkv.weight_t"));
-                let bias =
-                    b.g.float_tensor(&format!("{p}.attention.qkv.bias"), &Tensor::cat(&bias, 0)?)?;
-                let num_heads = [("num_heads", Attr::Int(heads))];
-                if ops == OnnxOps::OnnxRuntime {
-                    let w = b.g.float_tensor(&w_name, &w)?;
-                    b.g.contrib("Attention", &[&x, &w, &bias, &attention_mask], &num_heads)
-                } else {
-                    // QAttention takes its input quantized: per tensor, at run time.
-                    let (w, w_scale) = b.quantized(&w_name, &w)?;
-                    let xq = ["quantized", "scale", "zero_point"].map(|s| b.g.fresh(s));
-                    b.g.node_with_outputs("", "DynamicQuantizeLinear", &[&x], &[], &xq);
-                    let [xq, x_scale, x_zero] = xq;
-                    let inputs = [&xq, &w, &bias, &x_scale, &w_scale, &attention_mask, &x_zero];
-                    b.g.contrib("QAttention", &inputs.map(String::as_str), &num_heads)
-                }
-            }
-        };
+        let context = b.self_attention(&x, &p, &mask, c.num_attention_heads as i64, &k)?;
         let a = b.dense_residual_norm(
             &context,
             &x,
             &format!("{p}.attention.output.dense"),
             &format!("{p}.attention.output.LayerNorm"),
         )?;
-        let inter = format!("{p}.intermediate.dense");
-        let act = match (c.hidden_act.as_str(), ops) {
-            ("gelu", OnnxOps::OnnxRuntime | OnnxOps::OnnxRuntimeInt8) => {
-                let y = b.matmul(&a, &inter)?;
-                let bias = b.weight(&format!("{inter}.bias"))?;
-                b.g.contrib("BiasGelu", &[&y, &bias], &[])
-            }
-            // gelu(x) = 0.5 x (1 + erf(x / sqrt 2))
-            ("gelu", OnnxOps::Standard) => {
-                let y = b.linear(&a, &inter)?;
-                let g = &mut b.g;
-                let scaled = g.node("Div", &[&y, &sqrt2], &[]);
-                let erf = g.node("Erf", &[&scaled], &[]);
-                let erf1 = g.node("Add", &[&erf, &one_f], &[]);
-                let prod = g.node("Mul", &[&y, &erf1], &[]);
-                g.node("Mul", &[&prod, &half], &[])
-            }
-            ("relu", _) => {
-                let y = b.linear(&a, &inter)?;
-                b.g.node("Relu", &[&y], &[])
-            }
-            (other, _) => {
-                return Err(EncoderError::Onnx(format!(
-                    "export of hidden_act `{other}` is not supported"
-                )));
-            }
-        };
+        let act = b.intermediate(&a, &format!("{p}.intermediate.dense"), &c.hidden_act, &k)?;
         x = b.dense_residual_norm(
             &act,
             &a,
@@ -492,9 +540,12 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
             &format!("{p}.output.LayerNorm"),
         )?;
     }
-    let g = &mut b.g;
-    g.node_to("", "Identity", &[&x], &[], "last_hidden_state".to_string());
+    b.g.node_to("", "Identity", &[&x], &[], "last_hidden_state".to_string());
+    write_model(&b.g, c.hidden_size, ops, path)
+}
 
+/// The ONNX ModelProto around the graph, written atomically.
+fn write_model(g: &Graph, hidden: usize, ops: OnnxOps, path: &Path) -> Result<(), EncoderError> {
     let mut graph = Proto::default();
     for n in &g.nodes {
         graph.message(1, n);
@@ -511,7 +562,7 @@ pub fn export_onnx(model: &Bert, path: &Path, ops: OnnxOps) -> Result<(), Encode
         11,
         &value_info("attention_mask", INT64, &["batch", "tokens"]),
     );
-    let hidden = h.to_string();
+    let hidden = hidden.to_string();
     graph.message(
         12,
         &value_info("last_hidden_state", FLOAT, &["batch", "tokens", &hidden]),

@@ -26,7 +26,7 @@ pub fn linear(x: &Tensor, weight: &Var, bias: &Var) -> Result<Tensor> {
 }
 
 /// Layer normalization over the last dimension (biased variance, as PyTorch).
-pub fn layer_norm(x: &Tensor, weight: &Var, bias: &Var, eps: f64) -> Result<Tensor> {
+pub(crate) fn layer_norm(x: &Tensor, weight: &Var, bias: &Var, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -38,7 +38,7 @@ pub fn layer_norm(x: &Tensor, weight: &Var, bias: &Var, eps: f64) -> Result<Tens
 
 /// Softmax over the last dimension. The row maximum is subtracted for stability and detached:
 /// its gradient contributions cancel exactly.
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -50,7 +50,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// (tokens x intermediate) activation, the largest tensor of a layer.
 /// On other devices (CUDA) it is candle's own `gelu_erf`, whose kernels run there and whose
 /// backward is made of elementwise ops: the same function and gradient (tested on the CPU).
-pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
         x.contiguous()?.apply_op1(GeluErf)
     } else {
@@ -178,7 +178,7 @@ impl Dropout {
         Dropout { rng }
     }
 
-    pub fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+    pub(crate) fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
         if p <= 0.0 {
             return Ok(x.clone());
         }
@@ -210,7 +210,11 @@ impl Dropout {
 const DROPOUT_CHUNK: usize = 1 << 16;
 
 /// Dropout in training, identity in evaluation.
-pub fn maybe_dropout(x: Tensor, dropout: &mut Option<&mut Dropout>, p: f64) -> Result<Tensor> {
+pub(crate) fn maybe_dropout(
+    x: Tensor,
+    dropout: &mut Option<&mut Dropout>,
+    p: f64,
+) -> Result<Tensor> {
     match dropout {
         Some(d) => d.apply(&x, p),
         None => Ok(x),
@@ -218,7 +222,7 @@ pub fn maybe_dropout(x: Tensor, dropout: &mut Option<&mut Dropout>, p: f64) -> R
 }
 
 /// Masked mean over the sequence: (B, T, H) x (B, T) -> (B, H).
-pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+pub(crate) fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let mask = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
     let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
     let counts = mask.sum(1)?.clamp(1e-9, f64::INFINITY)?;
@@ -226,7 +230,7 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 /// Rows scaled to unit L2 norm (sentence-transformers' Normalize: eps 1e-12).
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let norm = x
         .sqr()?
         .sum_keepdim(D::Minus1)?
@@ -236,7 +240,7 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The additive attention bias: 0 where attended, a large negative where padded; (B, 1, 1, T).
-pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+pub(crate) fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
     let (b, t) = mask.dims2()?;
     let bias = ((mask.to_dtype(dtype)? - 1.0)? * 1e9)?;
     bias.reshape((b, 1, 1, t))

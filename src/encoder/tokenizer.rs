@@ -15,7 +15,7 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     /// Loads `tokenizer.json`. Whatever padding and truncation the file sets (all-MiniLM-L6-v2's
     /// pads everything to 128) is replaced: lengths are chosen per call.
-    pub fn from_file(path: &Path) -> Result<TextTokenizer, EncoderError> {
+    pub(crate) fn from_file(path: &Path) -> Result<TextTokenizer, EncoderError> {
         let mut inner = Tokenizer::from_file(path).map_err(|e| EncoderError::Tokenizer {
             file: path.display().to_string(),
             message: e.to_string(),

@@ -9,9 +9,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use parquet_rows::parquet_rows;
-pub use text::{
-    Header, beir_jsonl, is_trec_qrels_line, qrels, trec_qrels, trec_run, trec_topics, tsv,
-};
+pub(crate) use text::is_trec_qrels_line;
+pub use text::{Header, beir_jsonl, qrels, trec_qrels, trec_run, trec_topics, tsv};
 
 /// One record: its fields in the order the caller asked for, and where it was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,4 +61,4 @@ impl FormatError {
     }
 }
 
-pub type Rows = Box<dyn Iterator<Item = Result<Row, FormatError>> + Send>;
+pub(crate) type Rows = Box<dyn Iterator<Item = Result<Row, FormatError>> + Send>;

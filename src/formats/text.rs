@@ -251,6 +251,6 @@ pub fn qrels(path: &Path) -> Result<Rows, FormatError> {
 }
 
 /// TREC qrels lines have four whitespace-separated fields and no tab-separated triple.
-pub fn is_trec_qrels_line(line: &str) -> bool {
+pub(crate) fn is_trec_qrels_line(line: &str) -> bool {
     line.split('\t').count() != 3 && line.split_whitespace().count() == 4
 }

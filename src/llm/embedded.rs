@@ -38,8 +38,8 @@ pub struct EmbeddedBackend {
     model: Arc<Mutex<Loaded>>,
 }
 
-fn config_error(path: &Path, e: impl std::fmt::Display) -> LlmError {
-    LlmError::Config(format!("{}: {e}", path.display()))
+fn model_error(path: &Path, e: impl std::fmt::Display) -> LlmError {
+    LlmError::Model(format!("{}: {e}", path.display()))
 }
 
 /// The BPE tokenizer a GGUF file carries in its metadata (tokenizer.ggml.*).
@@ -48,41 +48,41 @@ fn gguf_tokenizer(content: &gguf_file::Content, path: &Path) -> Result<Tokenizer
         content
             .metadata
             .get(key)
-            .ok_or_else(|| config_error(path, format!("no `{key}` in the GGUF metadata")))
+            .ok_or_else(|| model_error(path, format!("no `{key}` in the GGUF metadata")))
     };
     let model = get("tokenizer.ggml.model")?
         .to_string()
-        .map_err(|e| config_error(path, e))?;
+        .map_err(|e| model_error(path, e))?;
     if model != "gpt2" {
-        return Err(config_error(
+        return Err(model_error(
             path,
             format!("tokenizer `{model}` is not supported (byte-level BPE `gpt2` is)"),
         ));
     }
     let tokens = get("tokenizer.ggml.tokens")?
         .to_vec()
-        .map_err(|e| config_error(path, e))?;
+        .map_err(|e| model_error(path, e))?;
     let mut vocab = tokenizers::models::bpe::Vocab::default();
     for (id, token) in tokens.iter().enumerate() {
-        let token = token.to_string().map_err(|e| config_error(path, e))?;
+        let token = token.to_string().map_err(|e| model_error(path, e))?;
         vocab.insert(token.clone(), id as u32);
     }
     let merges = get("tokenizer.ggml.merges")?
         .to_vec()
-        .map_err(|e| config_error(path, e))?
+        .map_err(|e| model_error(path, e))?
         .iter()
         .map(|m| {
-            let m = m.to_string().map_err(|e| config_error(path, e))?;
+            let m = m.to_string().map_err(|e| model_error(path, e))?;
             let (a, b) = m
                 .split_once(' ')
-                .ok_or_else(|| config_error(path, format!("malformed merge `{m}`")))?;
+                .ok_or_else(|| model_error(path, format!("malformed merge `{m}`")))?;
             Ok((a.to_string(), b.to_string()))
         })
         .collect::<Result<Vec<_>, LlmError>>()?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
-        .map_err(|e| config_error(path, e))?;
+        .map_err(|e| model_error(path, e))?;
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
@@ -91,7 +91,7 @@ fn gguf_tokenizer(content: &gguf_file::Content, path: &Path) -> Result<Tokenizer
             AddedToken::from(IM_START, true),
             AddedToken::from(IM_END, true),
         ])
-        .map_err(|e| config_error(path, e))?;
+        .map_err(|e| model_error(path, e))?;
     Ok(tokenizer)
 }
 
@@ -130,21 +130,21 @@ fn dequantized(
 impl EmbeddedBackend {
     /// Loads the GGUF file; `name` is the model name responses report.
     pub fn open(path: &Path, name: &str) -> Result<EmbeddedBackend, LlmError> {
-        let mut file = std::fs::File::open(path).map_err(|e| config_error(path, e))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| config_error(path, e))?;
+        let mut file = std::fs::File::open(path).map_err(|e| model_error(path, e))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| model_error(path, e))?;
         let tokenizer = gguf_tokenizer(&content, path)?;
         let eos = tokenizer
             .token_to_id(IM_END)
-            .ok_or_else(|| config_error(path, format!("the vocabulary has no {IM_END}")))?;
+            .ok_or_else(|| model_error(path, format!("the vocabulary has no {IM_END}")))?;
         let context = content
             .metadata
             .get("llama.context_length")
             .and_then(|v| v.to_u32().ok())
             .unwrap_or(2048) as usize;
         let (content, mut reader) =
-            dequantized(&content, &mut file).map_err(|e| config_error(path, e))?;
+            dequantized(&content, &mut file).map_err(|e| model_error(path, e))?;
         let weights = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)
-            .map_err(|e| config_error(path, e))?;
+            .map_err(|e| model_error(path, e))?;
         Ok(EmbeddedBackend {
             path: path.to_path_buf(),
             name: name.to_string(),
@@ -173,16 +173,16 @@ fn generate(
     request: &ChatRequest,
     path: &Path,
 ) -> Result<(String, u64, u64, String), LlmError> {
-    let engine = |e: candle_core::Error| LlmError::Config(format!("{}: {e}", path.display()));
+    let engine = |e: candle_core::Error| LlmError::Model(format!("{}: {e}", path.display()));
     let prompt = EmbeddedBackend::chatml(request);
     let encoding = loaded
         .tokenizer
         .encode(prompt.as_str(), false)
-        .map_err(|e| config_error(path, e))?;
+        .map_err(|e| model_error(path, e))?;
     let prompt_ids = encoding.get_ids().to_vec();
     let max_new = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize;
     if prompt_ids.len() + 1 >= loaded.context {
-        return Err(LlmError::Config(format!(
+        return Err(LlmError::Model(format!(
             "the prompt has {} tokens, the model's context is {}",
             prompt_ids.len(),
             loaded.context
@@ -230,7 +230,7 @@ fn generate(
     let mut text = loaded
         .tokenizer
         .decode(&output, true)
-        .map_err(|e| config_error(path, e))?;
+        .map_err(|e| model_error(path, e))?;
     for s in &request.stop {
         if let Some(cut) = text.find(s.as_str()) {
             text.truncate(cut);
@@ -256,11 +256,13 @@ impl ChatBackend for EmbeddedBackend {
         Box::pin(async move {
             let (text, prompt_tokens, completion_tokens, finish) =
                 tokio::task::spawn_blocking(move || {
-                    let mut loaded = model.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut loaded = model
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     generate(&mut loaded, &request, &path)
                 })
                 .await
-                .map_err(|e| LlmError::Config(format!("generation task failed: {e}")))??;
+                .map_err(|e| LlmError::Model(format!("generation task failed: {e}")))??;
             Ok(ChatResponse {
                 text,
                 model: name,

@@ -111,7 +111,7 @@ impl Journal {
         }
     }
 
-    pub fn append(&self, entry: &JournalEntry) -> Result<(), JournalError> {
+    pub(crate) fn append(&self, entry: &JournalEntry) -> Result<(), JournalError> {
         let mut line = serde_json::to_vec(entry).expect("entries serialize");
         line.push(b'\n');
         let mut file = self.file.lock().expect("journal lock");

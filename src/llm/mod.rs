@@ -13,12 +13,14 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub use embedded::EmbeddedBackend;
-pub use journal::{Journal, JournalEntry, JournalError, OpenedJournal};
-pub use openai::{OpenAiBackend, OpenAiConfig};
-pub use parse::{GradedPassage, ParseError, parse_all_levels, parse_single_level};
-pub use retry::RetryPolicy;
-pub use secret::Secret;
-pub use structured::{StructuredOutput, graded_passages_schema};
+pub use journal::{Journal, JournalError};
+pub use journal::{JournalEntry, OpenedJournal};
+pub(crate) use openai::{OpenAiBackend, OpenAiConfig};
+pub use parse::GradedPassage;
+pub use parse::{ParseError, parse_all_levels, parse_single_level};
+pub(crate) use retry::RetryPolicy;
+pub(crate) use secret::Secret;
+pub(crate) use structured::{StructuredOutput, graded_passages_schema};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -93,16 +95,19 @@ pub enum LlmError {
     Malformed(String),
     #[error("invalid backend configuration: {0}")]
     Config(String),
+    /// The embedded model failed to load or to generate.
+    #[error("model: {0}")]
+    Model(String),
 }
 
 impl LlmError {
     /// Worth another try: rate limits, server errors, timeouts, dropped connections, and
     /// responses cut off mid-body.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             LlmError::Status { status, .. } => *status == 429 || *status >= 500,
             LlmError::Timeout(_) | LlmError::Connection(_) | LlmError::Malformed(_) => true,
-            LlmError::Config(_) => false,
+            LlmError::Config(_) | LlmError::Model(_) => false,
         }
     }
 }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::{ChatBackend, ChatRequest, ChatResponse, LlmError, Secret};
 
 #[derive(Debug, Clone)]
-pub struct OpenAiConfig {
+pub(crate) struct OpenAiConfig {
     /// Base URLs (`http://host:8000/v1`) or full `.../chat/completions` URLs.
     pub endpoints: Vec<String>,
     /// Sent as a bearer token; read by the caller from an environment variable.
@@ -21,7 +21,7 @@ pub struct OpenAiConfig {
     pub requests_per_second: Option<f64>,
 }
 
-pub struct OpenAiBackend {
+pub(crate) struct OpenAiBackend {
     client: reqwest::Client,
     urls: Vec<String>,
     api_key: Option<Secret>,

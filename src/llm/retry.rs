@@ -7,7 +7,7 @@ use rand::Rng;
 use super::{ChatBackend, ChatRequest, ChatResponse, LlmError};
 
 #[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     pub max_retries: u32,
     pub base_delay: Duration,
     pub max_delay: Duration,
@@ -59,7 +59,9 @@ impl RetryPolicy {
             match backend.complete(request).await {
                 Ok(response) => return (Ok(response), attempts),
                 Err(e) if e.is_retryable() && attempts <= self.max_retries => {
-                    tokio::time::sleep(self.delay(attempts - 1, &e)).await;
+                    let delay = self.delay(attempts - 1, &e);
+                    tracing::debug!(attempt = attempts, delay_s = delay.as_secs_f64(), error = %e, "retrying");
+                    tokio::time::sleep(delay).await;
                 }
                 Err(e) => return (Err(e), attempts),
             }

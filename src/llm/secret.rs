@@ -4,7 +4,7 @@
 use std::fmt;
 
 #[derive(Clone)]
-pub struct Secret(String);
+pub(crate) struct Secret(String);
 
 impl Secret {
     pub fn new(value: String) -> Secret {
@@ -12,7 +12,7 @@ impl Secret {
     }
 
     /// The value itself, to sign a request with.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }

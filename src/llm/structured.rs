@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::ChatRequest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StructuredOutput {
+pub(crate) enum StructuredOutput {
     /// OpenAI's `response_format: {type: json_schema}` (OpenAI, vLLM, llama.cpp's server).
     #[default]
     JsonSchema,
@@ -43,7 +43,7 @@ impl<'de> Deserialize<'de> for StructuredOutput {
 }
 
 /// The JSON schema of an answer with passages at `levels`: every level required, nothing else.
-pub fn graded_passages_schema(levels: &[i32]) -> Value {
+pub(crate) fn graded_passages_schema(levels: &[i32]) -> Value {
     let passage = json!({
         "type": "object",
         "properties": {"title": {"type": "string"}, "text": {"type": "string"}},
@@ -61,7 +61,7 @@ pub fn graded_passages_schema(levels: &[i32]) -> Value {
 
 impl StructuredOutput {
     /// Adds the constraint for `schema` to `request` in this flavor.
-    pub fn apply(self, request: &mut ChatRequest, schema: Value) {
+    pub(crate) fn apply(self, request: &mut ChatRequest, schema: Value) {
         match self {
             StructuredOutput::JsonSchema => {
                 request.response_format = Some(json!({

@@ -34,7 +34,7 @@ impl Matrix {
         Matrix { rows, cols, data }
     }
 
-    pub fn identity(n: usize) -> Matrix {
+    pub(crate) fn identity(n: usize) -> Matrix {
         let mut m = Matrix::zeros(n, n);
         for i in 0..n {
             m[(i, i)] = 1.0;
@@ -46,7 +46,7 @@ impl Matrix {
         self.rows
     }
 
-    pub fn cols(&self) -> usize {
+    pub(crate) fn cols(&self) -> usize {
         self.cols
     }
 
@@ -58,7 +58,7 @@ impl Matrix {
         &mut self.data
     }
 
-    pub fn into_data(self) -> Vec<f64> {
+    pub(crate) fn into_data(self) -> Vec<f64> {
         self.data
     }
 
@@ -66,7 +66,7 @@ impl Matrix {
         &self.data[i * self.cols..(i + 1) * self.cols]
     }
 
-    pub fn row_mut(&mut self, i: usize) -> &mut [f64] {
+    pub(crate) fn row_mut(&mut self, i: usize) -> &mut [f64] {
         &mut self.data[i * self.cols..(i + 1) * self.cols]
     }
 
@@ -103,7 +103,7 @@ impl Matrix {
         self
     }
 
-    pub fn sub(&self, other: &Matrix) -> Matrix {
+    pub(crate) fn sub(&self, other: &Matrix) -> Matrix {
         assert_eq!((self.rows, self.cols), (other.rows, other.cols));
         let data = self
             .data
@@ -114,7 +114,7 @@ impl Matrix {
         Matrix::from_vec(self.rows, self.cols, data)
     }
 
-    pub fn squared_norm(&self) -> f64 {
+    pub(crate) fn squared_norm(&self) -> f64 {
         self.data.iter().map(|v| v * v).sum()
     }
 
@@ -162,7 +162,7 @@ impl Matrix {
         let norms: Vec<f64> = (0..n)
             .map(|j| (0..n).map(|i| a[(i, j)] * a[(i, j)]).sum::<f64>().sqrt())
             .collect();
-        let largest = norms.iter().cloned().fold(0.0, f64::max);
+        let largest = norms.iter().copied().fold(0.0, f64::max);
         let mut u = Matrix::zeros(n, n);
         for (j, &s) in norms.iter().enumerate() {
             if s > largest * 1e-14 && s > 0.0 {

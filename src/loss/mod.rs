@@ -117,7 +117,7 @@ fn log_softmax_rows(m: &Matrix, temperature: f64) -> Matrix {
     let mut out = m.clone();
     for i in 0..m.rows() {
         let row = out.row_mut(i);
-        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let log_sum = row
             .iter()
             .map(|v| ((v - max) / temperature).exp())

@@ -15,11 +15,12 @@ use std::collections::{BTreeMap, HashMap};
 use rayon::prelude::*;
 
 pub use measure::{Measure, MeasureError};
-pub use significance::{PairedTest, paired_test};
+pub use significance::PairedTest;
+pub use significance::paired_test;
 
 /// What `synthrank eval` and the `evaluate` stage report unless told otherwise: the paper's
 /// nDCG@10 and recall@100, with MAP and MS MARCO's MRR@10.
-pub const DEFAULT_MEASURES: &[&str] = &["ndcg_cut.10", "recall.100", "map", "mrr_cut.10"];
+pub(crate) const DEFAULT_MEASURES: &[&str] = &["ndcg_cut.10", "recall.100", "map", "mrr_cut.10"];
 
 /// Hash maps keyed by string ids: foldhash, several times faster than SipHash on short keys.
 type IdMap<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
@@ -106,7 +107,7 @@ impl Default for EvalOptions {
 }
 
 /// Per-query values: query -> measure name (pytrec_eval style, e.g. `ndcg_cut_10`) -> value.
-pub type PerQuery = BTreeMap<String, BTreeMap<String, f64>>;
+pub(crate) type PerQuery = BTreeMap<String, BTreeMap<String, f64>>;
 
 /// Evaluates `run` against `qrels`, queries in parallel.
 pub fn evaluate(qrels: &Qrels, run: &Run, measures: &[Measure], options: EvalOptions) -> PerQuery {

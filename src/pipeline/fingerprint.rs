@@ -10,7 +10,7 @@ use crate::table::{FileStamp, Manifest, hash_file};
 
 use super::{PipelineError, PlannedStage};
 
-pub const PROGRAM_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const PROGRAM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Components {
@@ -88,7 +88,7 @@ impl Components {
                     format!("input `{role}` now reads `{}.{}`", input.stage, input.table),
                 ),
                 Some(old) if old.filter != input.filter => {
-                    reasons.push(format!("sql filter of input `{role}` changed"))
+                    reasons.push(format!("sql filter of input `{role}` changed"));
                 }
                 Some(old) if old.hash != input.hash => reasons.push(format!(
                     "input `{role}` changed (stage `{}` has new output)",
@@ -164,7 +164,7 @@ fn file_component(path: &Path, previous: &[FileComponent]) -> Result<FileCompone
 
 /// The input tables' hashes come from their producers' manifests (verified against the file's
 /// stamp, re-hashed if it was modified), so assessing a pipeline reads no table data.
-pub fn table_hash(
+pub(crate) fn table_hash(
     dir: &Path,
     table: &str,
     manifest: &Manifest,
@@ -183,7 +183,7 @@ pub fn table_hash(
     }
 }
 
-pub enum Computed {
+pub(crate) enum Computed {
     Ready(Components),
     /// An input table does not exist yet.
     InputMissing(String),

@@ -11,16 +11,16 @@ use std::time::Duration;
 
 use super::PipelineError;
 
-pub const LOCK_FILE: &str = ".lock";
+pub(crate) const LOCK_FILE: &str = ".lock";
 
 /// Held for as long as it lives.
-pub struct WorkdirLock {
+pub(crate) struct WorkdirLock {
     _file: File,
 }
 
 impl WorkdirLock {
     /// Takes the lock, or says who holds it; with `wait`, polls until it is free.
-    pub async fn acquire(workdir: &Path, wait: bool) -> Result<WorkdirLock, PipelineError> {
+    pub(crate) async fn acquire(workdir: &Path, wait: bool) -> Result<WorkdirLock, PipelineError> {
         let path = workdir.join(LOCK_FILE);
         let io = |e: std::io::Error| PipelineError::Io {
             path: path.clone(),

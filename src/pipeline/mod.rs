@@ -2,6 +2,7 @@
 //! stages into atomically replaced output directories, and answers SQL over their tables.
 
 mod fingerprint;
+mod input;
 mod lock;
 mod plan;
 mod progress;
@@ -12,6 +13,7 @@ pub mod stage;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub use input::InputStream;
 pub use plan::{Assessment, StageState};
 pub use query::{QueryError, query_session, read_only_sql};
 pub use run::{RunOptions, RunSummary, Selection};
@@ -20,7 +22,7 @@ pub use stage::{
     StageError, StageKind, parse_config,
 };
 
-use crate::spec::{PipelineSpec, SpecError, SpecErrorKind, SqlSource, StageSpec};
+use crate::spec::{InputRef, PipelineSpec, SpecError, SpecErrorKind, SqlSource, StageSpec};
 use crate::table::{MANIFEST_FILE, Manifest, TableError};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,8 @@ pub enum PipelineError {
         "stage `{stage}` needs input `{input}`, which has not been built: run stage `{input}` first"
     )]
     InputNotBuilt { stage: String, input: String },
+    #[error("table `{table}` has not been built: run stage `{stage}` first")]
+    TableNotBuilt { table: String, stage: String },
     #[error(
         "{}: the work directory is in use by {holder}; wait for it (or run with --wait)",
         path.display()
@@ -52,6 +56,23 @@ pub enum PipelineError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl PipelineError {
+    /// The spec or the request is wrong (exit 2), rather than the work (exit 1).
+    pub(crate) fn is_usage(&self) -> bool {
+        match self {
+            PipelineError::Spec(_)
+            | PipelineError::UnknownStage { .. }
+            | PipelineError::UnknownTable { .. }
+            | PipelineError::InputNotBuilt { .. }
+            | PipelineError::TableNotBuilt { .. }
+            | PipelineError::Locked { .. } => true,
+            PipelineError::Table(e) => e.is_usage(),
+            PipelineError::Stage { source, .. } => source.is_usage(),
+            PipelineError::Io { .. } => false,
+        }
+    }
 }
 
 /// The stage kinds a pipeline may use.
@@ -141,7 +162,7 @@ impl Pipeline {
                         kind: stage_spec.kind.clone(),
                         known: registry
                             .kinds()
-                            .map(|k| k.kind())
+                            .map(StageKind::kind)
                             .collect::<Vec<_>>()
                             .join(", "),
                     },
@@ -197,7 +218,7 @@ impl Pipeline {
     }
 
     /// Each stage's note on its resumable state, for `status`.
-    pub fn state_summaries(&self) -> Vec<(String, String)> {
+    pub(crate) fn state_summaries(&self) -> Vec<(String, String)> {
         self.stages
             .iter()
             .filter_map(|stage| {
@@ -222,7 +243,7 @@ impl Pipeline {
     }
 
     /// Where a stage keeps what must survive its failed runs (journals, checkpoints).
-    pub fn state_dir(&self, stage: &str) -> PathBuf {
+    pub(crate) fn state_dir(&self, stage: &str) -> PathBuf {
         self.spec.workdir.join(".state").join(stage)
     }
 
@@ -236,12 +257,12 @@ impl Pipeline {
             })
     }
 
-    pub fn stage_names(&self) -> Vec<&str> {
-        self.stages.iter().map(|s| s.name()).collect()
+    pub(crate) fn stage_names(&self) -> Vec<&str> {
+        self.stages.iter().map(PlannedStage::name).collect()
     }
 
     /// `stage` and every stage that depends on it, directly or not.
-    pub fn downstream_of(&self, name: &str) -> Vec<String> {
+    pub(crate) fn downstream_of(&self, name: &str) -> Vec<String> {
         let mut set = vec![name.to_string()];
         for stage in &self.stages {
             if stage.inputs.iter().any(|i| set.contains(&i.stage))
@@ -254,7 +275,7 @@ impl Pipeline {
     }
 
     /// The Parquet file of a built table, `stage` (its primary table) or `stage.table`.
-    pub fn table_path(&self, reference: &str) -> Result<PathBuf, PipelineError> {
+    pub(crate) fn table_path(&self, reference: &str) -> Result<PathBuf, PipelineError> {
         let (stage_name, table) = match reference.split_once('.') {
             Some((s, t)) => (s, Some(t)),
             None => (reference, None),
@@ -276,9 +297,9 @@ impl Pipeline {
         };
         let path = stage.dir.join(format!("{}.parquet", table.name));
         if !path.exists() {
-            return Err(PipelineError::InputNotBuilt {
-                stage: "export".to_string(),
-                input: stage_name.to_string(),
+            return Err(PipelineError::TableNotBuilt {
+                table: format!("{stage_name}.{}", table.name),
+                stage: stage_name.to_string(),
             });
         }
         Ok(path)
@@ -310,40 +331,94 @@ fn resolve_inputs(
     kind: &dyn StageKind,
     bound: &BTreeMap<String, Vec<OutputDecl>>,
 ) -> Result<Vec<ResolvedInput>, SpecError> {
-    let err = |line: u64, message: String| {
+    let resolver = InputResolver { spec, stage, kind };
+    let mut resolved: Vec<ResolvedInput> = Vec::new();
+    for input in &stage.inputs {
+        let output = resolver.output(input, &bound[&input.stage])?;
+        let role = resolver.role(input, output);
+        if resolved.iter().any(|r| r.role == role) {
+            return Err(resolver.error(
+                input.line,
+                format!(
+                    "two inputs are bound to `{role}`; name the roles (`inputs: {{role: stage}}`)"
+                ),
+            ));
+        }
+        resolved.push(ResolvedInput {
+            kind: resolver.role_kind(input, &role, output)?,
+            role,
+            stage: input.stage.clone(),
+            table: output.name.clone(),
+            filter: None,
+        });
+    }
+    resolver.check_required(&resolved)?;
+    resolver.attach_filters(&mut resolved)?;
+    Ok(resolved)
+}
+
+/// Binds one stage's `inputs:` and `sql:` to roles of its kind, with errors at spec lines.
+struct InputResolver<'a> {
+    spec: &'a PipelineSpec,
+    stage: &'a StageSpec,
+    kind: &'a dyn StageKind,
+}
+
+impl InputResolver<'_> {
+    fn error(&self, line: u64, message: String) -> SpecError {
         SpecError::new(
-            &spec.path,
+            &self.spec.path,
             Some(line),
             SpecErrorKind::Inputs {
-                stage: stage.name.clone(),
-                kind: stage.kind.clone(),
+                stage: self.stage.name.clone(),
+                kind: self.stage.kind.clone(),
                 message,
             },
         )
-    };
-    let mut resolved: Vec<ResolvedInput> = Vec::new();
-    for input in &stage.inputs {
-        let outputs = &bound[&input.stage];
-        let output = match &input.table {
-            Some(t) => outputs.iter().find(|o| &o.name == t).ok_or_else(|| {
-                SpecError::new(
-                    &spec.path,
-                    Some(input.line),
-                    SpecErrorKind::UnknownInputTable {
-                        stage: stage.name.clone(),
-                        target: input.stage.clone(),
-                        table: t.clone(),
-                        known: outputs
-                            .iter()
-                            .map(|o| o.name.clone())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    },
-                )
-            })?,
-            None => &outputs[0],
+    }
+
+    fn sql_error(&self, line: u64, message: String) -> SpecError {
+        SpecError::new(
+            &self.spec.path,
+            Some(line),
+            SpecErrorKind::Sql {
+                stage: self.stage.name.clone(),
+                message,
+            },
+        )
+    }
+
+    /// The table an input names: `stage.table`, or the stage's primary table.
+    fn output<'o>(
+        &self,
+        input: &InputRef,
+        outputs: &'o [OutputDecl],
+    ) -> Result<&'o OutputDecl, SpecError> {
+        let Some(t) = &input.table else {
+            return Ok(&outputs[0]);
         };
-        let role = match (&input.role, kind.inputs()) {
+        outputs.iter().find(|o| &o.name == t).ok_or_else(|| {
+            SpecError::new(
+                &self.spec.path,
+                Some(input.line),
+                SpecErrorKind::UnknownInputTable {
+                    stage: self.stage.name.clone(),
+                    target: input.stage.clone(),
+                    table: t.clone(),
+                    known: outputs
+                        .iter()
+                        .map(|o| o.name.clone())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                },
+            )
+        })
+    }
+
+    /// The role an input fills: named, else the table's kind (or, for kinds that take any
+    /// table, the stage's name).
+    fn role(&self, input: &InputRef, output: &OutputDecl) -> String {
+        match (&input.role, self.kind.inputs()) {
             (Some(role), _) => role.clone(),
             (None, InputRoles::Any) => match &input.table {
                 Some(t) => format!("{}_{t}", input.stage),
@@ -353,116 +428,110 @@ fn resolve_inputs(
                 .kind
                 .map(str::to_string)
                 .unwrap_or_else(|| input.stage.clone()),
+        }
+    }
+
+    /// The table kind the role requires, checked against the table bound to it.
+    fn role_kind(
+        &self,
+        input: &InputRef,
+        role: &str,
+        output: &OutputDecl,
+    ) -> Result<Option<&'static str>, SpecError> {
+        let InputRoles::Fixed(roles) = self.kind.inputs() else {
+            return Ok(output.kind);
         };
-        if resolved.iter().any(|r| r.role == role) {
-            return Err(err(
+        let expected = roles.iter().find(|r| r.name == role).ok_or_else(|| {
+            let message = match &input.role {
+                Some(_) => format!(
+                    "no input role `{role}` (it takes: {})",
+                    describe_roles(roles)
+                ),
+                None => format!(
+                    "input `{}` fills no role by its kind `{role}`; name the roles (it takes: {})",
+                    input.stage,
+                    describe_roles(roles)
+                ),
+            };
+            self.error(input.line, message)
+        })?;
+        if let Some(want) = expected.kind
+            && output.kind != Some(want)
+        {
+            return Err(self.error(
                 input.line,
                 format!(
-                    "two inputs are bound to `{role}`; name the roles (`inputs: {{role: stage}}`)"
+                    "input `{role}` needs a table of kind `{want}`, but `{}.{}` is {}",
+                    input.stage,
+                    output.name,
+                    output
+                        .kind
+                        .map_or("free-form".to_string(), |k| format!("of kind `{k}`"))
                 ),
             ));
         }
-        let role_kind = match kind.inputs() {
-            InputRoles::Any => output.kind,
-            InputRoles::Fixed(roles) => {
-                let expected = roles.iter().find(|r| r.name == role).ok_or_else(|| {
-                    let message = match &input.role {
-                        Some(_) => format!("no input role `{role}` (it takes: {})", describe_roles(roles)),
-                        None => format!(
-                            "input `{}` fills no role by its kind `{role}`; name the roles (it takes: {})",
-                            input.stage,
-                            describe_roles(roles)
-                        ),
-                    };
-                    err(input.line, message)
-                })?;
-                if let Some(want) = expected.kind
-                    && output.kind != Some(want)
-                {
-                    return Err(err(
-                        input.line,
-                        format!(
-                            "input `{role}` needs a table of kind `{want}`, but `{}.{}` is {}",
-                            input.stage,
-                            output.name,
-                            output
-                                .kind
-                                .map_or("free-form".to_string(), |k| format!("of kind `{k}`"))
-                        ),
-                    ));
-                }
-                expected.kind
-            }
-        };
-        resolved.push(ResolvedInput {
-            role,
-            stage: input.stage.clone(),
-            table: output.name.clone(),
-            kind: role_kind,
-            filter: None,
-        });
+        Ok(expected.kind)
     }
-    if let InputRoles::Fixed(roles) = kind.inputs() {
-        for role in roles.iter().filter(|r| r.required) {
-            if !resolved.iter().any(|r| r.role == role.name) {
-                return Err(err(
-                    stage.line,
-                    format!(
-                        "missing input `{}` (it takes: {})",
-                        role.name,
-                        describe_roles(roles)
-                    ),
-                ));
-            }
+
+    fn check_required(&self, resolved: &[ResolvedInput]) -> Result<(), SpecError> {
+        let InputRoles::Fixed(roles) = self.kind.inputs() else {
+            return Ok(());
+        };
+        match roles
+            .iter()
+            .find(|role| role.required && !resolved.iter().any(|r| r.role == role.name))
+        {
+            Some(role) => Err(self.error(
+                self.stage.line,
+                format!(
+                    "missing input `{}` (it takes: {})",
+                    role.name,
+                    describe_roles(roles)
+                ),
+            )),
+            None => Ok(()),
         }
     }
-    for filter in &stage.sql {
-        let target = match &filter.role {
-            Some(role) => resolved.iter_mut().find(|r| &r.role == role),
-            None if resolved.len() == 1 => resolved.first_mut(),
-            None => {
-                return Err(SpecError::new(
-                    &spec.path,
-                    Some(filter.line),
-                    SpecErrorKind::Sql {
-                        stage: stage.name.clone(),
-                        message: "the stage has several inputs: give one query per input role (`sql: {role: SELECT ...}`)".to_string(),
-                    },
-                ));
-            }
-        };
-        let Some(target) = target else {
-            return Err(SpecError::new(
-                &spec.path,
-                Some(filter.line),
-                SpecErrorKind::Sql {
-                    stage: stage.name.clone(),
-                    message: format!(
+
+    /// Attaches each `sql:` filter to the input it replaces, reading SQL files.
+    fn attach_filters(&self, resolved: &mut [ResolvedInput]) -> Result<(), SpecError> {
+        for filter in &self.stage.sql {
+            let several = resolved.len() > 1;
+            let target = match &filter.role {
+                Some(role) => resolved.iter_mut().find(|r| &r.role == role),
+                None if !several => resolved.first_mut(),
+                None => {
+                    return Err(self.sql_error(
+                        filter.line,
+                        "the stage has several inputs: give one query per input role (`sql: {role: SELECT ...}`)".to_string(),
+                    ));
+                }
+            };
+            let Some(target) = target else {
+                return Err(self.sql_error(
+                    filter.line,
+                    format!(
                         "filters input `{}`, which the stage does not have",
                         filter.role.as_deref().unwrap_or("")
                     ),
-                },
-            ));
-        };
-        target.filter = Some(match &filter.source {
-            SqlSource::Inline(text) => (text.clone(), None),
-            SqlSource::File(file) => {
-                let path = spec.resolve(file);
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    SpecError::new(
-                        &spec.path,
-                        Some(filter.line),
-                        SpecErrorKind::Sql {
-                            stage: stage.name.clone(),
-                            message: format!("cannot read `{}`: {e}", path.display()),
-                        },
-                    )
-                })?;
-                (text, Some(path))
-            }
-        });
+                ));
+            };
+            target.filter = Some(match &filter.source {
+                SqlSource::Inline(text) => (text.clone(), None),
+                SqlSource::File(file) => {
+                    let path = self.spec.resolve(file);
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        self.sql_error(
+                            filter.line,
+                            format!("cannot read `{}`: {e}", path.display()),
+                        )
+                    })?;
+                    (text, Some(path))
+                }
+            });
+        }
+        Ok(())
     }
-    Ok(resolved)
 }
 
 fn describe_roles(roles: &[InputRole]) -> String {

@@ -24,7 +24,7 @@ pub struct Assessment {
 }
 
 impl StageState {
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             StageState::Fresh => "fresh".to_string(),
             StageState::Missing => "missing".to_string(),
@@ -73,7 +73,7 @@ impl Pipeline {
         let mut reasons = output_problems(stage, m);
         match (&components, &previous) {
             (Some(now), Some(before)) if now.fingerprint() != m.fingerprint => {
-                reasons.extend(now.differences(before))
+                reasons.extend(now.differences(before));
             }
             (Some(_), Some(_)) => {}
             (Some(_), None) => reasons.push("manifest from an incompatible version".to_string()),

@@ -22,6 +22,25 @@ pub enum QueryError {
     Pipeline(#[from] PipelineError),
 }
 
+impl QueryError {
+    /// A query that writes, or does not plan (exit 2), rather than one that failed running.
+    pub(crate) fn is_usage(&self) -> bool {
+        match self {
+            QueryError::ReadOnly(_) => true,
+            QueryError::DataFusion(e) => is_plan_error(e),
+            QueryError::Pipeline(e) => e.is_usage(),
+        }
+    }
+}
+
+/// SQL that does not parse or plan (a misspelt column, say): the query is wrong, not the work.
+pub(crate) fn is_plan_error(e: &DataFusionError) -> bool {
+    matches!(
+        e.find_root(),
+        DataFusionError::Plan(_) | DataFusionError::SQL(..) | DataFusionError::SchemaError(..)
+    )
+}
+
 impl From<DataFusionError> for QueryError {
     fn from(e: DataFusionError) -> QueryError {
         QueryError::DataFusion(Box::new(e))

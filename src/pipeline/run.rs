@@ -42,7 +42,7 @@ pub struct RunSummary {
 impl Pipeline {
     fn selected(&self, selection: &Selection) -> Result<Vec<String>, PipelineError> {
         Ok(match selection {
-            Selection::All => self.stage_names().iter().map(|s| s.to_string()).collect(),
+            Selection::All => self.stage_names().iter().map(ToString::to_string).collect(),
             Selection::Only(name) => vec![self.stage(name)?.name().to_string()],
             Selection::From(name) => {
                 self.stage(name)?;
@@ -84,7 +84,10 @@ impl Pipeline {
             if !selected.contains(&name) {
                 continue;
             }
+            let _span =
+                tracing::debug_span!("stage", name = %name, kind = %stage.spec.kind).entered();
             let assessment = self.assess(stage, &pending)?;
+            tracing::debug!(state = %assessment.state.describe(), force = options.force, "assessed");
             let reason = match (&assessment.state, options.force) {
                 (StageState::Fresh, false) => {
                     let _ = writeln!(log, "{name}: fresh, skipped");
@@ -185,7 +188,7 @@ impl Pipeline {
                 .iter()
                 .find(|w| w.name == output.name)
                 .ok_or_else(|| {
-                    failed(StageError::Invalid(format!(
+                    failed(StageError::Contract(format!(
                         "the stage did not write its table `{}`",
                         output.name
                     )))

@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 
 use crate::table::{self, TableError, TableSchema, TableWriter, WrittenTable};
 
+use super::input::InputStream;
 use super::progress;
 
 /// An input a stage kind expects, under a role name.
@@ -108,12 +109,17 @@ pub fn parse_config<T: DeserializeOwned>(config: &serde_json::Value) -> Result<T
     })
 }
 
+/// Why a stage failed. [`StageError::is_usage`] separates what the spec or its environment got
+/// wrong (exit 2) from work that failed (exit 1).
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     #[error(transparent)]
     Table(#[from] TableError),
     #[error("SQL: {0}")]
-    Sql(Box<DataFusionError>),
+    Sql(#[source] Box<DataFusionError>),
+    /// A stage's SQL tried to write, configure or read outside its inputs.
+    #[error("stage SQL is read-only: {0}")]
+    SqlNotReadOnly(String),
     /// A malformed record in an input file, located by line or row.
     #[error(transparent)]
     Format(#[from] crate::formats::FormatError),
@@ -122,8 +128,56 @@ pub enum StageError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Encoder(#[from] crate::encoder::EncoderError),
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    #[error(transparent)]
+    Llm(#[from] crate::llm::LlmError),
+    #[error(transparent)]
+    Journal(#[from] crate::llm::JournalError),
+    #[error(transparent)]
+    Search(#[from] crate::retrieval::SearchError),
+    /// The config asks for what this run cannot give (a variable that is not set, an input
+    /// that is not bound), found only when the stage runs.
+    #[error("`{field}`: {message}")]
+    Config { field: String, message: String },
+    /// A prompt template that does not compile, or does not render for a query.
+    #[error(
+        "{}template {}{}: {message}",
+        query.as_ref().map(|q| format!("query `{q}`: ")).unwrap_or_default(),
+        path.display(),
+        line.map(|l| format!(":{l}")).unwrap_or_default()
+    )]
+    Template {
+        path: PathBuf,
+        line: Option<usize>,
+        query: Option<String>,
+        message: String,
+    },
+    /// Input rows the stage cannot work with.
+    #[error("input `{input}`{}: {message}", row.map(|r| format!(" row {r}")).unwrap_or_default())]
+    Data {
+        input: String,
+        /// 1-based, in the order the stage reads the input.
+        row: Option<usize>,
+        message: String,
+    },
+    /// Some LLM requests failed for good; the answered ones are journaled.
+    #[error(
+        "{failed} of {total} requests failed; the {} answered are journaled in {} and a rerun sends only the rest. First failure: {first}",
+        total - failed,
+        journal.display()
+    )]
+    RequestsFailed {
+        failed: usize,
+        total: usize,
+        journal: PathBuf,
+        first: String,
+    },
+    /// A stage kind broke its contract with the engine: a bug in synthrank, not in the spec.
+    #[error("internal: {0}")]
+    Contract(String),
 }
 
 impl From<DataFusionError> for StageError {
@@ -133,6 +187,35 @@ impl From<DataFusionError> for StageError {
 }
 
 impl StageError {
+    /// The spec, its config or its environment is wrong (exit 2), rather than the work.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            StageError::Config { .. }
+            | StageError::SqlNotReadOnly(_)
+            | StageError::Template { .. } => true,
+            StageError::Sql(e) => super::query::is_plan_error(e),
+            StageError::Encoder(e) => e.is_usage(),
+            StageError::Train(crate::train::TrainError::Encoder(e)) => e.is_usage(),
+            StageError::Llm(e) => matches!(e, crate::llm::LlmError::Config(_)),
+            _ => false,
+        }
+    }
+
+    pub fn config(field: &str, message: impl Into<String>) -> StageError {
+        StageError::Config {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub fn data(input: &str, row: Option<usize>, message: impl Into<String>) -> StageError {
+        StageError::Data {
+            input: input.to_string(),
+            row,
+            message: message.into(),
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StageError {
         let path = path.into();
         move |source| StageError::Io { path, source }
@@ -245,39 +328,41 @@ impl StageContext {
     pub async fn sql(&mut self, query: &str) -> Result<DataFrame, StageError> {
         let ctx = self.session().await?;
         let plan = ctx.state().create_logical_plan(query).await?;
-        super::query::verify_read_only(&plan)
-            .map_err(|why| StageError::Invalid(format!("stage SQL is read-only: {why}")))?;
+        super::query::verify_read_only(&plan).map_err(StageError::SqlNotReadOnly)?;
         Ok(ctx.execute_logical_plan(plan).await?)
     }
 
-    /// All rows of the input bound to `role`, after the stage's `sql:` filter if it has one,
-    /// conformed to the role's table kind.
-    pub async fn read_input(&mut self, role: &str) -> Result<Vec<RecordBatch>, StageError> {
+    /// The input bound to `role` batch by batch, after the stage's `sql:` filter if it has
+    /// one, conformed to the role's table kind.
+    pub async fn stream_input(&mut self, role: &str) -> Result<InputStream, StageError> {
         let input = self
             .inputs
             .get(role)
             .cloned()
-            .ok_or_else(|| StageError::Invalid(format!("stage has no input `{role}`")))?;
-        let batches = match &input.filter {
-            None => table::read_batches(&input.path)?,
-            Some(query) => self.sql(query).await?.collect().await?,
-        };
-        let Some(kind) = input.kind else {
-            return Ok(batches);
-        };
-        let schema = table::schema(kind)?;
-        batches
-            .iter()
-            .map(|b| {
-                schema.conform(b).map_err(|problem| {
-                    StageError::Table(TableError::SchemaMismatch {
-                        table: format!("input `{role}`"),
-                        kind: kind.to_string(),
-                        problem,
-                    })
-                })
-            })
-            .collect()
+            .ok_or_else(|| StageError::Contract(format!("stage has no input `{role}`")))?;
+        let kind = input.kind.map(table::schema).transpose()?;
+        match &input.filter {
+            None => InputStream::file(role, &input.path, kind),
+            Some(query) => Ok(InputStream::sql(
+                role,
+                self.sql(query).await?.execute_stream().await?,
+                kind,
+            )),
+        }
+    }
+
+    /// All rows of the input bound to `role`, as [`StageContext::stream_input`] reads them.
+    pub async fn read_input(&mut self, role: &str) -> Result<Vec<RecordBatch>, StageError> {
+        self.stream_input(role).await?.collect().await
+    }
+
+    /// The rows of the input bound to `role`, when known without reading it (no `sql:` filter).
+    pub fn input_rows(&self, role: &str) -> Option<u64> {
+        let input = self.inputs.get(role)?;
+        match input.filter {
+            None => super::input::file_rows(&input.path),
+            Some(_) => None,
+        }
     }
 
     /// A writer for the declared output table `name`.
@@ -287,7 +372,7 @@ impl StageContext {
             .iter()
             .find(|o| o.name == name)
             .ok_or_else(|| {
-                StageError::Invalid(format!("stage declares no output table `{name}`"))
+                StageError::Contract(format!("stage declares no output table `{name}`"))
             })?;
         let kind: Option<&'static TableSchema> = decl.kind.map(table::schema).transpose()?;
         let path = self.staging.join(format!("{name}.parquet"));

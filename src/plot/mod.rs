@@ -14,7 +14,7 @@ const COLOURS: [&str; 8] = [
 
 /// One named series of values.
 #[derive(Debug, Clone)]
-pub struct Series {
+pub(crate) struct Series {
     pub name: String,
     pub values: Vec<f64>,
 }
@@ -97,7 +97,7 @@ fn legend(svg: &mut String, names: &[&str]) {
 }
 
 /// Bars grouped by category (e.g. measures), one bar per series (e.g. runs) in each group.
-pub fn grouped_bars(
+pub(crate) fn grouped_bars(
     title: &str,
     y_label: &str,
     categories: &[String],

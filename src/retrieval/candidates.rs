@@ -20,7 +20,7 @@ struct Candidate {
     doc: u32,
 }
 
-pub struct Candidates {
+pub(crate) struct Candidates {
     /// The best lower bounds: `floor()` is a score k documents certainly reach.
     lower: LowerBounds,
     kept: Vec<Candidate>,
@@ -45,7 +45,7 @@ impl Candidates {
     /// Inlined: most panels have no document that reaches, and that test is a few vector
     /// instructions on bounds still in registers.
     #[inline(always)]
-    pub fn admit(&mut self, first: usize, live: usize, bounds: &Bounds) {
+    pub(crate) fn admit(&mut self, first: usize, live: usize, bounds: &Bounds) {
         let mut reaching = reaching(&bounds.upper, self.floor());
         if live < PANEL {
             reaching &= (1 << live) - 1;
@@ -79,7 +79,12 @@ impl Candidates {
     }
 
     /// The exact pass: the top k of the kept documents by exact score, best first.
-    pub fn into_hits(mut self, query: &[f32], docs: Vectors<'_>, id_rank: &[u32]) -> Vec<Hit> {
+    pub(crate) fn into_hits(
+        mut self,
+        query: &[f32],
+        docs: Vectors<'_>,
+        id_rank: &[u32],
+    ) -> Vec<Hit> {
         let floor = self.lower.cut();
         self.kept.retain(|c| c.upper >= floor);
         self.kept

@@ -11,14 +11,14 @@
 use super::quantize::PANEL;
 
 /// Queries per kernel call.
-pub const ROWS: usize = 4;
+pub(crate) const ROWS: usize = 4;
 
 /// One group of 4 components of the [`PANEL`] documents of a panel, document-major.
-pub type PanelQuad = [i8; 4 * PANEL];
+pub(crate) type PanelQuad = [i8; 4 * PANEL];
 
 /// The instructions the byte products run on, the fastest this CPU has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernel {
+pub(crate) enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -27,12 +27,12 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub fn detect() -> Kernel {
+    pub(crate) fn detect() -> Kernel {
         Kernel::available().pop().expect("the portable kernel")
     }
 
     /// Every kernel this CPU can run, slowest first.
-    pub fn available() -> Vec<Kernel> {
+    pub(crate) fn available() -> Vec<Kernel> {
         let mut kernels = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
@@ -50,7 +50,7 @@ impl Kernel {
     /// Query components are quantized to [-levels, levels] and stored as unsigned bytes in
     /// [1, 2·levels + 1]. `vpmaddubsw` sums pairs of byte products in 16 bits with saturation,
     /// so under AVX2 a byte is at most 127 (2·127·127 < 2¹⁵); the others take the whole byte.
-    pub fn query_levels(&self) -> u8 {
+    pub(crate) fn query_levels(self) -> u8 {
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => 63,
@@ -63,7 +63,7 @@ impl Kernel {
     /// `#[inline(always)]` (LLVM inlines bottom-up: a large closure would stay outside). The
     /// results stay the same: Rust neither reassociates nor fuses f32 arithmetic, so wider
     /// vectors do the same operations in the same order.
-    pub fn vectorized<R>(self, work: impl FnOnce() -> R) -> R {
+    pub(crate) fn vectorized<R>(self, work: impl FnOnce() -> R) -> R {
         match self {
             // SAFETY: the features were detected at run time (`available`).
             #[cfg(target_arch = "x86_64")]
@@ -76,7 +76,11 @@ impl Kernel {
 
     /// `rows` are [`ROWS`] queries as unsigned bytes, one group of 4 per element; `panel` is
     /// the same groups of [`PANEL`] documents. Row r of the result holds query r's products.
-    pub fn panel(&self, rows: [&[[u8; 4]]; ROWS], panel: &[PanelQuad]) -> [[i32; PANEL]; ROWS] {
+    pub(crate) fn panel(
+        self,
+        rows: [&[[u8; 4]]; ROWS],
+        panel: &[PanelQuad],
+    ) -> [[i32; PANEL]; ROWS] {
         assert!(rows.iter().all(|r| r.len() == panel.len()));
         match self {
             // SAFETY: the features were detected at run time (`available`).
@@ -195,7 +199,7 @@ unsafe fn panel_avx2(rows: [&[[u8; 4]]; ROWS], panel: &[PanelQuad]) -> [[i32; PA
 }
 
 /// Asks the CPU to start loading `row` into cache (a hint; nothing on other architectures).
-pub fn prefetch(row: &[f32]) {
+pub(crate) fn prefetch(row: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     for line in row.chunks(16) {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};

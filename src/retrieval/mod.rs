@@ -13,7 +13,7 @@ mod topk;
 use std::cmp::Ordering;
 
 pub use kernel::dot;
-pub use topk::TopK;
+pub(crate) use topk::TopK;
 
 use candidates::Candidates;
 use kernel::{Kernel, ROWS};
@@ -44,7 +44,7 @@ impl Default for SearchOptions {
     fn default() -> Self {
         SearchOptions {
             k: 100,
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             query_block: 128,
         }
     }
@@ -100,7 +100,7 @@ pub fn search(
 }
 
 /// [`search`], calling `done(n)` as each block of `n` queries is finished (from any thread).
-pub fn search_with_progress(
+pub(crate) fn search_with_progress(
     queries: Vectors<'_>,
     docs: Vectors<'_>,
     id_rank: &[u32],
@@ -229,6 +229,6 @@ struct Corpus<'a> {
 }
 
 /// trec_eval's order of two hits: higher score first, then larger id.
-pub fn hit_order(a: (f32, u32), b: (f32, u32)) -> Ordering {
+pub(crate) fn hit_order(a: (f32, u32), b: (f32, u32)) -> Ordering {
     b.0.total_cmp(&a.0).then(b.1.cmp(&a.1))
 }

@@ -18,7 +18,7 @@ use super::Vectors;
 use super::kernel::{Kernel, PanelQuad};
 
 /// Documents per panel: the kernel's column count.
-pub const PANEL: usize = 16;
+pub(crate) const PANEL: usize = 16;
 /// Document components lie in [-127, 127] (never -128: the bound stays symmetric).
 const DOC_LEVELS: f32 = 127.0;
 
@@ -115,7 +115,7 @@ fn max_abs(x: &[f32]) -> f32 {
 }
 
 /// The documents of a search, quantized and packed in panels of [`PANEL`].
-pub struct QuantizedDocs {
+pub(crate) struct QuantizedDocs {
     /// Groups of 4 components per vector (the dimension rounded up to a multiple of 4).
     pub quads: usize,
     /// `[panel][quad]`; the last panel is padded with zero documents.
@@ -169,7 +169,7 @@ impl QuantizedDocs {
                     kernel.vectorized(
                         #[inline(always)]
                         || share.fill(docs),
-                    )
+                    );
                 });
             }
         });
@@ -179,7 +179,12 @@ impl QuantizedDocs {
     /// The bounds on the exact scores of one panel's documents against one query, given their
     /// integer products (NaN where a vector is not finite).
     #[inline(always)]
-    pub fn bounds(&self, panel: usize, query: &QuantizedQuery, integer: &[i32; PANEL]) -> Bounds {
+    pub(crate) fn bounds(
+        &self,
+        panel: usize,
+        query: &QuantizedQuery,
+        integer: &[i32; PANEL],
+    ) -> Bounds {
         let docs = panel * PANEL..(panel + 1) * PANEL;
         let per_doc = |v: &[f32]| -> [f32; PANEL] { v[docs.clone()].try_into().expect("a panel") };
         let (scale, slack_norm, slack_residual) = (
@@ -248,13 +253,13 @@ impl Share<'_> {
 }
 
 /// Bounds on the exact scores of one query against the [`PANEL`] documents of a panel.
-pub struct Bounds {
+pub(crate) struct Bounds {
     pub lower: [f32; PANEL],
     pub upper: [f32; PANEL],
 }
 
 /// One query, quantized: unsigned bytes for the kernel and the terms of its side of the bound.
-pub struct QuantizedQuery {
+pub(crate) struct QuantizedQuery {
     /// Added to each component to store it as an unsigned byte.
     offset: i32,
     pub scale: f32,

@@ -27,7 +27,7 @@ impl PartialOrd for Key {
     }
 }
 
-pub struct TopK {
+pub(crate) struct TopK {
     k: usize,
     heap: BinaryHeap<Reverse<Key>>,
     /// The worst score kept once full: most candidates fail this one comparison.
@@ -44,7 +44,7 @@ impl TopK {
     }
 
     #[inline]
-    pub fn offer(&mut self, score: f32, id_rank: u32, doc: u32) {
+    pub(crate) fn offer(&mut self, score: f32, id_rank: u32, doc: u32) {
         // -0.0 and 0.0 are one score (trec_eval compares with `>`), not two.
         let score = score + 0.0;
         if self.k == 0 || (self.heap.len() == self.k && score < self.floor) || score.is_nan() {
@@ -69,7 +69,7 @@ impl TopK {
     }
 
     /// The score a hit must reach to be kept: the k-th best so far once k are kept.
-    pub fn floor(&self) -> f32 {
+    pub(crate) fn floor(&self) -> f32 {
         if self.k == 0 {
             f32::INFINITY
         } else {
@@ -78,7 +78,7 @@ impl TopK {
     }
 
     /// The kept hits, best first.
-    pub fn into_sorted(self) -> Vec<Hit> {
+    pub(crate) fn into_sorted(self) -> Vec<Hit> {
         let mut keys: Vec<Key> = self.heap.into_iter().map(|r| r.0).collect();
         keys.sort_unstable_by(|a, b| b.cmp(a));
         keys.into_iter()

@@ -2,6 +2,7 @@
 //! came from, so that every later validation error can point at the file and line.
 
 mod error;
+mod lines;
 mod raw;
 mod template;
 
@@ -9,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use error::{SpecError, SpecErrorKind};
+pub use lines::FieldLines;
 
 /// A parsed, structurally valid pipeline spec. Stage-kind-specific checks (config fields, input
 /// roles, named files) are made by the pipeline layer, which knows the stage kinds.
@@ -22,7 +24,6 @@ pub struct PipelineSpec {
     pub description: Option<String>,
     pub workdir: PathBuf,
     pub stages: Vec<StageSpec>,
-    source: String,
 }
 
 #[derive(Debug, Clone)]
@@ -31,13 +32,14 @@ pub struct StageSpec {
     pub line: u64,
     pub kind: String,
     pub kind_line: u64,
-    pub description: Option<String>,
     pub inputs: Vec<InputRef>,
     /// SQL filters over the stage's inputs, keyed by the input role they replace (`None`: the
     /// stage's only input).
     pub sql: Vec<SqlFilter>,
     pub config: serde_json::Value,
     pub config_line: u64,
+    /// Where each key of `config:` is, for config errors reported by field path.
+    pub config_lines: FieldLines,
 }
 
 /// One input of a stage: the table `stage[.table]`, under an explicit role or (list form) under
@@ -72,26 +74,22 @@ impl PipelineSpec {
     }
 
     /// Loads a spec with some of its `vars:` replaced (`NAME=VALUE`, VALUE read as YAML).
-    pub fn load_with_vars(
+    pub(crate) fn load_with_vars(
         path: &Path,
         overrides: &[(String, String)],
     ) -> Result<PipelineSpec, SpecError> {
         let source = std::fs::read_to_string(path)
             .map_err(|e| SpecError::new(path, None, SpecErrorKind::Io(e)))?;
-        Self::parse_with_vars(path, source, overrides)
+        Self::parse_with_vars(path, &source, overrides)
     }
 
     /// Parses spec text as if read from `path` (relative paths resolve against its directory).
-    pub fn parse(path: &Path, source: String) -> Result<PipelineSpec, SpecError> {
-        Self::parse_with_vars(path, source, &[])
-    }
-
     fn parse_with_vars(
         path: &Path,
-        source: String,
+        source: &str,
         overrides: &[(String, String)],
     ) -> Result<PipelineSpec, SpecError> {
-        let raw = raw::parse(path, &source)?;
+        let raw = raw::parse(path, source)?;
         let base_dir = path
             .parent()
             .map(Path::to_path_buf)
@@ -163,7 +161,6 @@ impl PipelineSpec {
             description: raw.description,
             workdir,
             stages,
-            source,
         };
         spec.check_acyclic()?;
         Ok(spec)
@@ -174,37 +171,17 @@ impl PipelineSpec {
     }
 
     /// Resolves a path written in the spec (relative to the spec file's directory).
-    pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
+    pub(crate) fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
         clean_path(&self.base_dir.join(path))
     }
 
-    /// The line of `field:` within the `config:` block of `stage`, for pointing at a config
-    /// error that the typed config parser reports by field path only (`sample.n`,
-    /// `levels[2]`): each segment is looked for below the previous one.
-    pub fn config_field_line(&self, stage: &StageSpec, field: &str) -> u64 {
-        let lines: Vec<&str> = self.source.lines().collect();
-        let indent_of = |l: &str| l.len() - l.trim_start().len();
-        let mut line = stage.config_line.saturating_sub(1) as usize;
-        for segment in field.split('.').map(|s| s.split('[').next().unwrap_or(s)) {
-            let block_indent = lines.get(line).map_or(0, |l| indent_of(l));
-            let found = lines.iter().enumerate().skip(line).find_map(|(i, text)| {
-                let trimmed = text.trim_start().trim_start_matches("- ");
-                let after_key = trimmed.strip_prefix(segment)?;
-                // `key:` in block style, or `{key: ...}` / `, key:` in flow style.
-                let flow = text.contains(&format!("{{{segment}:"))
-                    || text.contains(&format!(" {segment}:"));
-                (after_key.trim_start().starts_with(':') || flow).then_some(i)
-            });
-            match found {
-                Some(i)
-                    if i == line || lines.get(i).is_some_and(|l| indent_of(l) >= block_indent) =>
-                {
-                    line = i
-                }
-                _ => break,
-            }
-        }
-        line as u64 + 1
+    /// The line of `field` (a path: `sample.n`, `levels[2]`) in the `config:` block of
+    /// `stage`, or of the block itself when the field is not written there (a missing one).
+    pub(crate) fn config_field_line(&self, stage: &StageSpec, field: &str) -> u64 {
+        stage
+            .config_lines
+            .line_of(field)
+            .unwrap_or(stage.config_line)
     }
 
     /// Depth-first search for a cycle through input references; reports the cycle's path.
@@ -323,25 +300,30 @@ fn expand_stage(
             }
             None => Vec::new(),
         };
-        let (config, config_line) = match &raw_stage.config {
+        let (config, config_line, config_lines) = match &raw_stage.config {
             Some(c) => (
                 scope
-                    .value(&c.value)
+                    .value(&c.value.value)
                     .map_err(|m| template_error(c.referenced.line(), m))?,
                 c.referenced.line(),
+                c.value.lines.clone(),
             ),
-            None => (serde_json::Value::Object(Default::default()), line),
+            None => (
+                serde_json::Value::Object(Default::default()),
+                line,
+                FieldLines::default(),
+            ),
         };
         stages.push(StageSpec {
             name,
             line,
             kind: raw_stage.kind.value.clone(),
             kind_line: raw_stage.kind.referenced.line(),
-            description: raw_stage.description.clone(),
             inputs,
             sql,
             config,
             config_line,
+            config_lines,
         });
     }
     Ok(stages)
@@ -349,7 +331,7 @@ fn expand_stage(
 
 /// Removes `.` and `dir/..` pairs lexically, so paths read well in messages
 /// (`pipelines/../work` becomes `work`).
-pub fn clean_path(path: &Path) -> PathBuf {
+pub(crate) fn clean_path(path: &Path) -> PathBuf {
     use std::path::Component;
     let mut out: Vec<Component> = Vec::new();
     for component in path.components() {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use super::lines::LinedValue;
 use super::template::Scope;
 use super::{InputRef, SpecError, SpecErrorKind, SqlFilter, SqlSource};
 
@@ -28,7 +29,9 @@ pub(super) struct RawSpec {
 pub(super) struct RawStage {
     pub name: Spanned<String>,
     pub kind: Spanned<String>,
+    /// Documentation for the spec's reader: accepted, never used.
     #[serde(default)]
+    #[allow(dead_code)]
     pub description: Option<String>,
     /// One stage per combination of these values (lists, or names of list variables).
     #[serde(default)]
@@ -38,7 +41,7 @@ pub(super) struct RawStage {
     #[serde(default)]
     pub sql: Option<Spanned<RawSql>>,
     #[serde(default)]
-    pub config: Option<Spanned<serde_json::Value>>,
+    pub config: Option<Spanned<LinedValue>>,
 }
 
 /// `inputs: [a, b.table]` or `inputs: {role: a, other: b.table}`.
@@ -125,7 +128,11 @@ pub(super) fn sql_filters(sql: &Spanned<RawSql>, scope: &Scope) -> Result<Vec<Sq
         let text = scope.string(text)?;
         let trimmed = text.trim();
         Ok(
-            if trimmed.ends_with(".sql") && !trimmed.contains(char::is_whitespace) {
+            if Path::new(trimmed)
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("sql"))
+                && !trimmed.contains(char::is_whitespace)
+            {
                 SqlSource::File(PathBuf::from(trimmed))
             } else {
                 SqlSource::Inline(text)

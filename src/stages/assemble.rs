@@ -4,8 +4,9 @@
 //! wins), `random` (shuffle, cycle when short) or `top` selection, a binary mode for InfoNCE,
 //! and the random draws made anew for every epoch.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use arrow::array::{Int32Array, RecordBatch, StringArray};
 use futures::future::BoxFuture;
@@ -18,9 +19,9 @@ use crate::pipeline::{
     ConfigError, InputRole, InputRoles, OutputDecl, Stage, StageContext, StageError, StageKind,
     parse_config,
 };
-use crate::table::{self, columns};
+use crate::table::{self, TableWriter, columns};
 
-pub struct Assemble;
+pub(crate) struct Assemble;
 
 const INPUTS: &[InputRole] = &[
     InputRole {
@@ -148,15 +149,15 @@ impl StageKind for Assemble {
                 ));
             }
         }
-        Ok(Box::new(Prepared { config }))
+        Ok(Box::new(AssembleStage { config }))
     }
 }
 
-struct Prepared {
+struct AssembleStage {
     config: Config,
 }
 
-impl Stage for Prepared {
+impl Stage for AssembleStage {
     fn outputs(&self) -> Vec<OutputDecl> {
         vec![OutputDecl::of_kind("groups")]
     }
@@ -166,13 +167,15 @@ impl Stage for Prepared {
     }
 }
 
+/// A passage a source offers for a query. Text is shared, not copied, between the sources'
+/// table, the lists of every epoch and the output batches.
 #[derive(Debug, Clone)]
 struct Candidate {
-    doc_id: String,
+    doc_id: Arc<str>,
     label: f64,
-    source: String,
-    title: String,
-    text: String,
+    source: Arc<str>,
+    title: Arc<str>,
+    text: Arc<str>,
 }
 
 /// One source's passages by query, in [`canonical_order`].
@@ -181,7 +184,7 @@ type ByQuery = BTreeMap<String, Vec<Candidate>>;
 /// Passages ordered by content, not by table row: a table's row order is not part of its
 /// content (a SQL stage's join may emit rows in any order), and the seeded shuffles must give
 /// the same lists for the same rows.
-fn canonical_order(mut by_query: ByQuery) -> ByQuery {
+fn canonical_order(by_query: &mut ByQuery) {
     for list in by_query.values_mut() {
         list.sort_by(|a, b| {
             (&a.doc_id, &a.title, &a.text)
@@ -189,144 +192,204 @@ fn canonical_order(mut by_query: ByQuery) -> ByQuery {
                 .then(a.label.total_cmp(&b.label))
         });
     }
-    by_query
 }
 
-impl Prepared {
-    async fn read_source(
-        &self,
-        ctx: &mut StageContext,
-        role: &str,
-        corpus: &mut Option<HashMap<String, (String, String)>>,
-    ) -> Result<ByQuery, StageError> {
+/// Output rows written per batch: memory holds one batch of rows, not the table.
+const ROWS_PER_BATCH: usize = 65_536;
+
+/// The `groups` rows being written: (query, epoch, position, passage).
+struct GroupsWriter {
+    rows: Vec<(Arc<str>, i32, i32, Candidate)>,
+    schema: arrow::datatypes::SchemaRef,
+    writer: TableWriter,
+}
+
+impl GroupsWriter {
+    fn push(&mut self, row: (Arc<str>, i32, i32, Candidate)) -> Result<(), StageError> {
+        self.rows.push(row);
+        if self.rows.len() >= ROWS_PER_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StageError> {
+        let rows = std::mem::take(&mut self.rows);
+        let batch = RecordBatch::try_new(
+            self.schema.clone(),
+            vec![
+                columns::utf8(rows.iter().map(|r| &*r.0)),
+                columns::int32(rows.iter().map(|r| r.1)),
+                columns::int32(rows.iter().map(|r| r.2)),
+                columns::utf8(rows.iter().map(|r| &*r.3.doc_id)),
+                columns::float64(rows.iter().map(|r| r.3.label)),
+                columns::utf8(rows.iter().map(|r| &*r.3.source)),
+                columns::utf8(rows.iter().map(|r| &*r.3.title)),
+                columns::utf8(rows.iter().map(|r| &*r.3.text)),
+            ],
+        )
+        .expect("columns follow the groups kind");
+        Ok(self.writer.write(&batch)?)
+    }
+}
+
+impl AssembleStage {
+    /// A source's passages by query. Sources that name documents by id (qrels, negatives) get
+    /// their texts from the corpus later, in [`AssembleStage::attach_texts`].
+    async fn read_source(&self, ctx: &mut StageContext, role: &str) -> Result<ByQuery, StageError> {
         if !ctx.has_input(role) {
-            return Err(StageError::Invalid(format!(
-                "a source reads `{role}`, but the stage has no input `{role}`"
-            )));
+            return Err(StageError::config(
+                "sources",
+                format!("a source reads `{role}`, but the stage has no input `{role}`"),
+            ));
         }
+        let source: Arc<str> = Arc::from(role);
+        let empty: Arc<str> = Arc::from("");
         let mut out = ByQuery::new();
-        if role == "graded" {
-            for batch in ctx.read_input(role).await? {
-                let q = columns::get::<StringArray>(&batch, "query_id");
-                let d = columns::get::<StringArray>(&batch, "doc_id");
-                let l = columns::get::<Int32Array>(&batch, "level");
-                let t = columns::get::<StringArray>(&batch, "title");
-                let x = columns::get::<StringArray>(&batch, "text");
-                for i in 0..batch.num_rows() {
-                    out.entry(q.value(i).to_string())
-                        .or_default()
-                        .push(Candidate {
-                            doc_id: d.value(i).to_string(),
-                            label: f64::from(l.value(i)),
-                            source: role.to_string(),
-                            title: t.value(i).to_string(),
-                            text: x.value(i).to_string(),
-                        });
-                }
-            }
-            return Ok(canonical_order(out));
-        }
-        if corpus.is_none() {
-            if !ctx.has_input("corpus") {
-                return Err(StageError::Invalid(format!(
-                    "source `{role}` names documents by id: bind the input `corpus` for their text"
-                )));
-            }
-            let mut docs = HashMap::new();
-            for batch in ctx.read_input("corpus").await? {
-                let d = columns::get::<StringArray>(&batch, "doc_id");
-                let t = columns::get::<StringArray>(&batch, "title");
-                let x = columns::get::<StringArray>(&batch, "text");
-                for i in 0..batch.num_rows() {
-                    docs.insert(
-                        d.value(i).to_string(),
-                        (t.value(i).to_string(), x.value(i).to_string()),
-                    );
-                }
-            }
-            *corpus = Some(docs);
-        }
-        let docs = corpus.as_ref().expect("loaded above");
-        for batch in ctx.read_input(role).await? {
+        let mut input = ctx.stream_input(role).await?;
+        while let Some(batch) = input.next().await? {
             let q = columns::get::<StringArray>(&batch, "query_id");
             let d = columns::get::<StringArray>(&batch, "doc_id");
-            let r = columns::get::<Int32Array>(&batch, "relevance");
+            let graded = role == "graded";
+            let label =
+                columns::get::<Int32Array>(&batch, if graded { "level" } else { "relevance" });
+            let texts = graded.then(|| {
+                (
+                    columns::get::<StringArray>(&batch, "title"),
+                    columns::get::<StringArray>(&batch, "text"),
+                )
+            });
             for i in 0..batch.num_rows() {
-                let Some((title, text)) = docs.get(d.value(i)) else {
-                    return Err(StageError::Invalid(format!(
-                        "input `{role}` row {}: document `{}` is not in the corpus",
-                        i + 1,
-                        d.value(i)
-                    )));
+                let (title, text) = match texts {
+                    Some((t, x)) => (Arc::from(t.value(i)), Arc::from(x.value(i))),
+                    None => (empty.clone(), empty.clone()),
                 };
                 out.entry(q.value(i).to_string())
                     .or_default()
                     .push(Candidate {
-                        doc_id: d.value(i).to_string(),
-                        label: f64::from(r.value(i)),
-                        source: role.to_string(),
-                        title: title.clone(),
-                        text: text.clone(),
+                        doc_id: Arc::from(d.value(i)),
+                        label: f64::from(label.value(i)),
+                        source: source.clone(),
+                        title,
+                        text,
                     });
             }
         }
-        Ok(canonical_order(out))
+        Ok(out)
+    }
+
+    /// Fills in the texts of documents named by id, in one pass over the corpus that keeps only
+    /// the documents named (not the whole corpus).
+    async fn attach_texts(
+        &self,
+        ctx: &mut StageContext,
+        sources: &mut [(&SourceConfig, ByQuery)],
+    ) -> Result<(), StageError> {
+        let by_id = |s: &SourceConfig| s.input != "graded";
+        let wanted: HashSet<Arc<str>> = sources
+            .iter()
+            .filter(|(s, _)| by_id(s))
+            .flat_map(|(_, m)| m.values().flatten().map(|c| c.doc_id.clone()))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        if !ctx.has_input("corpus") {
+            let role = &sources
+                .iter()
+                .find(|(s, _)| by_id(s))
+                .expect("wanted")
+                .0
+                .input;
+            return Err(StageError::config(
+                "inputs",
+                format!(
+                    "source `{role}` names documents by id: bind the input `corpus` for their text"
+                ),
+            ));
+        }
+        let mut docs: HashMap<Arc<str>, (Arc<str>, Arc<str>)> = HashMap::new();
+        let mut corpus = ctx.stream_input("corpus").await?;
+        while let Some(batch) = corpus.next().await? {
+            let d = columns::get::<StringArray>(&batch, "doc_id");
+            let t = columns::get::<StringArray>(&batch, "title");
+            let x = columns::get::<StringArray>(&batch, "text");
+            for i in 0..batch.num_rows() {
+                if let Some(id) = wanted.get(d.value(i)) {
+                    docs.insert(id.clone(), (Arc::from(t.value(i)), Arc::from(x.value(i))));
+                }
+            }
+        }
+        for (source, by_query) in sources.iter_mut().filter(|(s, _)| by_id(s)) {
+            for (query, list) in by_query.iter_mut() {
+                for c in list {
+                    let Some((title, text)) = docs.get(&c.doc_id) else {
+                        return Err(StageError::data(
+                            &source.input,
+                            None,
+                            format!(
+                                "query `{query}`: document `{}` is not in the corpus",
+                                c.doc_id
+                            ),
+                        ));
+                    };
+                    (c.title, c.text) = (title.clone(), text.clone());
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn assemble(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let mut corpus = None;
         let mut sources = Vec::new();
         for s in &self.config.sources {
-            sources.push((s, self.read_source(ctx, &s.input, &mut corpus).await?));
+            sources.push((s, self.read_source(ctx, &s.input).await?));
         }
-        let mut queries: Vec<&String> = sources.iter().flat_map(|(_, m)| m.keys()).collect();
+        self.attach_texts(ctx, &mut sources).await?;
+        for (_, by_query) in &mut sources {
+            canonical_order(by_query);
+        }
+        let mut queries: Vec<Arc<str>> = sources
+            .iter()
+            .flat_map(|(_, m)| m.keys().map(|q| Arc::from(q.as_str())))
+            .collect();
         queries.sort();
         queries.dedup();
 
-        let mut rows: Vec<(String, Candidate, i32, i32)> = Vec::new();
-        let mut skipped = 0u64;
+        let schema = table::schema("groups")?.arrow();
+        let mut out = GroupsWriter {
+            rows: Vec::new(),
+            writer: ctx.create_table("groups", schema.clone())?,
+            schema,
+        };
+        let (mut groups, mut skipped) = (0u64, 0u64);
         for epoch in 0..self.config.epochs {
             // Epoch 0 draws from stream 0: the lists of a one-epoch table.
             let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
             rng.set_stream(epoch as u64);
-            for &query in &queries {
+            for query in &queries {
                 let candidates = self.candidates(&sources, query, &mut rng);
                 let group = match &self.config.binary {
                     None => self.select(candidates, self.config.group_size, &mut rng),
                     Some(b) => self.binary_group(candidates, b.threshold, &mut rng),
                 };
                 match group {
-                    Some(list) => rows.extend(
-                        list.into_iter()
-                            .enumerate()
-                            .map(|(i, c)| (query.clone(), c, epoch as i32, i as i32)),
-                    ),
+                    Some(list) => {
+                        groups += u64::from(epoch == 0);
+                        for (i, c) in list.into_iter().enumerate() {
+                            out.push((query.clone(), epoch as i32, i as i32, c))?;
+                        }
+                    }
                     None if epoch == 0 => skipped += 1,
                     None => {}
                 }
             }
         }
-
-        let schema = table::schema("groups")?.arrow();
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                columns::utf8(rows.iter().map(|r| r.0.as_str())),
-                columns::int32(rows.iter().map(|r| r.2)),
-                columns::int32(rows.iter().map(|r| r.3)),
-                columns::utf8(rows.iter().map(|r| r.1.doc_id.as_str())),
-                columns::float64(rows.iter().map(|r| r.1.label)),
-                columns::utf8(rows.iter().map(|r| r.1.source.as_str())),
-                columns::utf8(rows.iter().map(|r| r.1.title.as_str())),
-                columns::utf8(rows.iter().map(|r| r.1.text.as_str())),
-            ],
-        )
-        .expect("columns follow the groups kind");
-        let groups = rows.iter().filter(|r| r.3 == 0).count() as u64;
+        out.flush()?;
         ctx.set_stat("groups", groups);
         ctx.set_stat("epochs", self.config.epochs as u64);
         ctx.set_stat("queries_skipped", skipped);
-        ctx.write_table("groups", schema, &[batch])
+        ctx.finish_table(out.writer)
     }
 
     /// A query's passages from every source: each source filtered, subsampled and relabelled,
@@ -339,7 +402,7 @@ impl Prepared {
         rng: &mut ChaCha8Rng,
     ) -> Vec<Candidate> {
         let mut candidates: Vec<Candidate> = Vec::new();
-        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut index: HashMap<Arc<str>, usize> = HashMap::new();
         for (source, by_query) in sources {
             let mut kept: Vec<Candidate> = by_query
                 .get(query)

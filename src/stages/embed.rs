@@ -1,18 +1,20 @@
-//! `embed`: corpus or queries + a model -> embeddings. Texts are tokenized, sorted by length and
-//! packed into batches under a token budget (padding stays small), and written as they are
-//! embedded, so memory is bounded by the token ids. Backends: candle (the training encoder) or
+//! `embed`: corpus or queries + a model -> embeddings. Texts are read in windows; each window is
+//! tokenized, sorted by length and packed into batches under a token budget (padding stays
+//! small), and written as it is embedded, so memory is bounded by one window. Backends: candle (the training encoder) or
 //! ONNX Runtime (an .onnx export; synthrank exports its own models on demand).
 
 use std::path::{Path, PathBuf};
 
 use arrow::array::{RecordBatch, StringArray};
+use arrow::datatypes::SchemaRef;
 use candle_core::Device;
 use futures::future::BoxFuture;
+use indicatif::ProgressBar;
 use serde::Deserialize;
 
 use crate::encoder::{
-    CandleEmbedder, DeviceChoice, Embedder, ModelDir, OnnxOps, OrtEmbedder, Pooling, device_label,
-    export_onnx,
+    CandleEmbedder, DeviceChoice, Embedder, ModelDir, OnnxOps, OrtEmbedder, Pooling, TextTokenizer,
+    device_label, export_onnx,
 };
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -20,10 +22,10 @@ use crate::pipeline::{
 };
 use crate::spec::clean_path;
 use crate::stages::tokenize::passage_text;
-use crate::stages::with_threads;
-use crate::table::{self, columns};
+use crate::stages::{blocking, with_threads};
+use crate::table::{self, TableWriter, columns};
 
-pub struct Embed;
+pub(crate) struct Embed;
 
 const INPUTS: &[InputRole] = &[
     InputRole {
@@ -168,7 +170,7 @@ impl StageKind for Embed {
                 "the onnx backend needs libonnxruntime: set `onnxruntime` or ORT_DYLIB_PATH",
             ));
         }
-        Ok(Box::new(Prepared {
+        Ok(Box::new(EmbedStage {
             config,
             model,
             library,
@@ -176,13 +178,13 @@ impl StageKind for Embed {
     }
 }
 
-struct Prepared {
+struct EmbedStage {
     config: Config,
     model: Option<ModelDir>,
     library: Option<PathBuf>,
 }
 
-impl Stage for Prepared {
+impl Stage for EmbedStage {
     fn outputs(&self) -> Vec<OutputDecl> {
         vec![OutputDecl::of_kind("embeddings")]
     }
@@ -191,7 +193,7 @@ impl Stage for Prepared {
         let mut files: Vec<NamedFile> = self
             .model
             .iter()
-            .flat_map(|m| m.files())
+            .flat_map(ModelDir::files)
             .map(|path| NamedFile::new("model", path))
             .collect();
         if let Some(m) = &self.model
@@ -208,11 +210,7 @@ impl Stage for Prepared {
     }
 }
 
-fn invalid(e: impl std::fmt::Display) -> StageError {
-    StageError::Invalid(e.to_string())
-}
-
-impl Prepared {
+impl EmbedStage {
     /// The model directory's own ONNX file, when one is there and the config runs it.
     fn given_onnx_file(&self, model: &ModelDir) -> Option<PathBuf> {
         let file = model.path.join(&self.config.onnx_file);
@@ -226,11 +224,13 @@ impl Prepared {
             .find(|i| i.role == "model")
             .map(|i| i.path.clone());
         match (&self.model, bound) {
-            (Some(_), Some(_)) => Err(StageError::Invalid(
-                "give `model` in the config or bind the input `model`, not both".into(),
+            (Some(_), Some(_)) => Err(StageError::config(
+                "model",
+                "give `model` in the config or bind the input `model`, not both",
             )),
-            (None, None) => Err(StageError::Invalid(
-                "no model: set `model` in the config or bind the input `model`".into(),
+            (None, None) => Err(StageError::config(
+                "model",
+                "no model: set `model` in the config or bind the input `model`",
             )),
             (Some(m), None) => Ok(m.clone()),
             (None, Some(table_path)) => {
@@ -239,9 +239,9 @@ impl Prepared {
                     .iter()
                     .find(|b| b.num_rows() > 0)
                     .map(|b| columns::get::<StringArray>(b, "path").value(0).to_string())
-                    .ok_or_else(|| invalid("input `model` has no rows"))?;
+                    .ok_or_else(|| StageError::data("model", None, "no rows"))?;
                 let base = table_path.parent().unwrap_or(Path::new("."));
-                ModelDir::open(&base.join(row)).map_err(invalid)
+                Ok(ModelDir::open(&base.join(row))?)
             }
         }
     }
@@ -255,12 +255,12 @@ impl Prepared {
         let c = &self.config;
         let pooling = c.pooling.unwrap_or(model.pooling);
         let normalize = c.normalize.unwrap_or(model.normalize);
-        let pad = model.tokenizer().map_err(invalid)?.pad_id();
+        let pad = model.tokenizer()?.pad_id();
         match c.backend {
             Backend::Candle => {
-                let device = c.device.open().map_err(invalid)?;
+                let device = c.device.open()?;
                 tracing::debug!("embedding on {}", device_label(&device));
-                let bert = model.load_model(&device).map_err(invalid)?;
+                let bert = model.load_model(&device)?;
                 Ok((
                     Box::new(CandleEmbedder::new(bert, pooling, normalize, pad)),
                     device_label(&device),
@@ -272,22 +272,22 @@ impl Prepared {
                     None => {
                         // Export once per weights file and flavor; the state directory keeps
                         // it across runs.
-                        let key = table::hash_file(&model.weights_path().map_err(invalid)?)?;
+                        let key = table::hash_file(&model.weights_path()?)?;
                         let ops = match c.onnx_weights {
                             OnnxWeights::F32 => OnnxOps::OnnxRuntime,
                             OnnxWeights::Int8 => OnnxOps::OnnxRuntimeInt8,
                         };
                         let onnx = state.join(format!("{}-{}.onnx", &key[..16], ops.tag()));
                         if !onnx.is_file() {
-                            let bert = model.load_model(&Device::Cpu).map_err(invalid)?;
-                            export_onnx(&bert, &onnx, ops).map_err(invalid)?;
+                            let bert = model.load_model(&Device::Cpu)?;
+                            export_onnx(&bert, &onnx, ops)?;
                         }
                         onnx
                     }
                 };
-                let threads = c
-                    .threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+                let threads = c.threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+                });
                 let library = self.library.as_ref().expect("checked in prepare");
                 let embedder = OrtEmbedder::open(
                     library,
@@ -297,8 +297,7 @@ impl Prepared {
                     normalize,
                     pad,
                     threads,
-                )
-                .map_err(invalid)?;
+                )?;
                 Ok((Box::new(embedder), "cpu".to_string()))
             }
         }
@@ -309,77 +308,118 @@ impl Prepared {
             (true, false) => ("corpus", "doc_id"),
             (false, true) => ("queries", "query_id"),
             _ => {
-                return Err(invalid(
+                return Err(StageError::config(
+                    "inputs",
                     "bind exactly one of the inputs `corpus` and `queries`",
                 ));
             }
         };
         let model = self.model_dir(ctx).await?;
         let state = ctx.state_dir()?.to_path_buf();
-        let mut ids = Vec::new();
-        let mut texts = Vec::new();
-        for batch in ctx.read_input(role).await? {
+        let c = &self.config;
+        let dim = model.config.hidden_size;
+        let schema = table::schema("embeddings")?.arrow_with_dim(Some(dim as i32));
+        let (embedder, device) = self.embedder(&model, &state)?;
+        ctx.set_stat("device", device);
+        let mut window = Window {
+            max_len: c
+                .max_length
+                .or(model.max_seq_length)
+                .unwrap_or(512)
+                .min(model.config.max_position_embeddings),
+            batch_tokens: c.batch_tokens,
+            max_batch: c.max_batch,
+            threads: c.threads,
+            tokenizer: model.tokenizer()?,
+            embedder,
+            writer: ctx.create_table("embeddings", schema.clone())?,
+            schema,
+            bar: ctx.progress(ctx.input_rows(role), role),
+            ids: Vec::new(),
+            texts: Vec::new(),
+        };
+        let mut input = ctx.stream_input(role).await?;
+        let mut written = 0;
+        while let Some(batch) = input.next().await? {
             let id = columns::get::<StringArray>(&batch, id_column);
             let text = columns::get::<StringArray>(&batch, "text");
             let title = (role == "corpus").then(|| columns::get::<StringArray>(&batch, "title"));
             for i in 0..batch.num_rows() {
-                ids.push(id.value(i).to_string());
+                window.ids.push(id.value(i).to_string());
                 let body = match title {
                     Some(t) => passage_text(t.value(i), text.value(i)),
                     None => text.value(i).to_string(),
                 };
-                texts.push(format!("{}{body}", self.config.prefix));
+                window.texts.push(format!("{}{body}", c.prefix));
+            }
+            if window.texts.len() >= WINDOW {
+                written += window.texts.len();
+                window = blocking(move || window.embed()).await?;
             }
         }
-        let max_len = self
-            .config
-            .max_length
-            .or(model.max_seq_length)
-            .unwrap_or(512)
-            .min(model.config.max_position_embeddings);
-        let mut tokenizer = model.tokenizer().map_err(invalid)?;
-        let c = &self.config;
-        let dim = model.config.hidden_size;
-        let schema = table::schema("embeddings")?.arrow_with_dim(Some(dim as i32));
-        let mut writer = ctx.create_table("embeddings", schema.clone())?;
-        let bar = ctx.progress(Some(ids.len() as u64), role);
-        let (embedder, device) = self.embedder(&model, &state)?;
-        ctx.set_stat("device", device);
-        let written = tokio::task::block_in_place(|| -> Result<usize, StageError> {
-            let mut embedder = embedder;
-            let mut tokens = Vec::with_capacity(texts.len());
-            for chunk in texts.chunks(4096) {
-                let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-                tokens.extend(tokenizer.encode_batch(&refs, max_len).map_err(invalid)?);
-            }
-            drop(texts);
-            // Longest first: a batch that does not fit fails at once, not at the end.
-            let mut order: Vec<usize> = (0..tokens.len()).collect();
-            order.sort_by_key(|&i| (std::cmp::Reverse(tokens[i].len()), i));
-            let mut start = 0;
-            while start < order.len() {
-                let longest = tokens[order[start]].len().max(1);
-                let fit = (c.batch_tokens / longest).clamp(1, c.max_batch);
-                let batch: Vec<usize> = order[start..(start + fit).min(order.len())].to_vec();
-                let seqs: Vec<&[u32]> = batch.iter().map(|&i| tokens[i].as_slice()).collect();
-                let vectors = with_threads(c.threads, || embedder.embed(&seqs)).map_err(invalid)?;
-                let out = RecordBatch::try_new(
-                    schema.clone(),
-                    vec![
-                        columns::utf8(batch.iter().map(|&i| ids[i].as_str())),
-                        columns::vectors(vectors, dim),
-                    ],
-                )
-                .expect("columns follow the embeddings kind");
-                writer.write(&out)?;
-                bar.inc(batch.len() as u64);
-                start += batch.len();
-            }
-            Ok(order.len())
-        })?;
-        bar.finish_and_clear();
+        written += window.texts.len();
+        let window = blocking(move || window.embed()).await?;
+        window.bar.finish_and_clear();
         ctx.set_stat("texts", written as u64);
         ctx.set_stat("backend", format!("{:?}", c.backend).to_lowercase());
-        ctx.finish_table(writer)
+        ctx.finish_table(window.writer)
+    }
+}
+
+/// Texts embedded at a time: memory is bounded by one window's texts and token ids, and
+/// sorting within it by length keeps padding small.
+const WINDOW: usize = 16_384;
+
+/// The embedding work of the stage: the texts read but not yet embedded, and what embeds and
+/// writes them (moved to a blocking thread and back, one window at a time).
+struct Window {
+    max_len: usize,
+    batch_tokens: usize,
+    max_batch: usize,
+    threads: Option<usize>,
+    tokenizer: TextTokenizer,
+    embedder: Box<dyn Embedder>,
+    writer: TableWriter,
+    schema: SchemaRef,
+    bar: ProgressBar,
+    ids: Vec<String>,
+    texts: Vec<String>,
+}
+
+impl Window {
+    /// Embeds and writes the window's texts, longest first (a batch that does not fit fails at
+    /// once), in batches of at most `batch_tokens` padded tokens.
+    fn embed(mut self) -> Result<Window, StageError> {
+        let texts = std::mem::take(&mut self.texts);
+        tracing::debug!(texts = texts.len(), "embedding a window");
+        let ids = std::mem::take(&mut self.ids);
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let tokens = self.tokenizer.encode_batch(&refs, self.max_len)?;
+        drop(texts);
+        let mut order: Vec<usize> = (0..tokens.len()).collect();
+        order.sort_by_key(|&i| (std::cmp::Reverse(tokens[i].len()), i));
+        let dim = self.embedder.dim();
+        let mut start = 0;
+        while start < order.len() {
+            let longest = tokens[order[start]].len().max(1);
+            let fit = (self.batch_tokens / longest).clamp(1, self.max_batch);
+            tracing::trace!(texts = fit, longest, "embedding batch");
+            let batch = &order[start..(start + fit).min(order.len())];
+            let seqs: Vec<&[u32]> = batch.iter().map(|&i| tokens[i].as_slice()).collect();
+            let embedder = &mut self.embedder;
+            let vectors = with_threads(self.threads, || embedder.embed(&seqs))?;
+            let out = RecordBatch::try_new(
+                self.schema.clone(),
+                vec![
+                    columns::utf8(batch.iter().map(|&i| ids[i].as_str())),
+                    columns::vectors(vectors, dim),
+                ],
+            )
+            .expect("columns follow the embeddings kind");
+            self.writer.write(&out)?;
+            self.bar.inc(batch.len() as u64);
+            start += batch.len();
+        }
+        Ok(self)
     }
 }

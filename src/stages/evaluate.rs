@@ -13,7 +13,7 @@ use crate::pipeline::{
 };
 use crate::table::{self, columns};
 
-pub struct Evaluate;
+pub(crate) struct Evaluate;
 
 const INPUTS: &[InputRole] = &[
     InputRole {
@@ -70,16 +70,16 @@ impl StageKind for Evaluate {
             relevance_level: config.relevance_level,
             complete: config.complete,
         };
-        Ok(Box::new(Prepared { measures, options }))
+        Ok(Box::new(EvaluateStage { measures, options }))
     }
 }
 
-struct Prepared {
+struct EvaluateStage {
     measures: Vec<Measure>,
     options: EvalOptions,
 }
 
-impl Stage for Prepared {
+impl Stage for EvaluateStage {
     fn outputs(&self) -> Vec<OutputDecl> {
         vec![OutputDecl::of_kind("metrics")]
     }
@@ -89,7 +89,7 @@ impl Stage for Prepared {
     }
 }
 
-impl Prepared {
+impl EvaluateStage {
     async fn evaluate(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let mut qrels = Qrels::default();
         for batch in ctx.read_input("qrels").await? {

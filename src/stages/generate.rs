@@ -6,14 +6,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Int32Array, RecordBatch, StringArray};
+use arrow::datatypes::SchemaRef;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::llm::{
-    ChatBackend, ChatRequest, ChatResponse, EmbeddedBackend, Journal, JournalEntry, Message,
-    OpenAiBackend, OpenAiConfig, RetryPolicy, Secret, StructuredOutput, graded_passages_schema,
-    parse_all_levels, parse_single_level,
+    ChatBackend, ChatRequest, ChatResponse, EmbeddedBackend, GradedPassage, Journal, JournalEntry,
+    Message, OpenAiBackend, OpenAiConfig, ParseError, RetryPolicy, Secret, StructuredOutput,
+    graded_passages_schema, parse_all_levels, parse_single_level,
 };
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -22,7 +23,7 @@ use crate::pipeline::{
 use crate::spec::clean_path;
 use crate::table::{self, columns};
 
-pub struct Generate;
+pub(crate) struct Generate;
 
 const INPUTS: &[InputRole] = &[InputRole {
     name: "prompts",
@@ -204,7 +205,7 @@ impl StageKind for Generate {
             check_seconds("requests_per_second", 1.0 / rps, false)
                 .map_err(|_| ConfigError::new("requests_per_second", RATE_RANGE))?;
         }
-        Ok(Box::new(Prepared {
+        Ok(Box::new(GenerateStage {
             config,
             model_file,
             recorded,
@@ -233,13 +234,13 @@ fn check_seconds(field: &str, seconds: f64, zero_ok: bool) -> Result<(), ConfigE
     }
 }
 
-struct Prepared {
+struct GenerateStage {
     config: Config,
     model_file: Option<PathBuf>,
     recorded: Option<PathBuf>,
 }
 
-impl Stage for Prepared {
+impl Stage for GenerateStage {
     fn outputs(&self) -> Vec<OutputDecl> {
         ["generations", "graded_docs", "rejects"]
             .iter()
@@ -291,6 +292,95 @@ impl Stage for Prepared {
 }
 
 const JOURNAL: &str = "journal.jsonl";
+
+/// What the requests of one run share: the backend, the retry policy, the journal, and the
+/// counters behind the progress message and the token budget.
+struct Sender<'a> {
+    backend: Box<dyn ChatBackend>,
+    policy: RetryPolicy,
+    journal: &'a Journal,
+    bar: indicatif::ProgressBar,
+    budget: Option<u64>,
+    /// Tokens of every answer in the journal, this run's as they arrive.
+    spent: AtomicU64,
+    completion_tokens: AtomicU64,
+    failures: AtomicU64,
+    started: Instant,
+    last_sync: std::sync::Mutex<Instant>,
+}
+
+impl Sender<'_> {
+    /// Sends one request (with retries) and journals its answer; the error says why not.
+    async fn send(&self, job: &Job) -> Result<JournalEntry, String> {
+        if let Some(max) = self.budget
+            && self.spent.load(Ordering::Relaxed) >= max
+        {
+            self.bar.inc(1);
+            return Err(format!(
+                "not sent: the journal's answers reached max_total_tokens ({max})"
+            ));
+        }
+        let (result, attempts) = self.policy.run(self.backend.as_ref(), &job.request).await;
+        let outcome = match result {
+            Ok(response) => {
+                let entry = JournalEntry {
+                    hash: job.hash.clone(),
+                    response,
+                    attempts,
+                };
+                self.journal
+                    .append(&entry)
+                    .map(|()| entry)
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(format!("{e} (after {attempts} attempts)")),
+        };
+        self.count(&outcome);
+        outcome
+    }
+
+    fn count(&self, outcome: &Result<JournalEntry, String>) {
+        match outcome {
+            Ok(entry) => {
+                let response = &entry.response;
+                self.spent.fetch_add(
+                    response.prompt_tokens + response.completion_tokens,
+                    Ordering::Relaxed,
+                );
+                let total = self
+                    .completion_tokens
+                    .fetch_add(response.completion_tokens, Ordering::Relaxed)
+                    + response.completion_tokens;
+                let rate = total as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+                self.bar.set_message(format!(
+                    "{rate:.0} tok/s, {} failed",
+                    self.failures.load(Ordering::Relaxed)
+                ));
+            }
+            Err(_) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.bar.inc(1);
+        // Answers reach the disk at least every 2 s, whatever the request rate.
+        let mut last = self.last_sync.lock().expect("sync clock");
+        if last.elapsed() > Duration::from_secs(2) {
+            let _ = self.journal.sync();
+            *last = Instant::now();
+        }
+    }
+}
+
+/// Records how many requests failed (for `status`), or that none did.
+fn record_failures(state_dir: &Path, failed: &[String]) -> Result<(), StageError> {
+    let path = state_dir.join(FAILURES);
+    if failed.is_empty() {
+        let _ = std::fs::remove_file(&path);
+        Ok(())
+    } else {
+        std::fs::write(&path, failed.len().to_string()).map_err(StageError::io(&path))
+    }
+}
 /// How many requests failed in the last run (absent after a run with none).
 const FAILURES: &str = "failed";
 
@@ -303,19 +393,20 @@ struct Job {
     hash: String,
 }
 
-impl Prepared {
+impl GenerateStage {
     fn backend(&self) -> Result<Box<dyn ChatBackend>, StageError> {
         if self.config.backend == BackendKind::Embedded {
             let path = self.model_file.as_ref().expect("checked in prepare");
             return EmbeddedBackend::open(path, &self.config.model)
                 .map(|b| Box::new(b) as Box<dyn ChatBackend>)
-                .map_err(|e| StageError::Invalid(e.to_string()));
+                .map_err(StageError::from);
         }
         let api_key = match &self.config.api_key_env {
             Some(var) => Some(Secret::new(std::env::var(var).map_err(|_| {
-                StageError::Invalid(format!(
-                    "the environment variable `{var}` (api_key_env) is not set"
-                ))
+                StageError::config(
+                    "api_key_env",
+                    format!("the environment variable `{var}` is not set"),
+                )
             })?)),
             None => None,
         };
@@ -326,7 +417,7 @@ impl Prepared {
             requests_per_second: self.config.requests_per_second,
         })
         .map(|b| Box::new(b) as Box<dyn ChatBackend>)
-        .map_err(|e| StageError::Invalid(e.to_string()))
+        .map_err(StageError::from)
     }
 
     fn jobs(&self, batches: &[RecordBatch]) -> Vec<Job> {
@@ -383,8 +474,7 @@ impl Prepared {
         let jobs = self.jobs(&ctx.read_input("prompts").await?);
         let state_dir = ctx.state_dir()?.to_path_buf();
         let journal_path = state_dir.join(JOURNAL);
-        let opened =
-            Journal::open(&journal_path).map_err(|e| StageError::Invalid(e.to_string()))?;
+        let opened = Journal::open(&journal_path)?;
         let (journal, mut answered) = (opened.journal, opened.entries);
         if opened.skipped_lines > 0 {
             ctx.set_stat("journal_lines_skipped", opened.skipped_lines as u64);
@@ -400,95 +490,40 @@ impl Prepared {
             .collect();
         let cached = jobs.len() - pending.len();
 
+        tracing::debug!(
+            prompts = jobs.len(),
+            from_journal = cached,
+            to_send = pending.len(),
+            "generation planned"
+        );
         if !pending.is_empty() {
-            let backend = self.backend()?;
-            let policy = RetryPolicy {
-                max_retries: self.config.max_retries,
-                base_delay: Duration::from_secs_f64(self.config.backoff_s),
-                ..RetryPolicy::default()
-            };
-            let bar = ctx.progress(Some(pending.len() as u64), "requests");
-            let tokens = AtomicU64::new(0);
             let mut bought = Spend::default();
             answered.values().for_each(|e| bought.add(&e.response));
-            // Every token the journal holds counts against the budget, this run's as they come.
-            let spent = AtomicU64::new(bought.total());
-            let failures = AtomicU64::new(0);
-            let started = Instant::now();
-            let last_sync = std::sync::Mutex::new(Instant::now());
-            let jobs_ref = &jobs;
-            let outcomes: Vec<(usize, Result<JournalEntry, String>)> = futures::stream::iter(
-                pending.iter().copied(),
-            )
-            .map(|index| {
-                let job = &jobs_ref[index];
-                let (backend, policy, journal) = (&backend, &policy, &journal);
-                let (bar, tokens, failures, last_sync, spent) =
-                    (&bar, &tokens, &failures, &last_sync, &spent);
-                let budget = self.config.max_total_tokens;
-                async move {
-                    if let Some(max) = budget
-                        && spent.load(Ordering::Relaxed) >= max
-                    {
-                        bar.inc(1);
-                        return (
-                            index,
-                            Err(format!(
-                                "not sent: the journal's answers reached max_total_tokens ({max})"
-                            )),
-                        );
-                    }
-                    let (result, attempts) = policy.run(backend.as_ref(), &job.request).await;
-                    let outcome = match result {
-                        Ok(response) => {
-                            let entry = JournalEntry {
-                                hash: job.hash.clone(),
-                                response,
-                                attempts,
-                            };
-                            match journal.append(&entry) {
-                                Ok(()) => Ok(entry),
-                                Err(e) => Err(e.to_string()),
-                            }
-                        }
-                        Err(e) => Err(format!("{e} (after {attempts} attempts)")),
-                    };
-                    match &outcome {
-                        Ok(entry) => {
-                            let response = &entry.response;
-                            spent.fetch_add(
-                                response.prompt_tokens + response.completion_tokens,
-                                Ordering::Relaxed,
-                            );
-                            let total = tokens
-                                .fetch_add(entry.response.completion_tokens, Ordering::Relaxed)
-                                + entry.response.completion_tokens;
-                            let rate = total as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                            bar.set_message(format!(
-                                "{rate:.0} tok/s, {} failed",
-                                failures.load(Ordering::Relaxed)
-                            ));
-                        }
-                        Err(_) => {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    bar.inc(1);
-                    let mut last = last_sync.lock().expect("sync clock");
-                    if last.elapsed() > Duration::from_secs(2) {
-                        let _ = journal.sync();
-                        *last = Instant::now();
-                    }
-                    (index, outcome)
-                }
-            })
-            .buffer_unordered(self.config.concurrency)
-            .collect()
-            .await;
-            bar.finish_and_clear();
-            journal
-                .sync()
-                .map_err(|e| StageError::Invalid(e.to_string()))?;
+            let sender = Sender {
+                backend: self.backend()?,
+                policy: RetryPolicy {
+                    max_retries: self.config.max_retries,
+                    base_delay: Duration::from_secs_f64(self.config.backoff_s),
+                    ..RetryPolicy::default()
+                },
+                journal: &journal,
+                bar: ctx.progress(Some(pending.len() as u64), "requests"),
+                budget: self.config.max_total_tokens,
+                spent: AtomicU64::new(bought.total()),
+                completion_tokens: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                started: Instant::now(),
+                last_sync: std::sync::Mutex::new(Instant::now()),
+            };
+            let (sender_ref, jobs_ref) = (&sender, &jobs);
+            let outcomes: Vec<(usize, Result<JournalEntry, String>)> =
+                futures::stream::iter(pending.iter().copied())
+                    .map(|index| async move { (index, sender_ref.send(&jobs_ref[index]).await) })
+                    .buffer_unordered(self.config.concurrency)
+                    .collect()
+                    .await;
+            sender.bar.finish_and_clear();
+            journal.sync()?;
             let mut failed = Vec::new();
             for (index, outcome) in outcomes {
                 let job = &jobs[index];
@@ -500,42 +535,70 @@ impl Prepared {
                 }
             }
             ctx.set_stat("requests_answered", (pending.len() - failed.len()) as u64);
-            let failures = state_dir.join(FAILURES);
-            if failed.is_empty() {
-                let _ = std::fs::remove_file(&failures);
-            } else {
-                std::fs::write(&failures, failed.len().to_string())
-                    .map_err(StageError::io(&failures))?;
-                return Err(StageError::Invalid(format!(
-                    "{} of {} requests failed; the {} answered are journaled in {} and a rerun sends only the rest. First failure: {}",
-                    failed.len(),
-                    pending.len(),
-                    pending.len() - failed.len(),
-                    journal.path().display(),
-                    failed[0]
-                )));
+            record_failures(&state_dir, &failed)?;
+            if !failed.is_empty() {
+                return Err(StageError::RequestsFailed {
+                    failed: failed.len(),
+                    total: pending.len(),
+                    journal: journal.path().to_path_buf(),
+                    first: failed.swap_remove(0),
+                });
             }
         }
         ctx.set_stat("requests_from_journal", cached as u64);
         self.write_tables(ctx, &jobs, &answered)
     }
 
+    /// The three output tables, written 8,192 prompts at a time.
     fn write_tables(
         &self,
         ctx: &mut StageContext,
         jobs: &[Job],
         answered: &HashMap<String, JournalEntry>,
     ) -> Result<(), StageError> {
-        let mut generations = Vec::new();
-        let mut docs = Vec::new();
-        let mut rejects = Vec::new();
-        let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
-        for job in jobs {
-            let entry = &answered[&job.hash];
-            let response = &entry.response;
-            prompt_tokens += response.prompt_tokens;
-            completion_tokens += response.completion_tokens;
-            generations.push((job, response));
+        let mut writers = Vec::new();
+        for kind in ["generations", "graded_docs", "rejects"] {
+            writers.push(ctx.create_table(kind, table::schema(kind)?.arrow())?);
+        }
+        let mut spend = Spend::default();
+        let mut rejected = 0;
+        for chunk in jobs.chunks(8192) {
+            let answers: Vec<(&Job, &ChatResponse)> = chunk
+                .iter()
+                .map(|job| (job, &answered[&job.hash].response))
+                .collect();
+            answers.iter().for_each(|(_, r)| spend.add(r));
+            let (docs, rejects) = self.parse_answers(&answers);
+            rejected += rejects.len();
+            let batches = [
+                generations_batch(writers[0].schema(), &answers),
+                graded_docs_batch(writers[1].schema(), &docs),
+                rejects_batch(writers[2].schema(), &rejects),
+            ];
+            for (writer, batch) in writers.iter_mut().zip(&batches) {
+                writer.write(batch)?;
+            }
+        }
+        for writer in writers {
+            ctx.finish_table(writer)?;
+        }
+        ctx.set_stat("prompt_tokens", spend.prompt);
+        ctx.set_stat("completion_tokens", spend.completion);
+        if let Some(price) = self.config.price_per_mtok {
+            ctx.set_stat("cost_usd", spend.cost(price));
+        }
+        ctx.set_stat("rejects", rejected as u64);
+        Ok(())
+    }
+
+    /// The passages the answers hold, and what is wrong with the rest.
+    #[allow(clippy::type_complexity)]
+    fn parse_answers<'a>(
+        &self,
+        answers: &[(&'a Job, &'a ChatResponse)],
+    ) -> (Vec<GradedDoc<'a>>, Vec<(&'a Job, ParseError, &'a str)>) {
+        let (mut docs, mut rejects) = (Vec::new(), Vec::new());
+        for &(job, response) in answers {
             let (passages, problems) = match job.level {
                 None => parse_all_levels(&response.text, &self.config.levels),
                 Some(level) => match parse_single_level(&response.text, level) {
@@ -545,71 +608,18 @@ impl Prepared {
             };
             for passage in passages {
                 let doc_id = format!("{}:{}:{}", job.query_id, passage.level, &job.hash[..12]);
-                docs.push((job, doc_id, passage, response.model.as_str()));
+                docs.push(GradedDoc {
+                    job,
+                    doc_id,
+                    passage,
+                    model: &response.model,
+                });
             }
             for problem in problems {
                 rejects.push((job, problem, response.text.as_str()));
             }
         }
-        let schema = table::schema("generations")?.arrow();
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                columns::utf8(generations.iter().map(|(j, _)| j.prompt_id.as_str())),
-                columns::utf8(generations.iter().map(|(j, _)| j.query_id.as_str())),
-                columns::nullable_int32(generations.iter().map(|(j, _)| j.level)),
-                columns::utf8(generations.iter().map(|(j, _)| j.hash.as_str())),
-                columns::utf8(generations.iter().map(|(_, r)| r.model.as_str())),
-                columns::utf8(generations.iter().map(|(_, r)| r.text.as_str())),
-                columns::int64(generations.iter().map(|(_, r)| r.prompt_tokens as i64)),
-                columns::int64(generations.iter().map(|(_, r)| r.completion_tokens as i64)),
-            ],
-        )
-        .expect("columns follow the generations kind");
-        ctx.write_table("generations", schema, &[batch])?;
-
-        let schema = table::schema("graded_docs")?.arrow();
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                columns::utf8(docs.iter().map(|d| d.0.query_id.as_str())),
-                columns::utf8(docs.iter().map(|d| d.1.as_str())),
-                columns::int32(docs.iter().map(|d| d.2.level)),
-                columns::utf8(docs.iter().map(|d| d.2.title.as_str())),
-                columns::utf8(docs.iter().map(|d| d.2.text.as_str())),
-                columns::utf8(docs.iter().map(|d| d.3)),
-                columns::utf8(docs.iter().map(|d| d.0.prompt_id.as_str())),
-                columns::utf8(docs.iter().map(|d| d.0.hash.as_str())),
-            ],
-        )
-        .expect("columns follow the graded_docs kind");
-        ctx.write_table("graded_docs", schema, &[batch])?;
-
-        let schema = table::schema("rejects")?.arrow();
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                columns::utf8(rejects.iter().map(|r| r.0.prompt_id.as_str())),
-                columns::utf8(rejects.iter().map(|r| r.0.query_id.as_str())),
-                columns::nullable_int32(rejects.iter().map(|r| r.1.level)),
-                columns::utf8(rejects.iter().map(|r| r.0.hash.as_str())),
-                columns::utf8(rejects.iter().map(|r| r.1.reason.as_str())),
-                columns::utf8(rejects.iter().map(|r| r.2)),
-            ],
-        )
-        .expect("columns follow the rejects kind");
-        ctx.write_table("rejects", schema, &[batch])?;
-        ctx.set_stat("prompt_tokens", prompt_tokens);
-        ctx.set_stat("completion_tokens", completion_tokens);
-        if let Some(price) = self.config.price_per_mtok {
-            let spend = Spend {
-                prompt: prompt_tokens,
-                completion: completion_tokens,
-            };
-            ctx.set_stat("cost_usd", spend.cost(price));
-        }
-        ctx.set_stat("rejects", rejects.len() as u64);
-        Ok(())
+        (docs, rejects)
     }
 }
 
@@ -619,21 +629,74 @@ fn import_recorded(
     answered: &mut HashMap<String, JournalEntry>,
     recorded: &Path,
 ) -> Result<u64, StageError> {
-    let entries = Journal::read(recorded).map_err(|e| StageError::Invalid(e.to_string()))?;
+    let entries = Journal::read(recorded)?;
     let mut imported = 0;
     let mut sorted: Vec<JournalEntry> = entries.into_values().collect();
     sorted.sort_by(|a, b| a.hash.cmp(&b.hash));
     for entry in sorted {
         if !answered.contains_key(&entry.hash) {
-            journal
-                .append(&entry)
-                .map_err(|e| StageError::Invalid(e.to_string()))?;
+            journal.append(&entry)?;
             answered.insert(entry.hash.clone(), entry);
             imported += 1;
         }
     }
-    journal
-        .sync()
-        .map_err(|e| StageError::Invalid(e.to_string()))?;
+    journal.sync()?;
     Ok(imported)
+}
+
+/// A passage of an answer, with the prompt it answers.
+struct GradedDoc<'a> {
+    job: &'a Job,
+    doc_id: String,
+    passage: GradedPassage,
+    model: &'a str,
+}
+
+fn generations_batch(schema: SchemaRef, answers: &[(&Job, &ChatResponse)]) -> RecordBatch {
+    RecordBatch::try_new(
+        schema,
+        vec![
+            columns::utf8(answers.iter().map(|(j, _)| j.prompt_id.as_str())),
+            columns::utf8(answers.iter().map(|(j, _)| j.query_id.as_str())),
+            columns::nullable_int32(answers.iter().map(|(j, _)| j.level)),
+            columns::utf8(answers.iter().map(|(j, _)| j.hash.as_str())),
+            columns::utf8(answers.iter().map(|(_, r)| r.model.as_str())),
+            columns::utf8(answers.iter().map(|(_, r)| r.text.as_str())),
+            columns::int64(answers.iter().map(|(_, r)| r.prompt_tokens as i64)),
+            columns::int64(answers.iter().map(|(_, r)| r.completion_tokens as i64)),
+        ],
+    )
+    .expect("columns follow the generations kind")
+}
+
+fn graded_docs_batch(schema: SchemaRef, docs: &[GradedDoc]) -> RecordBatch {
+    RecordBatch::try_new(
+        schema,
+        vec![
+            columns::utf8(docs.iter().map(|d| d.job.query_id.as_str())),
+            columns::utf8(docs.iter().map(|d| d.doc_id.as_str())),
+            columns::int32(docs.iter().map(|d| d.passage.level)),
+            columns::utf8(docs.iter().map(|d| d.passage.title.as_str())),
+            columns::utf8(docs.iter().map(|d| d.passage.text.as_str())),
+            columns::utf8(docs.iter().map(|d| d.model)),
+            columns::utf8(docs.iter().map(|d| d.job.prompt_id.as_str())),
+            columns::utf8(docs.iter().map(|d| d.job.hash.as_str())),
+        ],
+    )
+    .expect("columns follow the graded_docs kind")
+}
+
+fn rejects_batch(schema: SchemaRef, rejects: &[(&Job, ParseError, &str)]) -> RecordBatch {
+    RecordBatch::try_new(
+        schema,
+        vec![
+            columns::utf8(rejects.iter().map(|r| r.0.prompt_id.as_str())),
+            columns::utf8(rejects.iter().map(|r| r.0.query_id.as_str())),
+            columns::nullable_int32(rejects.iter().map(|r| r.1.level)),
+            columns::utf8(rejects.iter().map(|r| r.0.hash.as_str())),
+            columns::utf8(rejects.iter().map(|r| r.1.reason.as_str())),
+            columns::utf8(rejects.iter().map(|r| r.2)),
+        ],
+    )
+    .expect("columns follow the rejects kind")
 }

@@ -16,7 +16,7 @@ use crate::pipeline::{
     StageKind, parse_config,
 };
 use crate::spec::clean_path;
-use crate::table::{self, columns};
+use crate::table::{self, TableWriter, columns};
 
 const BATCH_ROWS: usize = 8192;
 
@@ -102,9 +102,9 @@ impl Target {
     }
 }
 
-pub struct LoadQueries;
-pub struct LoadCorpus;
-pub struct LoadQrels;
+pub(crate) struct LoadQueries;
+pub(crate) struct LoadCorpus;
+pub(crate) struct LoadQrels;
 
 const QRELS_INPUTS: &[InputRole] = &[
     InputRole {
@@ -332,21 +332,7 @@ impl Stage for Loader {
 
 impl Loader {
     async fn load(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let keep = match &self.judged_by {
-            Some(qrels) => {
-                let rows = match detect_format(Target::Qrels, qrels) {
-                    Format::Parquet => {
-                        rows_of(Target::Qrels, Format::Parquet, qrels, &self.config)?
-                    }
-                    _ => formats::qrels(qrels)?,
-                };
-                Some(
-                    rows.map(|r| r.map(|r| r.fields[0].clone()))
-                        .collect::<Result<HashSet<_>, _>>()?,
-                )
-            }
-            None => None,
-        };
+        let keep = self.judged_queries()?;
         let known_queries = self.known_ids(ctx, "queries", "query_id").await?;
         let known_docs = self.known_ids(ctx, "corpus", "doc_id").await?;
         let references = [(0, "query", known_queries), (1, "document", known_docs)];
@@ -396,24 +382,13 @@ impl Loader {
         bar.finish_and_clear();
 
         if let Some(sample) = self.config.sample {
-            let chosen = sample_indices(kept, sample);
             let mut w = ctx.create_table(self.target.kind(), kind.arrow())?;
-            let mut index = 0usize;
-            let mut next = chosen.iter().peekable();
-            for row in self.rows()? {
-                let row = row?;
-                if keep.as_ref().is_some_and(|k| !k.contains(&row.fields[0])) {
-                    continue;
-                }
-                if next.peek() == Some(&&index) {
-                    next.next();
-                    pending.push(row);
-                    if pending.len() == BATCH_ROWS {
-                        w.write(&self.batch(&std::mem::take(&mut pending))?)?;
-                    }
-                }
-                index += 1;
-            }
+            self.write_sample(
+                &mut w,
+                &mut pending,
+                &sample_indices(kept, sample),
+                keep.as_ref(),
+            )?;
             writer = Some(w);
             ctx.set_stat("sampled_from", kept as u64);
         }
@@ -422,6 +397,49 @@ impl Loader {
             w.write(&self.batch(&pending)?)?;
         }
         ctx.finish_table(w)
+    }
+
+    /// The queries judged in the qrels file that `split`/`qrels` names, when one does.
+    fn judged_queries(&self) -> Result<Option<HashSet<String>>, StageError> {
+        let Some(qrels) = &self.judged_by else {
+            return Ok(None);
+        };
+        let rows = match detect_format(Target::Qrels, qrels) {
+            Format::Parquet => rows_of(Target::Qrels, Format::Parquet, qrels, &self.config)?,
+            _ => formats::qrels(qrels)?,
+        };
+        Ok(Some(
+            rows.map(|r| r.map(|r| r.fields[0].clone()))
+                .collect::<Result<HashSet<_>, _>>()?,
+        ))
+    }
+
+    /// The second pass of a sampled load: the rows at the `chosen` indices among those kept,
+    /// in file order (the last partial batch stays in `pending`).
+    fn write_sample(
+        &self,
+        w: &mut TableWriter,
+        pending: &mut Vec<Row>,
+        chosen: &[usize],
+        keep: Option<&HashSet<String>>,
+    ) -> Result<(), StageError> {
+        let mut index = 0usize;
+        let mut next = chosen.iter().peekable();
+        for row in self.rows()? {
+            let row = row?;
+            if keep.is_some_and(|k| !k.contains(&row.fields[0])) {
+                continue;
+            }
+            if next.peek() == Some(&&index) {
+                next.next();
+                pending.push(row);
+                if pending.len() == BATCH_ROWS {
+                    w.write(&self.batch(&std::mem::take(pending))?)?;
+                }
+            }
+            index += 1;
+        }
+        Ok(())
     }
 
     fn validate(

@@ -39,6 +39,22 @@ pub(crate) fn default_levels() -> Vec<i32> {
     vec![3, 2, 1, 0]
 }
 
+use crate::pipeline::StageError;
+
+/// Runs CPU-bound work on tokio's blocking pool, off the async workers (on any runtime
+/// flavor); a panic in it resumes in the caller.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StageError> + Send + 'static,
+) -> Result<T, StageError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(StageError::Contract(format!(
+            "a blocking task was cancelled: {e}"
+        ))),
+    }
+}
+
 pub(crate) fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> T {
     match threads.and_then(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().ok()) {
         Some(pool) => pool.install(f),

@@ -15,7 +15,7 @@ use crate::pipeline::{
 use crate::spec::clean_path;
 use crate::table::{self, columns};
 
-pub struct RenderPrompts;
+pub(crate) struct RenderPrompts;
 
 const INPUTS: &[InputRole] = &[InputRole {
     name: "queries",
@@ -68,16 +68,16 @@ impl StageKind for RenderPrompts {
             return Err(ConfigError::new("levels", "give at least one level"));
         }
         let template = clean_path(&base_dir.join(&config.template));
-        Ok(Box::new(Prepared { config, template }))
+        Ok(Box::new(RenderPromptsStage { config, template }))
     }
 }
 
-struct Prepared {
+struct RenderPromptsStage {
     config: Config,
     template: PathBuf,
 }
 
-impl Stage for Prepared {
+impl Stage for RenderPromptsStage {
     fn outputs(&self) -> Vec<OutputDecl> {
         vec![OutputDecl::of_kind("prompts")]
     }
@@ -100,7 +100,7 @@ struct Prompt {
     user: String,
 }
 
-impl Prepared {
+impl RenderPromptsStage {
     async fn render_all(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let source =
             std::fs::read_to_string(&self.template).map_err(StageError::io(&self.template))?;
@@ -112,10 +112,10 @@ impl Prepared {
         // A misspelt variable is an error, not a silently empty prompt.
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.add_template_owned(name.clone(), source)
-            .map_err(|e| self.template_error(&e))?;
+            .map_err(|e| self.template_error(&e, None))?;
         let template = env
             .get_template(&name)
-            .map_err(|e| self.template_error(&e))?;
+            .map_err(|e| self.template_error(&e, None))?;
 
         let mut prompts = Vec::new();
         let bar = ctx.progress(None, "prompts");
@@ -136,9 +136,9 @@ impl Prepared {
                         levels => &self.config.levels,
                         vars => Value::from(minijinja::value::Serde(&self.config.vars)),
                     };
-                    let mut captured = template.render_captured(values).map_err(|e| {
-                        StageError::Invalid(format!("query `{query_id}`: {}", self.describe(&e)))
-                    })?;
+                    let mut captured = template
+                        .render_captured(values)
+                        .map_err(|e| self.template_error(&e, Some(query_id)))?;
                     let system = captured.with_state_mut(|s| match s.render_block("system") {
                         Ok(text) => Ok(Some(text.trim().to_string())),
                         Err(e) if e.kind() == ErrorKind::UnknownBlock => Ok(None),
@@ -148,10 +148,7 @@ impl Prepared {
                     let (system, user) = match (system, user) {
                         (Ok(s), Ok(u)) => (s, u.trim().to_string()),
                         (Err(e), _) | (_, Err(e)) => {
-                            return Err(StageError::Invalid(format!(
-                                "query `{query_id}`: {}",
-                                self.describe(&e)
-                            )));
+                            return Err(self.template_error(&e, Some(query_id)));
                         }
                     };
                     prompts.push(Prompt {
@@ -185,18 +182,17 @@ impl Prepared {
         ctx.write_table("prompts", schema, &[batch])
     }
 
-    fn describe(&self, e: &minijinja::Error) -> String {
-        match e.line() {
-            Some(line) => format!(
-                "{}:{line}: {}",
-                self.template.display(),
-                e.detail().unwrap_or(&e.kind().to_string())
-            ),
-            None => format!("{}: {e}", self.template.display()),
+    fn template_error(&self, e: &minijinja::Error, query: Option<&str>) -> StageError {
+        StageError::Template {
+            path: self.template.clone(),
+            line: e.line(),
+            query: query.map(str::to_string),
+            message: match e.line() {
+                Some(_) => e
+                    .detail()
+                    .map_or_else(|| e.kind().to_string(), str::to_string),
+                None => e.to_string(),
+            },
         }
-    }
-
-    fn template_error(&self, e: &minijinja::Error) -> StageError {
-        StageError::Invalid(format!("template {}", self.describe(e)))
     }
 }

@@ -18,7 +18,7 @@ use crate::pipeline::{
 use crate::plot::{self, Series, escape};
 use crate::table::columns;
 
-pub struct Report;
+pub(crate) struct Report;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,15 +82,15 @@ impl StageKind for Report {
                 ));
             }
         }
-        Ok(Box::new(Prepared { config }))
+        Ok(Box::new(ReportStage { config }))
     }
 }
 
-struct Prepared {
+struct ReportStage {
     config: Config,
 }
 
-impl Stage for Prepared {
+impl Stage for ReportStage {
     fn outputs(&self) -> Vec<OutputDecl> {
         ["summary", "significance"]
             .into_iter()
@@ -120,7 +120,7 @@ struct Comparison {
     test: PairedTest,
 }
 
-impl Prepared {
+impl ReportStage {
     async fn report(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let roles: Vec<String> = ctx
             .inputs()
@@ -128,8 +128,9 @@ impl Prepared {
             .map(|i| i.role.clone())
             .collect();
         if roles.is_empty() {
-            return Err(StageError::Invalid(
-                "a report needs at least one input of kind `metrics`".to_string(),
+            return Err(StageError::config(
+                "inputs",
+                "a report needs at least one input of kind `metrics`",
             ));
         }
         let mut runs = Vec::new();
@@ -138,26 +139,60 @@ impl Prepared {
         }
         let baseline = self.config.baseline.clone().unwrap_or_default();
         if !baseline.is_empty() && !roles.contains(&baseline) {
-            return Err(StageError::Invalid(format!(
-                "`baseline: {baseline}` is not a metrics input (inputs: {})",
-                roles.join(", ")
-            )));
+            return Err(StageError::config(
+                "baseline",
+                format!(
+                    "`{baseline}` is not a metrics input (inputs: {})",
+                    roles.join(", ")
+                ),
+            ));
         }
         let averages = self.averages(&runs)?;
         let training = self.training_plots(ctx).await?;
-        let measures: Vec<String> = if self.config.measures.is_empty() {
-            // Measures with a mean or with per-query values (a table may lack `all` rows).
-            let mut all: Vec<String> = runs
-                .iter()
-                .flat_map(|r| r.means.keys().chain(r.per_query.keys()).cloned())
-                .collect();
-            all.sort();
-            all.dedup();
-            all
-        } else {
-            self.config.measures.clone()
-        };
+        let measures = self.measures(&runs);
+        self.write_plots(ctx, &runs, &measures)?;
+        let comparisons = self.comparisons(&runs, &baseline, &measures);
+        runs.extend(averages);
+        let mut markdown = markdown_table(&runs, &measures);
+        markdown.push_str(&markdown_significance(&baseline, &comparisons));
+        std::fs::write(ctx.output_path("summary.md")?, &markdown)
+            .map_err(StageError::io("summary.md"))?;
+        std::fs::write(
+            ctx.output_path("summary.tex")?,
+            latex_table(&runs, &measures),
+        )
+        .map_err(StageError::io("summary.tex"))?;
+        std::fs::write(
+            ctx.output_path("report.html")?,
+            self.html(&runs, &measures, &training, &baseline, &comparisons),
+        )
+        .map_err(StageError::io("report.html"))?;
+        write_significance(ctx, &baseline, &comparisons)?;
+        self.write_summary(ctx, &runs, &measures)
+    }
 
+    /// The configured measures, or every measure with a mean or per-query values (a table may
+    /// lack `all` rows).
+    fn measures(&self, runs: &[RunMetrics]) -> Vec<String> {
+        if !self.config.measures.is_empty() {
+            return self.config.measures.clone();
+        }
+        let mut all: Vec<String> = runs
+            .iter()
+            .flat_map(|r| r.means.keys().chain(r.per_query.keys()).cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Bars of the means, and per measure each run's per-query values, best first.
+    fn write_plots(
+        &self,
+        ctx: &StageContext,
+        runs: &[RunMetrics],
+        measures: &[String],
+    ) -> Result<(), StageError> {
         let bars: Vec<Series> = runs
             .iter()
             .map(|r| Series {
@@ -170,10 +205,10 @@ impl Prepared {
             .collect();
         std::fs::write(
             ctx.output_path("plots/metrics.svg")?,
-            plot::grouped_bars(&self.config.title, "mean over queries", &measures, &bars),
+            plot::grouped_bars(&self.config.title, "mean over queries", measures, &bars),
         )
         .map_err(StageError::io("plots/metrics.svg"))?;
-        for measure in &measures {
+        for measure in measures {
             let lines: Vec<Series> = runs
                 .iter()
                 .map(|r| {
@@ -201,24 +236,7 @@ impl Prepared {
             )
             .map_err(StageError::io(&file))?;
         }
-        let comparisons = self.comparisons(&runs, &baseline, &measures);
-        runs.extend(averages);
-        let mut markdown = markdown_table(&runs, &measures);
-        markdown.push_str(&markdown_significance(&baseline, &comparisons));
-        std::fs::write(ctx.output_path("summary.md")?, &markdown)
-            .map_err(StageError::io("summary.md"))?;
-        std::fs::write(
-            ctx.output_path("summary.tex")?,
-            latex_table(&runs, &measures),
-        )
-        .map_err(StageError::io("summary.tex"))?;
-        std::fs::write(
-            ctx.output_path("report.html")?,
-            self.html(&runs, &measures, &training, &baseline, &comparisons),
-        )
-        .map_err(StageError::io("report.html"))?;
-        write_significance(ctx, &baseline, &comparisons)?;
-        self.write_summary(ctx, &runs, &measures)
+        Ok(())
     }
 
     /// One row per configured average: the mean of the named runs' means, per measure that
@@ -233,10 +251,13 @@ impl Prepared {
                     .iter()
                     .map(|name| {
                         runs.iter().find(|r| &r.name == name).ok_or_else(|| {
-                            StageError::Invalid(format!(
-                                "average `{}` names `{name}`, which is not a metrics input",
-                                average.name
-                            ))
+                            StageError::config(
+                                "averages",
+                                format!(
+                                    "average `{}` names `{name}`, which is not a metrics input",
+                                    average.name
+                                ),
+                            )
                         })
                     })
                     .collect::<Result<_, _>>()?;
@@ -387,6 +408,8 @@ impl Prepared {
         Ok(files)
     }
 
+    /// The report page, section by section in the order a reader sees them: one sequence of
+    /// writes is easier to follow than the same page spread over helpers.
     fn html(
         &self,
         runs: &[RunMetrics],

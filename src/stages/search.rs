@@ -12,9 +12,10 @@ use crate::pipeline::{
     parse_config,
 };
 use crate::retrieval::{self, SearchOptions, Vectors};
+use crate::stages::blocking;
 use crate::table::{self, columns};
 
-pub struct Search;
+pub(crate) struct Search;
 
 const INPUTS: &[InputRole] = &[
     InputRole {
@@ -62,15 +63,15 @@ impl StageKind for Search {
         if config.threads == Some(0) {
             return Err(ConfigError::new("threads", "must be at least 1"));
         }
-        Ok(Box::new(Prepared { config }))
+        Ok(Box::new(SearchStage { config }))
     }
 }
 
-struct Prepared {
+struct SearchStage {
     config: Config,
 }
 
-impl Stage for Prepared {
+impl Stage for SearchStage {
     fn outputs(&self) -> Vec<OutputDecl> {
         vec![OutputDecl::of_kind("runs")]
     }
@@ -88,26 +89,30 @@ pub(crate) struct Embeddings {
 }
 
 impl Embeddings {
-    pub(crate) fn from_batches(
-        role: &str,
-        batches: &[RecordBatch],
-    ) -> Result<Embeddings, StageError> {
+    /// The input bound to `role`, read batch by batch: memory holds the vectors once.
+    async fn read(ctx: &mut StageContext, role: &str) -> Result<Embeddings, StageError> {
         let mut out = Embeddings {
             ids: Vec::new(),
             data: Vec::new(),
             dim: 0,
         };
-        for batch in batches {
-            let ids = columns::get::<StringArray>(batch, "id");
-            let vectors = columns::get::<FixedSizeListArray>(batch, "vector");
+        if let Some(rows) = ctx.input_rows(role) {
+            out.ids.reserve(rows as usize);
+        }
+        let mut input = ctx.stream_input(role).await?;
+        while let Some(batch) = input.next().await? {
+            let ids = columns::get::<StringArray>(&batch, "id");
+            let vectors = columns::get::<FixedSizeListArray>(&batch, "vector");
             let dim = vectors.value_length() as usize;
             if out.ids.is_empty() {
                 out.dim = dim;
+                out.data.reserve(out.ids.capacity() * dim);
             } else if dim != out.dim {
-                return Err(StageError::Invalid(format!(
-                    "input `{role}` mixes dimensions {} and {dim}",
-                    out.dim
-                )));
+                return Err(StageError::data(
+                    role,
+                    Some(out.ids.len() + 1),
+                    format!("mixes dimensions {} and {dim}", out.dim),
+                ));
             }
             let values = vectors
                 .values()
@@ -124,31 +129,21 @@ impl Embeddings {
     }
 }
 
-impl Prepared {
+impl SearchStage {
     async fn search(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let queries = Embeddings::from_batches("queries", &ctx.read_input("queries").await?)?;
-        let corpus = Embeddings::from_batches("corpus", &ctx.read_input("corpus").await?)?;
+        let queries = Embeddings::read(ctx, "queries").await?;
+        let corpus = Embeddings::read(ctx, "corpus").await?;
         if !queries.ids.is_empty() && !corpus.ids.is_empty() && queries.dim != corpus.dim {
-            return Err(StageError::Invalid(format!(
-                "query embeddings have dimension {}, corpus embeddings {}: were they made by the same model?",
-                queries.dim, corpus.dim
-            )));
+            return Err(StageError::data(
+                "queries",
+                None,
+                format!(
+                    "query embeddings have dimension {}, corpus embeddings {}: were they made by the same model?",
+                    queries.dim, corpus.dim
+                ),
+            ));
         }
-        let exclude: Vec<Option<u32>> = if self.config.exclude_self {
-            let index: HashMap<&str, u32> = corpus
-                .ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| (id.as_str(), i as u32))
-                .collect();
-            queries
-                .ids
-                .iter()
-                .map(|q| index.get(q.as_str()).copied())
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let exclude = self.exclusions(&queries, &corpus);
         let mut options = SearchOptions {
             k: self.config.k,
             ..SearchOptions::default()
@@ -159,8 +154,9 @@ impl Prepared {
         let bar = ctx.progress(Some(queries.ids.len() as u64), "queries");
         let ranks = retrieval::id_ranks(&corpus.ids);
         let dim = queries.dim.max(corpus.dim);
-        let hits = tokio::task::block_in_place(|| {
-            retrieval::search_with_progress(
+        let progress = bar.clone();
+        let (hits, queries, corpus) = blocking(move || {
+            let hits = retrieval::search_with_progress(
                 Vectors {
                     data: &queries.data,
                     dim,
@@ -172,43 +168,71 @@ impl Prepared {
                 &ranks,
                 &exclude,
                 options,
-                &|n| bar.inc(n as u64),
-            )
+                &|n| progress.inc(n as u64),
+            )?;
+            Ok((hits, queries, corpus))
         })
-        .map_err(|e| StageError::Invalid(e.to_string()))?;
+        .await?;
         bar.finish_and_clear();
-
-        let schema = table::schema("runs")?.arrow();
-        let mut writer = ctx.create_table("runs", schema.clone())?;
-        for (chunk_queries, chunk_hits) in queries.ids.chunks(1024).zip(hits.chunks(1024)) {
-            let rows: Vec<(&str, &str, i32, f64)> = chunk_queries
-                .iter()
-                .zip(chunk_hits)
-                .flat_map(|(q, hits)| {
-                    hits.iter().enumerate().map(|(rank, h)| {
-                        (
-                            q.as_str(),
-                            corpus.ids[h.doc as usize].as_str(),
-                            rank as i32 + 1,
-                            f64::from(h.score),
-                        )
-                    })
-                })
-                .collect();
-            let batch = RecordBatch::try_new(
-                schema.clone(),
-                vec![
-                    columns::utf8(rows.iter().map(|r| r.0)),
-                    columns::utf8(rows.iter().map(|r| r.1)),
-                    columns::int32(rows.iter().map(|r| r.2)),
-                    columns::float64(rows.iter().map(|r| r.3)),
-                ],
-            )
-            .expect("columns follow the runs kind");
-            writer.write(&batch)?;
-        }
         ctx.set_stat("queries", queries.ids.len() as u64);
         ctx.set_stat("documents", corpus.ids.len() as u64);
-        ctx.finish_table(writer)
+        write_runs(ctx, &queries.ids, &corpus.ids, &hits)
     }
+
+    /// Per query, the document with the query's id when `exclude_self` drops it.
+    fn exclusions(&self, queries: &Embeddings, corpus: &Embeddings) -> Vec<Option<u32>> {
+        if !self.config.exclude_self {
+            return Vec::new();
+        }
+        let index: HashMap<&str, u32> = corpus
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.as_str(), i as u32))
+            .collect();
+        queries
+            .ids
+            .iter()
+            .map(|q| index.get(q.as_str()).copied())
+            .collect()
+    }
+}
+
+/// The `runs` table, 1,024 queries' hits per batch.
+fn write_runs(
+    ctx: &mut StageContext,
+    queries: &[String],
+    docs: &[String],
+    hits: &[Vec<retrieval::Hit>],
+) -> Result<(), StageError> {
+    let schema = table::schema("runs")?.arrow();
+    let mut writer = ctx.create_table("runs", schema.clone())?;
+    for (chunk_queries, chunk_hits) in queries.chunks(1024).zip(hits.chunks(1024)) {
+        let rows: Vec<(&str, &str, i32, f64)> = chunk_queries
+            .iter()
+            .zip(chunk_hits)
+            .flat_map(|(q, hits)| {
+                hits.iter().enumerate().map(|(rank, h)| {
+                    (
+                        q.as_str(),
+                        docs[h.doc as usize].as_str(),
+                        rank as i32 + 1,
+                        f64::from(h.score),
+                    )
+                })
+            })
+            .collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                columns::utf8(rows.iter().map(|r| r.0)),
+                columns::utf8(rows.iter().map(|r| r.1)),
+                columns::int32(rows.iter().map(|r| r.2)),
+                columns::float64(rows.iter().map(|r| r.3)),
+            ],
+        )
+        .expect("columns follow the runs kind");
+        writer.write(&batch)?;
+    }
+    ctx.finish_table(writer)
 }

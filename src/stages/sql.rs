@@ -14,7 +14,7 @@ use crate::pipeline::{
 use crate::spec::clean_path;
 use crate::table::{self, TableError};
 
-pub struct SqlStage;
+pub(crate) struct SqlStage;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,7 +60,7 @@ impl StageKind for SqlStage {
                 ));
             }
         };
-        Ok(Box::new(Prepared { kind, query }))
+        Ok(Box::new(SqlQuery { kind, query }))
     }
 }
 
@@ -69,12 +69,12 @@ enum Query {
     Inline(String),
 }
 
-struct Prepared {
+struct SqlQuery {
     kind: Option<&'static str>,
     query: Query,
 }
 
-impl Stage for Prepared {
+impl Stage for SqlQuery {
     fn outputs(&self) -> Vec<OutputDecl> {
         vec![OutputDecl {
             name: self.kind.unwrap_or("result").to_string(),
@@ -94,7 +94,7 @@ impl Stage for Prepared {
     }
 }
 
-impl Prepared {
+impl SqlQuery {
     async fn execute(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let text = match &self.query {
             Query::File(path) => std::fs::read_to_string(path).map_err(StageError::io(path))?,

@@ -15,7 +15,7 @@ use crate::pipeline::{
 use crate::spec::clean_path;
 use crate::table::{self, columns};
 
-pub struct Tokenize;
+pub(crate) struct Tokenize;
 
 const INPUTS: &[InputRole] = &[
     InputRole {
@@ -88,16 +88,16 @@ impl StageKind for Tokenize {
         } else {
             path
         };
-        Ok(Box::new(Prepared { config, tokenizer }))
+        Ok(Box::new(TokenizeStage { config, tokenizer }))
     }
 }
 
-struct Prepared {
+struct TokenizeStage {
     config: Config,
     tokenizer: PathBuf,
 }
 
-impl Stage for Prepared {
+impl Stage for TokenizeStage {
     fn outputs(&self) -> Vec<OutputDecl> {
         vec![OutputDecl::of_kind("tokens")]
     }
@@ -116,10 +116,9 @@ pub(crate) fn passage_text(title: &str, text: &str) -> String {
     format!("{title} {text}").trim().to_string()
 }
 
-impl Prepared {
+impl TokenizeStage {
     async fn tokenize(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let mut tokenizer = TextTokenizer::from_file(&self.tokenizer)
-            .map_err(|e| StageError::Invalid(e.to_string()))?;
+        let mut tokenizer = TextTokenizer::from_file(&self.tokenizer)?;
         let mut query_text = HashMap::new();
         for batch in ctx.read_input("queries").await? {
             let ids = columns::get::<StringArray>(&batch, "query_id");
@@ -135,6 +134,7 @@ impl Prepared {
         let groups = ctx.read_input("groups").await?;
         let total: usize = groups.iter().map(RecordBatch::num_rows).sum();
         let bar = ctx.progress(Some(total as u64), "passages");
+        let mut rows_before = 0;
         for batch in &groups {
             let q = columns::get::<StringArray>(batch, "query_id");
             let titles = columns::get::<StringArray>(batch, "title");
@@ -145,14 +145,14 @@ impl Prepared {
                     continue;
                 }
                 let text = query_text.get(id).ok_or_else(|| {
-                    StageError::Invalid(format!(
-                        "input `groups` row {}: query `{id}` is not in input `queries`",
-                        i + 1
-                    ))
+                    StageError::data(
+                        "groups",
+                        Some(rows_before + i + 1),
+                        format!("query `{id}` is not in input `queries`"),
+                    )
                 })?;
                 let ids = tokenizer
-                    .encode_batch(&[&format!("{}{text}", c.query_prefix)], c.max_query_len)
-                    .map_err(|e| StageError::Invalid(e.to_string()))?;
+                    .encode_batch(&[&format!("{}{text}", c.query_prefix)], c.max_query_len)?;
                 query_tokens.insert(id.to_string(), ids.into_iter().next().unwrap_or_default());
             }
             let passages: Vec<String> = (0..batch.num_rows())
@@ -165,9 +165,7 @@ impl Prepared {
                 })
                 .collect();
             let refs: Vec<&str> = passages.iter().map(String::as_str).collect();
-            let passage_ids = tokenizer
-                .encode_batch(&refs, c.max_passage_len)
-                .map_err(|e| StageError::Invalid(e.to_string()))?;
+            let passage_ids = tokenizer.encode_batch(&refs, c.max_passage_len)?;
             let out = RecordBatch::try_new(
                 schema.clone(),
                 vec![
@@ -185,6 +183,7 @@ impl Prepared {
             .expect("columns follow the tokens kind");
             writer.write(&out)?;
             bar.inc(batch.num_rows() as u64);
+            rows_before += batch.num_rows();
         }
         bar.finish_and_clear();
         ctx.set_stat("queries", query_tokens.len() as u64);

@@ -20,14 +20,14 @@ use crate::pipeline::{
     StageKind, parse_config,
 };
 use crate::spec::clean_path;
-use crate::stages::with_threads;
+use crate::stages::{blocking, with_threads};
 use crate::table::{self, columns};
 use crate::train::{
     AdamWConfig, Decay, Schedule, StepStats, TrainConfig, TrainGroup, Trainer, Warmup,
     warmup_steps_for_ratio, write_synced,
 };
 
-pub struct Train;
+pub(crate) struct Train;
 
 const INPUTS: &[InputRole] = &[InputRole {
     name: "tokens",
@@ -183,16 +183,16 @@ impl StageKind for Train {
         let model_path = clean_path(&base_dir.join(&config.model));
         let model =
             ModelDir::open(&model_path).map_err(|e| ConfigError::new("model", e.to_string()))?;
-        Ok(Box::new(Prepared { config, model }))
+        Ok(Box::new(TrainStage { config, model }))
     }
 }
 
-struct Prepared {
+struct TrainStage {
     config: Config,
     model: ModelDir,
 }
 
-impl Stage for Prepared {
+impl Stage for TrainStage {
     fn outputs(&self) -> Vec<OutputDecl> {
         vec![
             OutputDecl::of_kind("train_log"),
@@ -230,22 +230,18 @@ struct LogRow {
     samples_per_s: f64,
 }
 
-fn train_error(e: impl std::fmt::Display) -> StageError {
-    StageError::Invalid(e.to_string())
+/// A row of the `tokens` table.
+struct TokenRow {
+    query: String,
+    epoch: i32,
+    position: i32,
+    label: f64,
+    query_tokens: Vec<u32>,
+    passage_tokens: Vec<u32>,
 }
 
-/// Training groups per epoch of the table (`epoch` 0, 1, ...), each in query order, passages
-/// by position.
-fn read_groups(batches: &[RecordBatch]) -> Result<Vec<Vec<TrainGroup>>, StageError> {
-    struct Row {
-        query: String,
-        epoch: i32,
-        position: i32,
-        label: f64,
-        query_tokens: Vec<u32>,
-        passage_tokens: Vec<u32>,
-    }
-    let mut rows: Vec<Row> = Vec::new();
+fn token_rows(batches: &[RecordBatch]) -> Vec<TokenRow> {
+    let mut rows = Vec::new();
     for batch in batches {
         let q = columns::get::<StringArray>(batch, "query_id");
         let e = columns::get::<Int32Array>(batch, "epoch");
@@ -254,7 +250,7 @@ fn read_groups(batches: &[RecordBatch]) -> Result<Vec<Vec<TrainGroup>>, StageErr
         let qt = columns::token_lists(batch, "query_tokens");
         let pt = columns::token_lists(batch, "passage_tokens");
         for (i, (qt, pt)) in qt.into_iter().zip(pt).enumerate() {
-            rows.push(Row {
+            rows.push(TokenRow {
                 query: q.value(i).to_string(),
                 epoch: e.value(i),
                 position: p.value(i),
@@ -264,6 +260,13 @@ fn read_groups(batches: &[RecordBatch]) -> Result<Vec<Vec<TrainGroup>>, StageErr
             });
         }
     }
+    rows
+}
+
+/// Training groups per epoch of the table (`epoch` 0, 1, ...), each in query order, passages
+/// by position.
+fn read_groups(batches: &[RecordBatch]) -> Result<Vec<Vec<TrainGroup>>, StageError> {
+    let mut rows = token_rows(batches);
     rows.sort_by(|a, b| (a.epoch, &a.query, a.position).cmp(&(b.epoch, &b.query, b.position)));
     let mut epochs: Vec<Vec<TrainGroup>> = Vec::new();
     let mut current: Option<(i32, String)> = None;
@@ -271,11 +274,15 @@ fn read_groups(batches: &[RecordBatch]) -> Result<Vec<Vec<TrainGroup>>, StageErr
         let key = Some((row.epoch, row.query));
         if key.as_ref().map(|k| k.0) != current.as_ref().map(|k| k.0) {
             if row.epoch != epochs.len() as i32 {
-                return Err(StageError::Invalid(format!(
-                    "input `tokens`: epoch {} follows epoch {}: epochs are numbered 0, 1, ...",
-                    row.epoch,
-                    epochs.len() as i32 - 1
-                )));
+                return Err(StageError::data(
+                    "tokens",
+                    None,
+                    format!(
+                        "epoch {} follows epoch {}: epochs are numbered 0, 1, ...",
+                        row.epoch,
+                        epochs.len() as i32 - 1
+                    ),
+                ));
             }
             epochs.push(Vec::new());
         }
@@ -292,6 +299,12 @@ fn read_groups(batches: &[RecordBatch]) -> Result<Vec<Vec<TrainGroup>>, StageErr
         last.passages.push(row.passage_tokens);
         last.labels.push(row.label);
     }
+    check_shapes(&epochs)?;
+    Ok(epochs)
+}
+
+/// One group size for the losses, the same number of lists in every epoch.
+fn check_shapes(epochs: &[Vec<TrainGroup>]) -> Result<(), StageError> {
     let first = epochs.first().and_then(|e| e.first());
     if let (Some(first), Some(bad)) = (
         first,
@@ -300,23 +313,31 @@ fn read_groups(batches: &[RecordBatch]) -> Result<Vec<Vec<TrainGroup>>, StageErr
             .flatten()
             .find(|g| Some(g.passages.len()) != first.map(|f| f.passages.len())),
     ) {
-        return Err(StageError::Invalid(format!(
-            "input `tokens` has groups of {} and {} passages: the losses need one group size",
-            first.passages.len(),
-            bad.passages.len()
-        )));
+        return Err(StageError::data(
+            "tokens",
+            None,
+            format!(
+                "groups of {} and {} passages: the losses need one group size",
+                first.passages.len(),
+                bad.passages.len()
+            ),
+        ));
     }
     if let Some(bad) = epochs.iter().find(|e| e.len() != epochs[0].len()) {
-        return Err(StageError::Invalid(format!(
-            "input `tokens` has epochs of {} and {} lists: every epoch needs the same queries",
-            epochs[0].len(),
-            bad.len()
-        )));
+        return Err(StageError::data(
+            "tokens",
+            None,
+            format!(
+                "epochs of {} and {} lists: every epoch needs the same queries",
+                epochs[0].len(),
+                bad.len()
+            ),
+        ));
     }
-    Ok(epochs)
+    Ok(())
 }
 
-impl Prepared {
+impl TrainStage {
     fn train_config(&self, total_steps: u64) -> TrainConfig {
         let c = &self.config;
         let warmup_steps = c
@@ -351,6 +372,39 @@ impl Prepared {
         }
     }
 
+    /// Steps per epoch of the table and steps in all, from the groups and the config.
+    fn step_plan(&self, lists: usize) -> Result<(u64, u64), StageError> {
+        let c = &self.config;
+        let per_step = c.batch_size * c.grad_accumulation;
+        let steps_per_epoch = (lists / per_step) as u64;
+        if steps_per_epoch == 0 {
+            return Err(StageError::data(
+                "tokens",
+                None,
+                format!(
+                    "{lists} training groups are fewer than one step's batch_size x grad_accumulation = {per_step}"
+                ),
+            ));
+        }
+        let total = steps_per_epoch * c.epochs as u64;
+        Ok((
+            steps_per_epoch,
+            c.max_steps.map_or(total, |max| total.min(max)),
+        ))
+    }
+
+    /// A checkpoint belongs to one (config, input, base weights) triple; anything else starts
+    /// over (base weights replaced under the same path included).
+    fn run_key(&self, tokens_path: &Path) -> Result<String, StageError> {
+        let config = serde_json::to_string(&self.config).expect("config serializes");
+        Ok(format!(
+            "{}:{}:{}",
+            blake3::hash(config.as_bytes()),
+            table::hash_file(tokens_path)?,
+            table::hash_file(&self.model.weights_path()?)?
+        ))
+    }
+
     async fn train(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let tokens_path = ctx
             .inputs()
@@ -359,111 +413,27 @@ impl Prepared {
             .expect("required input");
         let epochs = read_groups(&ctx.read_input("tokens").await?)?;
         let lists = epochs.first().map_or(0, Vec::len);
-        let c = &self.config;
-        let per_step = c.batch_size * c.grad_accumulation;
-        let steps_per_epoch = (lists / per_step) as u64;
-        if steps_per_epoch == 0 {
-            return Err(StageError::Invalid(format!(
-                "{lists} training groups are fewer than one step's batch_size x grad_accumulation = {per_step}"
-            )));
-        }
-        let mut total_steps = steps_per_epoch * c.epochs as u64;
-        if let Some(max) = c.max_steps {
-            total_steps = total_steps.min(max);
-        }
-        let state = ctx.state_dir()?.to_path_buf();
-        // A checkpoint belongs to one (config, input, base weights) triple; anything else
-        // starts over (base weights replaced under the same path included).
-        let base_weights = self.model.weights_path().map_err(train_error)?;
-        let run_key = format!(
-            "{}:{}:{}",
-            blake3::hash(
-                serde_json::to_string(c)
-                    .expect("config serializes")
-                    .as_bytes()
-            ),
-            table::hash_file(&tokens_path)?,
-            table::hash_file(&base_weights)?
-        );
-        let bar = ctx.progress(Some(total_steps), "steps");
-        let model_out = ctx.output_path("model")?;
-        let config = self.train_config(total_steps);
-        let model_dir = self.model.clone();
-        let threads = c.threads;
-        let (log, steps, resumed_from, device) = tokio::task::block_in_place(|| {
-            let run = || -> Result<(Vec<LogRow>, u64, u64, String), StageError> {
-                let device = c.device.open().map_err(train_error)?;
-                tracing::debug!("training on {}", device_label(&device));
-                let model = model_dir.load_model(&device).map_err(train_error)?;
-                let pad = model_dir.tokenizer().map_err(train_error)?.pad_id();
-                let mut trainer = Trainer::new(model, config, pad).map_err(train_error)?;
-                let mut log = resume(&mut trainer, &state, &run_key)?;
-                let resumed_from = trainer.steps();
-                bar.set_position(resumed_from);
-                let mut order_epoch = None;
-                let mut order: Vec<usize> = Vec::new();
-                while trainer.steps() < total_steps {
-                    let step = trainer.steps();
-                    let epoch = step / steps_per_epoch;
-                    // Epoch e trains on the table's lists for e, cycling through its epochs.
-                    let groups = &epochs[epoch as usize % epochs.len()];
-                    if order_epoch != Some(epoch) {
-                        order = (0..groups.len()).collect();
-                        let mut rng = ChaCha8Rng::seed_from_u64(c.seed);
-                        rng.set_stream(epoch);
-                        order.shuffle(&mut rng);
-                        order_epoch = Some(epoch);
-                    }
-                    let first = ((step % steps_per_epoch) as usize) * per_step;
-                    let micro: Vec<Vec<TrainGroup>> = order[first..first + per_step]
-                        .chunks(c.batch_size)
-                        .map(|idx| idx.iter().map(|&i| groups[i].clone()).collect())
-                        .collect();
-                    let refs: Vec<&[TrainGroup]> = micro.iter().map(Vec::as_slice).collect();
-                    let started = Instant::now();
-                    let stats: StepStats =
-                        with_threads(threads, || trainer.step(&refs)).map_err(train_error)?;
-                    let row = LogRow {
-                        step: stats.step,
-                        epoch: epoch as u32,
-                        loss: stats.loss,
-                        lr: stats.lr,
-                        grad_norm: stats.grad_norm,
-                        samples_per_s: per_step as f64 / started.elapsed().as_secs_f64(),
-                    };
-                    append_log(&state, &row)?;
-                    bar.set_message(format!("loss {:.4}", row.loss));
-                    bar.inc(1);
-                    log.push(row);
-                    let done = trainer.steps() == total_steps;
-                    if done || (c.checkpoint_every > 0 && trainer.steps() % c.checkpoint_every == 0)
-                    {
-                        save_checkpoint(&trainer, &state, &run_key)?;
-                    }
-                }
-                model_dir
-                    .save(
-                        trainer.model(),
-                        &model_out,
-                        config.pooling,
-                        config.normalize,
-                        model_dir.max_seq_length.unwrap_or(512),
-                    )
-                    .map_err(train_error)?;
-                if c.export_onnx {
-                    export_onnx(
-                        trainer.model(),
-                        &model_out.join("model.onnx"),
-                        OnnxOps::OnnxRuntime,
-                    )
-                    .map_err(train_error)?;
-                }
-                Ok((log, trainer.steps(), resumed_from, device_label(&device)))
-            };
-            run()
-        })?;
+        let (steps_per_epoch, total_steps) = self.step_plan(lists)?;
+        let run = TrainingRun {
+            epochs,
+            steps_per_epoch,
+            total_steps,
+            config: self.config.clone(),
+            train_config: self.train_config(total_steps),
+            model_dir: self.model.clone(),
+            state: ctx.state_dir()?.to_path_buf(),
+            run_key: self.run_key(&tokens_path)?,
+            model_out: ctx.output_path("model")?,
+            bar: ctx.progress(Some(total_steps), "steps"),
+        };
+        let bar = run.bar.clone();
+        let model_out = run.model_out.clone();
+        // Training holds a core (or the GPU) for minutes: off the async workers.
+        let outcome = blocking(move || run.run()).await?;
         bar.finish_and_clear();
+        tracing::debug!(steps = outcome.steps, "training finished");
 
+        let log = &outcome.log;
         let schema = table::schema("train_log")?.arrow();
         let batch = RecordBatch::try_new(
             schema.clone(),
@@ -487,18 +457,152 @@ impl Prepared {
                 columns::utf8(["model"]),
                 columns::utf8([weights.as_str()]),
                 columns::utf8([self.config.model.as_str()]),
-                columns::int64([steps as i64]),
+                columns::int64([outcome.steps as i64]),
             ],
         )
         .expect("columns follow the model kind");
-        ctx.set_stat("steps", steps);
-        ctx.set_stat("device", device);
-        ctx.set_stat("resumed_from_step", resumed_from);
+        ctx.set_stat("steps", outcome.steps);
+        ctx.set_stat("device", outcome.device);
+        ctx.set_stat("resumed_from_step", outcome.resumed_from);
         ctx.set_stat("groups", lists as u64);
         if let Some(last) = log.last() {
             ctx.set_stat("final_loss", last.loss);
         }
         ctx.write_table("model", schema, &[batch])
+    }
+}
+
+/// Everything the training loop needs, owned, so it runs on a blocking thread.
+struct TrainingRun {
+    epochs: Vec<Vec<TrainGroup>>,
+    steps_per_epoch: u64,
+    total_steps: u64,
+    config: Config,
+    train_config: TrainConfig,
+    model_dir: ModelDir,
+    state: PathBuf,
+    run_key: String,
+    model_out: PathBuf,
+    bar: indicatif::ProgressBar,
+}
+
+struct TrainingOutcome {
+    log: Vec<LogRow>,
+    steps: u64,
+    resumed_from: u64,
+    device: String,
+}
+
+impl TrainingRun {
+    fn run(self) -> Result<TrainingOutcome, StageError> {
+        let c = &self.config;
+        let device = c.device.open()?;
+        let _span = tracing::debug_span!("training", device = %device_label(&device)).entered();
+        let model = self.model_dir.load_model(&device)?;
+        let pad = self.model_dir.tokenizer()?.pad_id();
+        let mut trainer = Trainer::new(model, self.train_config, pad)?;
+        let mut log = resume(&mut trainer, &self.state, &self.run_key)?;
+        let resumed_from = trainer.steps();
+        self.bar.set_position(resumed_from);
+        let mut order = EpochOrder::new(c.seed);
+        while trainer.steps() < self.total_steps {
+            let step = trainer.steps();
+            let epoch = step / self.steps_per_epoch;
+            // Epoch e trains on the table's lists for e, cycling through its epochs.
+            let groups = &self.epochs[epoch as usize % self.epochs.len()];
+            let micro = self.micro_batches(groups, order.of(epoch, groups.len()), step);
+            let refs: Vec<&[TrainGroup]> = micro.iter().map(Vec::as_slice).collect();
+            let started = Instant::now();
+            let stats: StepStats = with_threads(c.threads, || trainer.step(&refs))?;
+            let row = LogRow {
+                step: stats.step,
+                epoch: epoch as u32,
+                loss: stats.loss,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                samples_per_s: refs.iter().map(|m| m.len()).sum::<usize>() as f64
+                    / started.elapsed().as_secs_f64(),
+            };
+            append_log(&self.state, &row)?;
+            self.bar.set_message(format!("loss {:.4}", row.loss));
+            self.bar.inc(1);
+            log.push(row);
+            let done = trainer.steps() == self.total_steps;
+            if done || (c.checkpoint_every > 0 && trainer.steps() % c.checkpoint_every == 0) {
+                save_checkpoint(&trainer, &self.state, &self.run_key)?;
+            }
+        }
+        self.save_model(&trainer)?;
+        Ok(TrainingOutcome {
+            log,
+            steps: trainer.steps(),
+            resumed_from,
+            device: device_label(&device),
+        })
+    }
+
+    /// The step's groups, split into its accumulation micro-batches.
+    fn micro_batches(
+        &self,
+        groups: &[TrainGroup],
+        order: &[usize],
+        step: u64,
+    ) -> Vec<Vec<TrainGroup>> {
+        let c = &self.config;
+        let per_step = c.batch_size * c.grad_accumulation;
+        let first = ((step % self.steps_per_epoch) as usize) * per_step;
+        order[first..first + per_step]
+            .chunks(c.batch_size)
+            .map(|idx| idx.iter().map(|&i| groups[i].clone()).collect())
+            .collect()
+    }
+
+    fn save_model(&self, trainer: &Trainer) -> Result<(), StageError> {
+        let config = &self.train_config;
+        self.model_dir.save(
+            trainer.model(),
+            &self.model_out,
+            config.pooling,
+            config.normalize,
+            self.model_dir.max_seq_length.unwrap_or(512),
+        )?;
+        if self.config.export_onnx {
+            export_onnx(
+                trainer.model(),
+                &self.model_out.join("model.onnx"),
+                OnnxOps::OnnxRuntime,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The shuffled order of an epoch's groups: a function of (seed, epoch) alone, so a resumed
+/// run sees the order an uninterrupted one did.
+struct EpochOrder {
+    seed: u64,
+    epoch: Option<u64>,
+    order: Vec<usize>,
+}
+
+impl EpochOrder {
+    fn new(seed: u64) -> EpochOrder {
+        EpochOrder {
+            seed,
+            epoch: None,
+            order: Vec::new(),
+        }
+    }
+
+    fn of(&mut self, epoch: u64, groups: usize) -> &[usize] {
+        if self.epoch != Some(epoch) {
+            self.order = (0..groups).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+            rng.set_stream(epoch);
+            self.order.shuffle(&mut rng);
+            self.epoch = Some(epoch);
+        }
+        &self.order
     }
 }
 
@@ -533,7 +637,7 @@ fn save_checkpoint(trainer: &Trainer, state: &Path, run_key: &str) -> Result<(),
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(StageError::io(&partial))?;
     }
-    trainer.save_checkpoint(&partial).map_err(train_error)?;
+    trainer.save_checkpoint(&partial)?;
     write_synced(&partial.join(RUN_KEY), run_key.as_bytes()).map_err(StageError::io(&partial))?;
     let done = root.join(&name);
     if done.exists() {
@@ -543,7 +647,7 @@ fn save_checkpoint(trainer: &Trainer, state: &Path, run_key: &str) -> Result<(),
     std::fs::File::open(&root)
         .and_then(|d| d.sync_all())
         .map_err(StageError::io(&root))?;
-    tracing::debug!("checkpoint saved: {}", done.display());
+    tracing::debug!(step = trainer.steps(), path = %done.display(), "checkpoint saved");
     // Older checkpoints go only once the new one is in place.
     for old in checkpoints(state).into_iter().filter(|d| *d != done) {
         std::fs::remove_dir_all(&old).map_err(StageError::io(&old))?;
@@ -568,7 +672,7 @@ fn resume(trainer: &mut Trainer, state: &Path, run_key: &str) -> Result<Vec<LogR
         }
         return Ok(Vec::new());
     };
-    let step = trainer.load_checkpoint(&dir).map_err(train_error)?;
+    let step = trainer.load_checkpoint(&dir)?;
     tracing::info!("resuming training from the checkpoint at step {step}");
     let text = std::fs::read_to_string(&log_path).unwrap_or_default();
     // Steps logged after the checkpoint are redone; a torn last line is dropped. The kept

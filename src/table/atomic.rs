@@ -11,7 +11,7 @@ use super::TableError;
 const STAGING_PREFIX: &str = ".staging-";
 const RETIRED_PREFIX: &str = ".retired-";
 
-pub struct StagingDir {
+pub(crate) struct StagingDir {
     path: PathBuf,
     target: PathBuf,
     committed: bool,
@@ -19,7 +19,7 @@ pub struct StagingDir {
 
 impl StagingDir {
     /// A fresh staging directory for the output directory `target`.
-    pub fn create(target: &Path) -> Result<StagingDir, TableError> {
+    pub(crate) fn create(target: &Path) -> Result<StagingDir, TableError> {
         let parent = target
             .parent()
             .expect("stage directories live in a workdir");
@@ -46,7 +46,7 @@ impl StagingDir {
     }
 
     /// Moves the staging directory into place, retiring the previous output.
-    pub fn commit(mut self) -> Result<(), TableError> {
+    pub(crate) fn commit(mut self) -> Result<(), TableError> {
         let retired = retired_path(&self.target);
         if self.target.exists() {
             if retired.exists() {

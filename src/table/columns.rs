@@ -7,23 +7,23 @@ use arrow::array::{
     Array, ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
 };
 
-pub fn utf8<'a>(values: impl IntoIterator<Item = &'a str>) -> ArrayRef {
+pub(crate) fn utf8<'a>(values: impl IntoIterator<Item = &'a str>) -> ArrayRef {
     Arc::new(values.into_iter().map(Some).collect::<StringArray>())
 }
 
-pub fn nullable_utf8<'a>(values: impl IntoIterator<Item = Option<&'a str>>) -> ArrayRef {
+pub(crate) fn nullable_utf8<'a>(values: impl IntoIterator<Item = Option<&'a str>>) -> ArrayRef {
     Arc::new(values.into_iter().collect::<StringArray>())
 }
 
-pub fn int32(values: impl IntoIterator<Item = i32>) -> ArrayRef {
+pub(crate) fn int32(values: impl IntoIterator<Item = i32>) -> ArrayRef {
     Arc::new(values.into_iter().map(Some).collect::<Int32Array>())
 }
 
-pub fn nullable_int32(values: impl IntoIterator<Item = Option<i32>>) -> ArrayRef {
+pub(crate) fn nullable_int32(values: impl IntoIterator<Item = Option<i32>>) -> ArrayRef {
     Arc::new(values.into_iter().collect::<Int32Array>())
 }
 
-pub fn int64(values: impl IntoIterator<Item = i64>) -> ArrayRef {
+pub(crate) fn int64(values: impl IntoIterator<Item = i64>) -> ArrayRef {
     Arc::new(values.into_iter().map(Some).collect::<Int64Array>())
 }
 
@@ -31,7 +31,7 @@ pub fn float64(values: impl IntoIterator<Item = f64>) -> ArrayRef {
     Arc::new(values.into_iter().map(Some).collect::<Float64Array>())
 }
 
-pub fn nullable_float64(values: impl IntoIterator<Item = Option<f64>>) -> ArrayRef {
+pub(crate) fn nullable_float64(values: impl IntoIterator<Item = Option<f64>>) -> ArrayRef {
     Arc::new(values.into_iter().collect::<Float64Array>())
 }
 
@@ -62,7 +62,7 @@ pub fn tokens<'a>(values: impl IntoIterator<Item = &'a [u32]>) -> ArrayRef {
 }
 
 /// The token id sequences of a List<Int32> column.
-pub fn token_lists(batch: &RecordBatch, name: &str) -> Vec<Vec<u32>> {
+pub(crate) fn token_lists(batch: &RecordBatch, name: &str) -> Vec<Vec<u32>> {
     let list = get::<arrow::array::ListArray>(batch, name);
     (0..list.len())
         .map(|i| {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::TableError;
 
 /// BLAKE3 of a file's bytes, hex encoded.
-pub fn hash_file(path: &Path) -> Result<String, TableError> {
+pub(crate) fn hash_file(path: &Path) -> Result<String, TableError> {
     let mut file = File::open(path).map_err(TableError::io(path))?;
     let mut hasher = blake3::Hasher::new();
     std::io::copy(&mut file, &mut hasher).map_err(TableError::io(path))?;

@@ -36,7 +36,7 @@ pub struct WrittenTable {
 impl TableWriter {
     /// `kind` is the declared table kind; `None` for free-form tables (a `sql` stage without a
     /// declared schema), whose schema is whatever the first batch has.
-    pub fn create(
+    pub(crate) fn create(
         name: &str,
         kind: Option<&'static TableSchema>,
         schema: SchemaRef,
@@ -102,7 +102,7 @@ impl TableWriter {
             })
     }
 
-    pub fn finish(self) -> Result<WrittenTable, TableError> {
+    pub(crate) fn finish(self) -> Result<WrittenTable, TableError> {
         let TableWriter {
             name,
             kind,

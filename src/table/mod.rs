@@ -10,8 +10,10 @@ pub mod schema;
 
 use std::path::PathBuf;
 
-pub use atomic::{StagingDir, recover_interrupted};
-pub use hash::{FileStamp, hash_file};
+pub(crate) use atomic::StagingDir;
+pub use atomic::recover_interrupted;
+pub use hash::FileStamp;
+pub(crate) use hash::hash_file;
 pub use io::{TableWriter, WrittenTable, read_batches};
 pub use manifest::{MANIFEST_FILE, Manifest, ManifestTable};
 pub use schema::{TableSchema, kinds, schema};
@@ -44,6 +46,15 @@ pub enum TableError {
 }
 
 impl TableError {
+    /// A table kind the spec names that does not exist, or a table that does not have the
+    /// columns its declared kind needs: the spec is wrong (exit 2).
+    pub(crate) fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            TableError::UnknownKind { .. } | TableError::SchemaMismatch { .. }
+        )
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TableError {
         let path = path.into();
         move |source| TableError::Io { path, source }

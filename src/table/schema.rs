@@ -76,7 +76,7 @@ pub enum ColumnType {
 
 impl ColumnType {
     /// How `synthrank schema` shows the type.
-    pub fn describe(self) -> String {
+    pub(crate) fn describe(self) -> String {
         match self {
             ColumnType::Vector => "FixedSizeList<Float32, DIM>".to_string(),
             ColumnType::Tokens => "List<Int32>".to_string(),
@@ -99,12 +99,12 @@ impl ColumnType {
 }
 
 /// List<Int32>, the Arrow type of token id sequences.
-pub fn tokens_type() -> DataType {
+pub(crate) fn tokens_type() -> DataType {
     DataType::List(Arc::new(Field::new("item", DataType::Int32, false)))
 }
 
 /// FixedSizeList<Float32> of `dim`, the Arrow type of embedding vectors.
-pub fn vector_type(dim: i32) -> DataType {
+pub(crate) fn vector_type(dim: i32) -> DataType {
     DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), dim)
 }
 
@@ -115,7 +115,7 @@ impl TableSchema {
     }
 
     /// The Arrow schema, with vector columns of dimension `dim`.
-    pub fn arrow_with_dim(&self, dim: Option<i32>) -> SchemaRef {
+    pub(crate) fn arrow_with_dim(&self, dim: Option<i32>) -> SchemaRef {
         let fields: Vec<Field> = self
             .columns
             .iter()
@@ -184,7 +184,7 @@ impl TableSchema {
     /// Reshapes rows computed elsewhere (by SQL) into this kind: its columns picked by name and
     /// in its order, cast to its types (SQL integer literals are Int64, say), nulls refused where
     /// the kind forbids them. Extra columns are dropped.
-    pub fn conform(&self, batch: &RecordBatch) -> Result<RecordBatch, String> {
+    pub(crate) fn conform(&self, batch: &RecordBatch) -> Result<RecordBatch, String> {
         let options = CastOptions {
             safe: false,
             ..Default::default()

@@ -7,8 +7,11 @@ mod schedule;
 mod trainer;
 
 pub use optimizer::{AdamW, AdamWConfig};
-pub use schedule::{Decay, Schedule, Warmup, warmup_steps_for_ratio};
-pub use trainer::{StepStats, TrainConfig, TrainGroup, Trainer, write_synced};
+pub(crate) use schedule::warmup_steps_for_ratio;
+pub use schedule::{Decay, Schedule, Warmup};
+pub use trainer::StepStats;
+pub(crate) use trainer::write_synced;
+pub use trainer::{TrainConfig, TrainGroup, Trainer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

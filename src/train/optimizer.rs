@@ -65,7 +65,7 @@ impl AdamW {
         Ok(())
     }
 
-    pub fn save(&self, path: &Path) -> Result<(), TrainError> {
+    pub(crate) fn save(&self, path: &Path) -> Result<(), TrainError> {
         let mut tensors = HashMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
             tensors.insert(format!("m.{name}"), self.m[i].clone());

@@ -38,7 +38,7 @@ pub struct Schedule {
 
 impl Schedule {
     /// The learning rate of optimizer step `step` (0-based).
-    pub fn lr_at(&self, step: u64) -> f64 {
+    pub(crate) fn lr_at(&self, step: u64) -> f64 {
         if self.warmup == Warmup::DeepspeedLog {
             return self.deepspeed_lr(step);
         }
@@ -81,7 +81,7 @@ impl Schedule {
 }
 
 /// Warmup steps for a ratio of the total, rounded up as the Hugging Face trainer does.
-pub fn warmup_steps_for_ratio(ratio: f64, total_steps: u64) -> u64 {
+pub(crate) fn warmup_steps_for_ratio(ratio: f64, total_steps: u64) -> u64 {
     (ratio * total_steps as f64).ceil() as u64
 }
 

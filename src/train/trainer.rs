@@ -333,7 +333,7 @@ fn add_grads(acc: Option<Vec<Tensor>>, grads: Vec<Tensor>) -> Result<Vec<Tensor>
 }
 
 /// Writes `bytes` to `path` and flushes them to the disk.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut file = std::fs::File::create(path)?;
     file.write_all(bytes)?;
