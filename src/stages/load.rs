@@ -487,8 +487,10 @@ impl Loader {
         if !ctx.has_input(role) {
             return Ok(None);
         }
+        // Batch by batch: the set holds the ids, never the texts beside them.
         let mut ids = HashSet::new();
-        for batch in ctx.read_input(role).await? {
+        let mut input = ctx.stream_input(role).await?;
+        while let Some(batch) = input.next().await? {
             let array = columns::get::<StringArray>(&batch, column);
             ids.extend(array.iter().flatten().map(str::to_string));
         }
