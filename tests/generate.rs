@@ -638,10 +638,22 @@ fn a_token_budget_stops_the_spending_and_status_shows_the_cost() {
     let status = common::success(&common::synthrank(&["status", spec.to_str().unwrap()]));
     assert!(
         status.contains(
-            "3 answered, 1 pending, 1 failed in the last run; 150 prompt + 120 completion tokens ($0.0004)"
+            "3 answered, 1 pending, 1 failed in the last run; 150 prompt + 120 completion tokens ($0.0004); the 1 pending: about 50 prompt + 40 completion tokens ($0.0001)"
         ),
         "{status}"
     );
+    // A dry run says what the rest would cost before anything is sent.
+    let dry = common::success(&common::synthrank(&[
+        "run",
+        limited(1000).to_str().unwrap(),
+        "--dry-run",
+    ]));
+    assert!(
+        dry.contains("gen (generate): would run")
+            && dry.contains("the 1 pending: about 50 prompt + 40 completion tokens ($0.0001)"),
+        "{dry}"
+    );
+    assert_eq!(server.count(), 3, "a dry run sends nothing");
     let spec = limited(1000);
     common::run(
         &common::load(&spec, &dir.path().join("work")),

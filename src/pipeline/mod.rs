@@ -221,25 +221,28 @@ impl Pipeline {
     pub(crate) fn state_summaries(&self) -> Vec<(String, String)> {
         self.stages
             .iter()
-            .filter_map(|stage| {
-                let input_rows = stage
-                    .inputs
-                    .iter()
-                    .filter_map(|i| {
-                        self.stage(&i.stage)
-                            .ok()?
-                            .manifest()?
-                            .tables
-                            .get(&i.table)
-                            .map(|t| t.rows)
-                    })
-                    .sum();
-                let note = stage
-                    .stage
-                    .state_summary(&self.state_dir(stage.name()), input_rows)?;
-                Some((stage.name().to_string(), note))
-            })
+            .filter_map(|stage| Some((stage.name().to_string(), self.state_summary(stage)?)))
             .collect()
+    }
+
+    /// A stage's note on its resumable state (a journal's answered and pending requests, what
+    /// they cost and what the rest would), given the rows its built inputs have now.
+    pub(crate) fn state_summary(&self, stage: &PlannedStage) -> Option<String> {
+        let input_rows = stage
+            .inputs
+            .iter()
+            .filter_map(|i| {
+                self.stage(&i.stage)
+                    .ok()?
+                    .manifest()?
+                    .tables
+                    .get(&i.table)
+                    .map(|t| t.rows)
+            })
+            .sum();
+        stage
+            .stage
+            .state_summary(&self.state_dir(stage.name()), input_rows)
     }
 
     /// Where a stage keeps what must survive its failed runs (journals, checkpoints).

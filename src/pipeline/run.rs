@@ -99,6 +99,9 @@ impl Pipeline {
             };
             let _ = writeln!(log, "{name} ({}): {verb} — {reason}", stage.spec.kind);
             if options.dry_run {
+                if let Some(note) = self.state_summary(stage) {
+                    let _ = writeln!(log, "  {note}");
+                }
                 pending.push(name);
                 continue;
             }

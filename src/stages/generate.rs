@@ -283,11 +283,23 @@ impl Stage for GenerateStage {
             .ok()
             .and_then(|t| t.trim().parse::<u64>().ok())
             .unwrap_or(0);
-        Some(format!(
-            "{answered} answered, {} pending, {failed} failed in the last run; {}",
-            prompts.saturating_sub(answered),
+        let pending = prompts.saturating_sub(answered);
+        let mut note = format!(
+            "{answered} answered, {pending} pending, {failed} failed in the last run; {}",
             spend.describe(self.config.price_per_mtok)
-        ))
+        );
+        // What the rest would cost, at the mean of the answers bought so far.
+        if answered > 0 && pending > 0 {
+            let estimate = Spend {
+                prompt: spend.prompt * pending / answered,
+                completion: spend.completion * pending / answered,
+            };
+            note.push_str(&format!(
+                "; the {pending} pending: about {}",
+                estimate.describe(self.config.price_per_mtok)
+            ));
+        }
+        Some(note)
     }
 }
 
