@@ -1,24 +1,20 @@
 //! Reading a stage's input one record batch at a time, so memory is bounded by a batch and
 //! not by the table.
 
-use std::fs::File;
 use std::path::Path;
 
 use arrow::record_batch::RecordBatch;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use futures::StreamExt;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
-use parquet::file::reader::{FileReader, SerializedFileReader};
 
-use crate::table::{TableError, TableSchema};
+use crate::table::{self, TableError, TableSchema};
 
 use super::StageError;
 
-/// Rows per batch read from a table file.
-const BATCH_ROWS: usize = 8192;
+type FileBatches = Box<dyn Iterator<Item = Result<RecordBatch, TableError>> + Send>;
 
 enum Source {
-    File(ParquetRecordBatchReader),
+    File(FileBatches),
     Sql(SendableRecordBatchStream),
 }
 
@@ -29,28 +25,15 @@ pub struct InputStream {
     kind: Option<&'static TableSchema>,
 }
 
-fn parquet_error(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> TableError + '_ {
-    move |source| TableError::Parquet {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 impl InputStream {
     pub(super) fn file(
         role: &str,
         path: &Path,
         kind: Option<&'static TableSchema>,
     ) -> Result<InputStream, StageError> {
-        let file = File::open(path).map_err(TableError::io(path))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(parquet_error(path))?
-            .with_batch_size(BATCH_ROWS)
-            .build()
-            .map_err(parquet_error(path))?;
         Ok(InputStream {
             role: role.to_string(),
-            source: Source::File(reader),
+            source: Source::File(Box::new(table::batch_reader(path)?)),
             kind,
         })
     }
@@ -70,10 +53,7 @@ impl InputStream {
     /// The next batch, or `None` at the end.
     pub async fn next(&mut self) -> Result<Option<RecordBatch>, StageError> {
         let batch = match &mut self.source {
-            Source::File(reader) => reader
-                .next()
-                .transpose()
-                .map_err(|e| StageError::from(datafusion::error::DataFusionError::from(e)))?,
+            Source::File(reader) => reader.next().transpose()?,
             Source::Sql(stream) => stream.next().await.transpose()?,
         };
         let (Some(batch), Some(kind)) = (batch.as_ref(), self.kind) else {
@@ -96,10 +76,4 @@ impl InputStream {
         }
         Ok(batches)
     }
-}
-
-/// The rows of a table file, from its footer.
-pub(super) fn file_rows(path: &Path) -> Option<u64> {
-    let reader = SerializedFileReader::new(File::open(path).ok()?).ok()?;
-    u64::try_from(reader.metadata().file_metadata().num_rows()).ok()
 }

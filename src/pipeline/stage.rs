@@ -195,7 +195,7 @@ impl StageError {
             | StageError::Template { .. } => true,
             StageError::Sql(e) => super::query::is_plan_error(e),
             StageError::Encoder(e) => e.is_usage(),
-            StageError::Train(crate::train::TrainError::Encoder(e)) => e.is_usage(),
+            StageError::Train(e) => e.is_usage(),
             StageError::Llm(e) => matches!(e, crate::llm::LlmError::Config(_)),
             _ => false,
         }
@@ -360,7 +360,7 @@ impl StageContext {
     pub fn input_rows(&self, role: &str) -> Option<u64> {
         let input = self.inputs.get(role)?;
         match input.filter {
-            None => super::input::file_rows(&input.path),
+            None => table::file_rows(&input.path),
             Some(_) => None,
         }
     }

@@ -9,6 +9,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use parquet::file::reader::{FileReader, SerializedFileReader};
 
 use super::{FileStamp, TableError, TableSchema, hash_file};
 
@@ -128,8 +129,18 @@ impl TableWriter {
     }
 }
 
-/// Reads a whole Parquet file. Tables that do not fit in memory are read through DataFusion.
+/// Reads a whole Parquet file (stages stream theirs: `StageContext::stream_input`).
 pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
+    batch_reader(path)?.collect()
+}
+
+/// Rows per batch read from a table file: memory holds a batch, not the table.
+const BATCH_ROWS: usize = 8192;
+
+/// A table file's batches, [`BATCH_ROWS`] at a time.
+pub(crate) fn batch_reader(
+    path: &Path,
+) -> Result<impl Iterator<Item = Result<RecordBatch, TableError>> + Send + use<>, TableError> {
     let parquet_err = |source| TableError::Parquet {
         path: path.to_path_buf(),
         source,
@@ -137,9 +148,20 @@ pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
     let file = File::open(path).map_err(TableError::io(path))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(parquet_err)?
+        .with_batch_size(BATCH_ROWS)
         .build()
         .map_err(parquet_err)?;
-    reader
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| parquet_err(e.into()))
+    let owned = path.to_path_buf();
+    Ok(reader.map(move |batch| {
+        batch.map_err(|e| TableError::Parquet {
+            path: owned.clone(),
+            source: e.into(),
+        })
+    }))
+}
+
+/// The rows of a table file, from its footer (`None` if it cannot be read).
+pub(crate) fn file_rows(path: &Path) -> Option<u64> {
+    let reader = SerializedFileReader::new(File::open(path).ok()?).ok()?;
+    u64::try_from(reader.metadata().file_metadata().num_rows()).ok()
 }

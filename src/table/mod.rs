@@ -15,6 +15,7 @@ pub use atomic::recover_interrupted;
 pub use hash::FileStamp;
 pub(crate) use hash::hash_file;
 pub use io::{TableWriter, WrittenTable, read_batches};
+pub(crate) use io::{batch_reader, file_rows};
 pub use manifest::{MANIFEST_FILE, Manifest, ManifestTable};
 pub use schema::{TableSchema, kinds, schema};
 

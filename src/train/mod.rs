@@ -28,3 +28,10 @@ pub enum TrainError {
     #[error("the loss is not finite at step {step} ({loss}); lower the learning rate")]
     Diverged { step: u64, loss: f64 },
 }
+
+impl TrainError {
+    /// A base model the spec names that cannot serve (exit 2); training itself failing is 1.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, TrainError::Encoder(e) if e.is_usage())
+    }
+}
