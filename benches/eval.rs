@@ -48,10 +48,12 @@ fn main() {
     for (q, d, s) in &retrieved {
         run.insert(q, d, *s);
     }
+    let loaded = started.elapsed().as_secs_f64();
     let results = metrics::evaluate(&qrels, &run, &measures, EvalOptions::default());
     let seconds = started.elapsed().as_secs_f64();
     assert_eq!(results.len(), nq);
     println!(
-        "{{\"bench\": \"eval\", \"impl\": \"synthrank\", \"queries\": {nq}, \"depth\": {depth}, \"seconds\": {seconds:.3}}}"
+        "{{\"bench\": \"eval\", \"impl\": \"synthrank\", \"queries\": {nq}, \"depth\": {depth}, \"seconds\": {seconds:.3}, \"load_s\": {loaded:.3}, \"evaluate_s\": {:.3}}}",
+        seconds - loaded
     );
 }

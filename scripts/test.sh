@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/synthrank/target}"
 bash scripts/fetch-models.sh
+# llama.cpp's server, for the test of `generate` against a real server (built once, cached).
+SYNTHRANK_LLAMA_SERVER=$(bash scripts/fetch-llama-server.sh)
+export SYNTHRANK_LLAMA_SERVER
 cargo test --locked "$@"

@@ -654,11 +654,33 @@ fn a_token_budget_stops_the_spending_and_status_shows_the_cost() {
         "{dry}"
     );
     assert_eq!(server.count(), 3, "a dry run sends nothing");
-    let spec = limited(1000);
+    // The rest, with a report that shows what the generation cost.
+    let spec = pipeline(
+        dir.path(),
+        4,
+        &server.url,
+        "      concurrency: 1\n      max_total_tokens: 1000\n      price_per_mtok: {prompt: 1.0, completion: 2.0}\n  \
+         - name: metrics\n    kind: sql\n    config: {schema: metrics, query: \"SELECT 'all' AS query_id, 'P_1' AS measure, 1.0 AS value\"}\n  \
+         - name: report\n    kind: report\n    inputs: {m: metrics, generation: gen.generations}\n",
+    );
     common::run(
         &common::load(&spec, &dir.path().join("work")),
         Selection::All,
         false,
     );
     assert_eq!(server.count(), 4, "only the unanswered prompt was sent");
+    let report = dir.path().join("work/report");
+    let markdown = std::fs::read_to_string(report.join("summary.md")).unwrap();
+    assert!(
+        markdown.ends_with(
+            "| stage | answers | rejects | prompt tokens | completion tokens | cost (USD) |\n\
+             |---|---:|---:|---:|---:|---:|\n| generation | 4 | 0 | 200 | 160 | 0.0005 |\n"
+        ),
+        "{markdown}"
+    );
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    assert!(
+        html.contains("<tr><td>generation</td><td>4</td><td>0</td><td>200</td><td>160</td><td>0.0005</td></tr>"),
+        "{html}"
+    );
 }

@@ -52,33 +52,110 @@ struct Retrieved {
 }
 
 impl Retrieved {
-    fn id(&self, entry: &(u32, u32, f64)) -> &str {
-        &self.ids[entry.0 as usize..entry.1 as usize]
+    fn id(&self, entry: usize) -> &str {
+        let (start, end, _) = self.entries[entry];
+        &self.ids[start as usize..end as usize]
     }
 
-    /// Ids in trec_eval's order: score descending, then document id descending (byte order).
-    fn ranked(&self) -> Vec<&str> {
-        let mut sorted = self.entries.clone();
-        sorted.sort_unstable_by(|a, b| {
-            b.2.total_cmp(&a.2)
-                .then_with(|| self.id(b).as_bytes().cmp(self.id(a).as_bytes()))
-        });
-        sorted.iter().map(|e| self.id(e)).collect()
+    /// Entry indices in trec_eval's order: score descending, then document id descending (byte
+    /// order). Sorted on integer keys (the scores' total order), ids compared only within runs
+    /// of equal scores: most runs have few ties, and comparing strings dominated the sort.
+    fn ranked(&self) -> Vec<u32> {
+        let mut keyed: Vec<(u64, u32)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (!total_order_key(e.2), i as u32))
+            .collect();
+        keyed.sort_unstable_by_key(|&(key, _)| key);
+        let mut order: Vec<u32> = keyed.iter().map(|&(_, i)| i).collect();
+        let mut start = 0;
+        for end in 1..=keyed.len() {
+            if end == keyed.len() || keyed[end].0 != keyed[start].0 {
+                if end - start > 1 {
+                    order[start..end]
+                        .sort_unstable_by(|&a, &b| self.id(b as usize).cmp(self.id(a as usize)));
+                }
+                start = end;
+            }
+        }
+        order
+    }
+
+    /// The judgment of the document at each rank of trec_eval's order (0 when unjudged). A
+    /// run is mostly unjudged documents, whose places do not matter: when few are judged,
+    /// each judged one is placed by counting the entries ranked above it, and the rest is
+    /// never sorted. Documents at or above a `level` of 0 or less all matter: sorted then.
+    fn ranked_gains(&self, judged: &IdMap<i32>, level: i32) -> Vec<i32> {
+        let found: Vec<i32> = (0..self.entries.len())
+            .map(|i| judged.get(self.id(i)).copied().unwrap_or(0))
+            .collect();
+        let placed: Vec<usize> = (0..found.len()).filter(|&i| found[i] != 0).collect();
+        if level <= 0 || placed.len() > FEW_JUDGED {
+            return self
+                .ranked()
+                .into_iter()
+                .map(|i| found[i as usize])
+                .collect();
+        }
+        let keys: Vec<u64> = self.entries.iter().map(|e| total_order_key(e.2)).collect();
+        let mut gains = vec![0; found.len()];
+        for &e in &placed {
+            let key = keys[e];
+            let above = keys.iter().filter(|&&k| k > key).count();
+            // Equal scores: ids descending, then (duplicate ids) insertion order.
+            let tied_above = (0..keys.len())
+                .filter(|&f| keys[f] == key && f != e)
+                .filter(|&f| {
+                    (self.id(f), std::cmp::Reverse(f)) > (self.id(e), std::cmp::Reverse(e))
+                })
+                .count();
+            gains[above + tied_above] = found[e];
+        }
+        gains
+    }
+}
+
+/// Up to this many judged documents in a query's run are placed by counting instead of
+/// sorting the run (a count is one pass of integer compares per judged document).
+const FEW_JUDGED: usize = 32;
+
+/// A key whose unsigned order is `f64::total_cmp`'s order.
+fn total_order_key(score: f64) -> u64 {
+    let bits = score.to_bits();
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | 1 << 63
     }
 }
 
 /// Retrieved documents with scores, per query, in any order.
 #[derive(Debug, Clone, Default)]
 pub struct Run {
-    results: IdMap<Retrieved>,
+    /// Query -> its index in `retrieved`.
+    queries: IdMap<usize>,
+    retrieved: Vec<Retrieved>,
+    /// The query of the last insert: run files come grouped by query, so most inserts skip
+    /// the hash lookup.
+    last: Option<(Box<str>, usize)>,
 }
 
 impl Run {
     pub fn insert(&mut self, query: &str, doc: &str, score: f64) {
-        let docs = match self.results.get_mut(query) {
-            Some(docs) => docs,
-            None => self.results.entry(query.into()).or_default(),
+        let index = match &self.last {
+            Some((last, index)) if **last == *query => *index,
+            _ => {
+                let next = self.retrieved.len();
+                let index = *self.queries.entry(query.into()).or_insert(next);
+                if index == next {
+                    self.retrieved.push(Retrieved::default());
+                }
+                self.last = Some((query.into(), index));
+                index
+            }
         };
+        let docs = &mut self.retrieved[index];
         let start = docs.ids.len();
         docs.ids.push_str(doc);
         let span = u32::try_from(start)
@@ -86,6 +163,10 @@ impl Run {
             .zip(u32::try_from(docs.ids.len()).ok());
         let (start, end) = span.expect("one query's retrieved ids exceed 4 GiB");
         docs.entries.push((start, end, score));
+    }
+
+    fn get(&self, query: &str) -> Option<&Retrieved> {
+        self.queries.get(query).map(|&i| &self.retrieved[i])
     }
 }
 
@@ -116,7 +197,7 @@ pub fn evaluate(qrels: &Qrels, run: &Run, measures: &[Measure], options: EvalOpt
     let work: Vec<(&str, &IdMap<i32>, &Retrieved)> = qrels
         .judgments
         .iter()
-        .filter_map(|(query, judged)| match run.results.get(query) {
+        .filter_map(|(query, judged)| match run.get(query) {
             Some(r) => Some((query.as_ref(), judged, r)),
             None if options.complete => Some((query.as_ref(), judged, &empty)),
             None => None,
@@ -124,11 +205,7 @@ pub fn evaluate(qrels: &Qrels, run: &Run, measures: &[Measure], options: EvalOpt
         .collect();
     work.par_iter()
         .map(|(query, judged, retrieved)| {
-            let gains: Vec<i32> = retrieved
-                .ranked()
-                .iter()
-                .map(|doc| judged.get(*doc).copied().unwrap_or(0))
-                .collect();
+            let gains = retrieved.ranked_gains(judged, options.relevance_level);
             let query_eval = QueryEval::new(gains, judged, options.relevance_level);
             let values = names
                 .iter()
@@ -241,6 +318,42 @@ impl QueryEval {
                 0 => 0.0,
                 n => self.relevant_in_top(n) as f64 / n as f64,
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Placing the few judged documents by counting gives exactly the sorted order's gains,
+    /// through score ties, equal ids and judgments of 0 and below.
+    #[test]
+    fn counted_places_match_the_sorted_run() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..500 {
+            let n = rng.random_range(1..60);
+            let mut retrieved = Retrieved::default();
+            let mut judged = IdMap::default();
+            for _ in 0..n {
+                let id = format!("d{}", rng.random_range(0..40));
+                let start = retrieved.ids.len() as u32;
+                retrieved.ids.push_str(&id);
+                let score = f64::from(rng.random_range(-3..4)) / 2.0;
+                retrieved
+                    .entries
+                    .push((start, retrieved.ids.len() as u32, score));
+                if rng.random_bool(0.2) {
+                    judged.insert(id.into(), rng.random_range(-1..4));
+                }
+            }
+            let sorted: Vec<i32> = retrieved
+                .ranked()
+                .into_iter()
+                .map(|i| judged.get(retrieved.id(i as usize)).copied().unwrap_or(0))
+                .collect();
+            assert_eq!(retrieved.ranked_gains(&judged, 1), sorted);
         }
     }
 }

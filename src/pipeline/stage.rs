@@ -365,6 +365,20 @@ impl StageContext {
         }
     }
 
+    /// The counters (`stats`) of the stage that built the input bound to `role`, from the
+    /// manifest beside its table: what that stage did as a whole, whatever `sql:` filters here.
+    pub fn input_stats(
+        &self,
+        role: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, StageError> {
+        let input = self
+            .inputs
+            .get(role)
+            .ok_or_else(|| StageError::Contract(format!("stage has no input `{role}`")))?;
+        let manifest = input.path.with_file_name(table::MANIFEST_FILE);
+        Ok(table::Manifest::read(&manifest)?.stats)
+    }
+
     /// A writer for the declared output table `name`.
     pub fn create_table(&self, name: &str, schema: SchemaRef) -> Result<TableWriter, StageError> {
         let decl = self

@@ -113,6 +113,23 @@ struct RunMetrics {
     per_query: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
+/// What one `generations` input's stage bought, from its manifest's counters.
+struct Spending {
+    name: String,
+    answers: u64,
+    rejects: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    /// With `price_per_mtok` configured on that stage.
+    cost_usd: Option<f64>,
+}
+
+impl Spending {
+    fn cost(&self) -> String {
+        self.cost_usd.map_or("–".to_string(), |c| format!("{c:.4}"))
+    }
+}
+
 /// A run tested against the baseline on one measure.
 struct Comparison {
     run: String,
@@ -149,12 +166,14 @@ impl ReportStage {
         }
         let averages = self.averages(&runs)?;
         let training = self.training_plots(ctx).await?;
+        let spending = spending(ctx)?;
         let measures = self.measures(&runs);
         self.write_plots(ctx, &runs, &measures)?;
         let comparisons = self.comparisons(&runs, &baseline, &measures);
         runs.extend(averages);
         let mut markdown = markdown_table(&runs, &measures);
         markdown.push_str(&markdown_significance(&baseline, &comparisons));
+        markdown.push_str(&markdown_spending(&spending));
         std::fs::write(ctx.output_path("summary.md")?, &markdown)
             .map_err(StageError::io("summary.md"))?;
         std::fs::write(
@@ -164,7 +183,14 @@ impl ReportStage {
         .map_err(StageError::io("summary.tex"))?;
         std::fs::write(
             ctx.output_path("report.html")?,
-            self.html(&runs, &measures, &training, &baseline, &comparisons),
+            self.html(
+                &runs,
+                &measures,
+                &training,
+                &baseline,
+                &comparisons,
+                &spending,
+            ),
         )
         .map_err(StageError::io("report.html"))?;
         write_significance(ctx, &baseline, &comparisons)?;
@@ -417,6 +443,7 @@ impl ReportStage {
         training: &[String],
         baseline: &str,
         comparisons: &[Comparison],
+        spending: &[Spending],
     ) -> String {
         let mut html = String::new();
         let title = escape(&self.config.title);
@@ -492,9 +519,87 @@ impl ReportStage {
                 );
             }
         }
+        html.push_str(&html_spending(spending));
         html.push_str("<p>Also: <a href=\"summary.md\">summary.md</a>, <a href=\"summary.tex\">summary.tex</a>.</p>\n</body></html>\n");
         html
     }
+}
+
+/// The counters of every `generations` input's stage, in role order.
+fn spending(ctx: &StageContext) -> Result<Vec<Spending>, StageError> {
+    let roles: Vec<String> = ctx
+        .inputs()
+        .filter(|i| i.kind == Some("generations"))
+        .map(|i| i.role.clone())
+        .collect();
+    roles
+        .into_iter()
+        .map(|role| {
+            let stats = ctx.input_stats(&role)?;
+            let count = |key: &str| stats.get(key).and_then(serde_json::Value::as_u64);
+            Ok(Spending {
+                answers: count("requests_answered").unwrap_or(0)
+                    + count("requests_from_journal").unwrap_or(0),
+                rejects: count("rejects").unwrap_or(0),
+                prompt_tokens: count("prompt_tokens").unwrap_or(0),
+                completion_tokens: count("completion_tokens").unwrap_or(0),
+                cost_usd: stats.get("cost_usd").and_then(serde_json::Value::as_f64),
+                name: role,
+            })
+        })
+        .collect()
+}
+
+const SPENDING_COLUMNS: [&str; 5] = [
+    "answers",
+    "rejects",
+    "prompt tokens",
+    "completion tokens",
+    "cost (USD)",
+];
+
+fn spending_cells(s: &Spending) -> [String; 5] {
+    [
+        s.answers.to_string(),
+        s.rejects.to_string(),
+        s.prompt_tokens.to_string(),
+        s.completion_tokens.to_string(),
+        s.cost(),
+    ]
+}
+
+fn markdown_spending(spending: &[Spending]) -> String {
+    if spending.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\nGeneration:\n\n| stage | {} |\n|---|---:|---:|---:|---:|---:|\n",
+        SPENDING_COLUMNS.join(" | ")
+    );
+    for s in spending {
+        let _ = writeln!(out, "| {} | {} |", s.name, spending_cells(s).join(" | "));
+    }
+    out
+}
+
+fn html_spending(spending: &[Spending]) -> String {
+    if spending.is_empty() {
+        return String::new();
+    }
+    let mut html = String::from("<h2>Generation</h2>\n<table><tr><th>stage</th>");
+    for column in &SPENDING_COLUMNS {
+        let _ = write!(html, "<th>{column}</th>");
+    }
+    html.push_str("</tr>\n");
+    for s in spending {
+        let _ = write!(html, "<tr><td>{}</td>", escape(&s.name));
+        for cell in spending_cells(s) {
+            let _ = write!(html, "<td>{cell}</td>");
+        }
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</table>\n");
+    html
 }
 
 /// p-values as papers print them: four decimals, or `< 0.0001`.

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a subset
 
+pub mod llama_server;
 pub mod llm_server;
 
 use std::path::{Path, PathBuf};
