@@ -1,5 +1,6 @@
-//! Layer norm, softmax, linear and dropout written with candle's primitive ops only, so that
-//! every one of them has a backward pass (candle's fused versions have none).
+//! Layer norm, softmax, GELU, linear and dropout, each with a backward pass (candle's fused
+//! norms and softmax have none): primitive ops, or on the CPU fused ops of our own whose
+//! backward is written out (one pass each).
 
 use candle_core::cpu::erf::{erf_f32, erf_f64};
 use candle_core::{
@@ -25,20 +26,42 @@ pub fn linear(x: &Tensor, weight: &Var, bias: &Var) -> Result<Tensor> {
     y.reshape(out)
 }
 
-/// Layer normalization over the last dimension (biased variance, as PyTorch).
+/// Layer normalization over the last dimension (biased variance, as PyTorch). On the CPU the
+/// normalization is one fused op whose backward is one pass too (as primitive ops it was
+/// nine passes over the activation forward and more backward); the affine part stays
+/// primitive, so the weight and bias gradients are candle's own reductions.
 pub(crate) fn layer_norm(x: &Tensor, weight: &Var, bias: &Var, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let normed = if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(Normalize { eps })?
+    } else {
+        normalize_primitive(x, eps)?
+    };
     normed
         .broadcast_mul(weight.as_tensor())?
         .broadcast_add(bias.as_tensor())
 }
 
-/// Softmax over the last dimension. The row maximum is subtracted for stability and detached:
-/// its gradient contributions cancel exactly.
+/// (x - mean) / sqrt(var + eps) over the last dimension, from primitive ops (any device).
+fn normalize_primitive(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+/// Softmax over the last dimension; fused on the CPU (forward and backward one pass over each
+/// row), elsewhere [`softmax_primitive`].
 pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(Softmax)
+    } else {
+        softmax_primitive(x)
+    }
+}
+
+/// Softmax from primitive ops (any device), the row maximum subtracted for stability and
+/// detached: its gradient contributions cancel exactly.
+fn softmax_primitive(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -60,19 +83,71 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 struct GeluErf;
 
-/// dGELU/dx = 0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi).
-fn gelu_erf_grad(x: f64) -> f64 {
-    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
-    0.5 * (1.0 + erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
-        + x * (-0.5 * x * x).exp() * INV_SQRT_2PI
+/// GELU (erf form) of `x`; the second argument is unused (elementwise kernels take two).
+fn gelu<T: Real>(x: T, _: T) -> T {
+    let half = T::from_f64(0.5);
+    half * x * (T::one() + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf())
 }
 
-/// `f` applied to the contiguous f32 or f64 values of one or two tensors, in parallel.
-fn map_float(
+/// g dGELU/dx, with dGELU/dx = 0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi), in the
+/// tensor's own precision (as PyTorch).
+fn gelu_backward<T: Real>(x: T, g: T) -> T {
+    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+    let half = T::from_f64(0.5);
+    let cdf = half * (T::one() + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = (T::zero() - half * x * x).exp() * T::from_f64(INV_SQRT_2PI);
+    g * (cdf + x * pdf)
+}
+
+/// The float types the fused ops run in: f32 for training, f64 for gradient checks.
+trait Real:
+    WithDType
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+{
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn erf(self) -> Self;
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn erf(self) -> Self {
+        erf_f32(self)
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn erf(self) -> Self {
+        erf_f64(self)
+    }
+}
+
+/// A kernel over matching chunks of one or two inputs (the second empty when there is none)
+/// into a chunk of the output.
+type Kernel<'a, T> = &'a (dyn Fn(&[T], &[T], &mut [T]) + Sync);
+
+/// `f32_fn` or `f64_fn` applied in parallel to chunks of `chunk` values (a multiple of the row
+/// length for row-wise ops) of the contiguous values of one or two tensors of one shape.
+fn map_chunks(
     a: (&CpuStorage, &Layout),
     b: Option<(&CpuStorage, &Layout)>,
-    f32_fn: impl Fn(f32, f32) -> f32 + Sync,
-    f64_fn: impl Fn(f64, f64) -> f64 + Sync,
+    chunk: usize,
+    f32_fn: Kernel<f32>,
+    f64_fn: Kernel<f64>,
 ) -> Result<(CpuStorage, Shape)> {
     fn values<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
         let (start, end) = l
@@ -80,24 +155,11 @@ fn map_float(
             .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
         Ok(&s.as_slice::<T>()?[start..end])
     }
-    fn map<T: WithDType>(x: &[T], y: Option<&[T]>, f: &(impl Fn(T, T) -> T + Sync)) -> Vec<T> {
+    fn map<T: WithDType>(x: &[T], y: Option<&[T]>, chunk: usize, f: Kernel<T>) -> Vec<T> {
         let mut out = vec![T::zero(); x.len()];
-        let chunk = 1 << 14;
         out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
-            let xs = &x[i * chunk..i * chunk + o.len()];
-            match y {
-                Some(y) => {
-                    let ys = &y[i * chunk..i * chunk + o.len()];
-                    for ((o, &x), &y) in o.iter_mut().zip(xs).zip(ys) {
-                        *o = f(x, y);
-                    }
-                }
-                None => {
-                    for (o, &x) in o.iter_mut().zip(xs) {
-                        *o = f(x, T::zero());
-                    }
-                }
-            }
+            let range = i * chunk..i * chunk + o.len();
+            f(&x[range.clone()], y.map_or(&[][..], |y| &y[range]), o);
         });
         out
     }
@@ -105,21 +167,46 @@ fn map_float(
     let storage = match a.0 {
         CpuStorage::F32(_) => {
             let y = b.map(|(s, l)| values::<f32>(s, l)).transpose()?;
-            CpuStorage::F32(map(values::<f32>(a.0, a.1)?, y, &f32_fn))
+            CpuStorage::F32(map(values::<f32>(a.0, a.1)?, y, chunk, f32_fn))
         }
         CpuStorage::F64(_) => {
             let y = b.map(|(s, l)| values::<f64>(s, l)).transpose()?;
-            CpuStorage::F64(map(values::<f64>(a.0, a.1)?, y, &f64_fn))
+            CpuStorage::F64(map(values::<f64>(a.0, a.1)?, y, chunk, f64_fn))
         }
         other => {
             use candle_core::backend::BackendStorage;
             return Err(candle_core::Error::UnsupportedDTypeForOp(
                 other.dtype(),
-                "gelu_erf",
+                "fused op",
             ));
         }
     };
     Ok((storage, shape))
+}
+
+/// Values per parallel chunk of an elementwise op.
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+/// Chunk size for a row-wise op on rows of `layout`'s last dimension: whole rows, about
+/// [`ELEMENTWISE_CHUNK`] values.
+fn row_chunk(layout: &Layout) -> usize {
+    let row = layout.dims().last().copied().unwrap_or(1).max(1);
+    row * (ELEMENTWISE_CHUNK / row).max(1)
+}
+
+/// `f(x, y)` for each element (y is 0 when there is no second input).
+fn elementwise<T: WithDType>(f: impl Fn(T, T) -> T + Sync) -> impl Fn(&[T], &[T], &mut [T]) + Sync {
+    move |x, y, out| {
+        if y.is_empty() {
+            for (o, &x) in out.iter_mut().zip(x) {
+                *o = f(x, T::zero());
+            }
+        } else {
+            for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
+                *o = f(x, y);
+            }
+        }
+    }
 }
 
 impl CustomOp1 for GeluErf {
@@ -128,11 +215,12 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        map_float(
+        map_chunks(
             (s, l),
             None,
-            |x, _| 0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2)),
-            |x, _| 0.5 * x * (1.0 + erf_f64(x * std::f64::consts::FRAC_1_SQRT_2)),
+            ELEMENTWISE_CHUNK,
+            &elementwise(gelu::<f32>),
+            &elementwise(gelu::<f64>),
         )
     }
 
@@ -158,11 +246,200 @@ impl CustomOp2 for GeluErfBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        map_float(
+        map_chunks(
             (s1, l1),
             Some((s2, l2)),
-            |x, g| g * gelu_erf_grad(f64::from(x)) as f32,
-            |x, g| g * gelu_erf_grad(x),
+            ELEMENTWISE_CHUNK,
+            &elementwise(gelu_backward::<f32>),
+            &elementwise(gelu_backward::<f64>),
+        )
+    }
+}
+
+/// (x - mean) / sqrt(var + eps) over the last dimension.
+struct Normalize {
+    eps: f64,
+}
+
+/// A row's mean and 1 / sqrt(var + eps) (biased variance, two passes: no cancellation).
+fn moments<T: Real>(x: &[T], eps: f64) -> (T, T) {
+    let n = T::from_f64(x.len() as f64);
+    let mean = x.iter().fold(T::zero(), |a, &v| a + v) / n;
+    let var = x.iter().fold(T::zero(), |a, &v| a + (v - mean) * (v - mean)) / n;
+    (mean, T::one() / (var + T::from_f64(eps)).sqrt())
+}
+
+fn normalize_rows<T: Real>(eps: f64, row: usize) -> impl Fn(&[T], &[T], &mut [T]) + Sync {
+    move |x, _, out| {
+        for (x, out) in x.chunks_exact(row).zip(out.chunks_exact_mut(row)) {
+            let (mean, inv_std) = moments(x, eps);
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = (v - mean) * inv_std;
+            }
+        }
+    }
+}
+
+/// dL/dx = (g - mean(g) - x̂ mean(g x̂)) / std, per row, for y = x̂ = (x - mean) / std.
+fn normalize_backward_rows<T: Real>(eps: f64, row: usize) -> impl Fn(&[T], &[T], &mut [T]) + Sync {
+    move |x, g, out| {
+        let n = T::from_f64(row as f64);
+        for ((x, g), out) in x
+            .chunks_exact(row)
+            .zip(g.chunks_exact(row))
+            .zip(out.chunks_exact_mut(row))
+        {
+            let (mean, inv_std) = moments(x, eps);
+            let (mut sum_g, mut sum_gx) = (T::zero(), T::zero());
+            for (&v, &g) in x.iter().zip(g) {
+                sum_g = sum_g + g;
+                sum_gx = sum_gx + g * (v - mean) * inv_std;
+            }
+            let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
+            for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
+                *o = (g - mean_g - (v - mean) * inv_std * mean_gx) * inv_std;
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Normalize {
+    fn name(&self) -> &'static str {
+        "normalize_fused"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let row = l.dims().last().copied().unwrap_or(1);
+        map_chunks(
+            (s, l),
+            None,
+            row_chunk(l),
+            &normalize_rows::<f32>(self.eps, row),
+            &normalize_rows::<f64>(self.eps, row),
+        )
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &NormalizeBackward { eps: self.eps },
+        )?))
+    }
+}
+
+/// (x, dL/dy) -> dL/dx for [`Normalize`].
+struct NormalizeBackward {
+    eps: f64,
+}
+
+impl CustomOp2 for NormalizeBackward {
+    fn name(&self) -> &'static str {
+        "normalize_fused_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let row = l1.dims().last().copied().unwrap_or(1);
+        map_chunks(
+            (s1, l1),
+            Some((s2, l2)),
+            row_chunk(l1),
+            &normalize_backward_rows::<f32>(self.eps, row),
+            &normalize_backward_rows::<f64>(self.eps, row),
+        )
+    }
+}
+
+/// Softmax over the last dimension.
+struct Softmax;
+
+fn softmax_rows<T: Real>(row: usize) -> impl Fn(&[T], &[T], &mut [T]) + Sync {
+    move |x, _, out| {
+        for (x, out) in x.chunks_exact(row).zip(out.chunks_exact_mut(row)) {
+            let max = x
+                .iter()
+                .copied()
+                .fold(x[0], |m, v| if v > m { v } else { m });
+            let mut sum = T::zero();
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = (v - max).exp();
+                sum = sum + *o;
+            }
+            let inv = T::one() / sum;
+            for o in out.iter_mut() {
+                *o = *o * inv;
+            }
+        }
+    }
+}
+
+/// dL/dx = y (g - sum(g y)), per row.
+fn softmax_backward_rows<T: Real>(row: usize) -> impl Fn(&[T], &[T], &mut [T]) + Sync {
+    move |y, g, out| {
+        for ((y, g), out) in y
+            .chunks_exact(row)
+            .zip(g.chunks_exact(row))
+            .zip(out.chunks_exact_mut(row))
+        {
+            let dot = y.iter().zip(g).fold(T::zero(), |a, (&y, &g)| a + y * g);
+            for ((o, &y), &g) in out.iter_mut().zip(y).zip(g) {
+                *o = y * (g - dot);
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax_fused"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let row = l.dims().last().copied().unwrap_or(1);
+        map_chunks(
+            (s, l),
+            None,
+            row_chunk(l),
+            &softmax_rows::<f32>(row),
+            &softmax_rows::<f64>(row),
+        )
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            res.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?,
+        ))
+    }
+}
+
+/// (y, dL/dy) -> dL/dx for [`Softmax`].
+struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax_fused_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let row = l1.dims().last().copied().unwrap_or(1);
+        map_chunks(
+            (s1, l1),
+            Some((s2, l2)),
+            row_chunk(l1),
+            &softmax_backward_rows::<f32>(row),
+            &softmax_backward_rows::<f64>(row),
         )
     }
 }
@@ -293,6 +570,62 @@ mod tests {
         assert_eq!(ga.len(), values.len());
         for (p, q) in ga.iter().zip(&gb) {
             assert!((p - q).abs() < 1e-6, "{p} vs {q}");
+        }
+    }
+
+    /// The fused layer norm and softmax compute what their primitive-op forms (the GPU path)
+    /// do, value and gradient, in f64 and f32, on rows with large offsets and spreads.
+    #[test]
+    fn fused_norm_and_softmax_match_their_primitive_forms_and_gradients() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (rows, cols) = (37, 48);
+        let values: Vec<f64> = (0..rows * cols)
+            .map(|i| (rng.random::<f64>() - 0.5) * 8.0 + (i / cols) as f64)
+            .collect();
+        let weights: Vec<f64> = (0..rows * cols).map(|_| rng.random::<f64>() - 0.5).collect();
+        let dev = &Device::Cpu;
+        type Op = fn(&Tensor) -> Result<Tensor>;
+        let cases: [(&str, Op, Op); 2] = [
+            (
+                "normalize",
+                |x| x.apply_op1(Normalize { eps: 1e-12 }),
+                |x| normalize_primitive(x, 1e-12),
+            ),
+            ("softmax", |x| x.apply_op1(Softmax), softmax_primitive),
+        ];
+        for dtype in [DType::F64, DType::F32] {
+            let tolerance = if dtype == DType::F64 { 1e-10 } else { 2e-5 };
+            let x = Var::from_tensor(
+                &Tensor::from_vec(values.clone(), (rows, cols), dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let w = Tensor::from_vec(weights.clone(), (rows, cols), dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let run = |op: Op| -> (Vec<f64>, Vec<f64>) {
+                let y = op(x.as_tensor()).unwrap();
+                let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let flat = |t: &Tensor| -> Vec<f64> {
+                    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+                };
+                (flat(&y), flat(grads.get(x.as_tensor()).unwrap()))
+            };
+            for (name, fused, primitive) in cases {
+                let (fy, fg) = run(fused);
+                let (py, pg) = run(primitive);
+                for (what, a, b) in [("value", &fy, &py), ("gradient", &fg, &pg)] {
+                    let worst = a
+                        .iter()
+                        .zip(b)
+                        .map(|(p, q)| (p - q).abs())
+                        .fold(0.0, f64::max);
+                    assert!(worst < tolerance, "{name} {what} {dtype:?}: {worst}");
+                }
+            }
         }
     }
 }
