@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Benchmarks against the peers a user would otherwise run, in one session (2 threads).
+# Benchmarks against the peers a user would otherwise run, in one session, 2 threads on both
+# sides. Every JSON line carries the CPU model and the instruction-set class its code ran with
+# (`cpu`, `cpu_class`), so BENCHMARKS.md can keep one table per class.
 # Peers need a Python environment: python3 -m venv .peers &&
 #   .peers/bin/pip install torch sentence-transformers faiss-cpu numpy pytrec-eval-terrier
 # (PEERS_PYTHON overrides the interpreter). The dev profile is used: its hot paths (GEMM,
 # candle's kernels, synthrank itself) are optimized, and it shares the test build.
+# Usage: scripts/bench.sh [BENCH...]  (default: search eval generate embed train)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/synthrank/target}"
@@ -12,13 +15,50 @@ py="${PEERS_PYTHON:-.peers/bin/python}"
 peers=../shared/bench/peers.py
 model=models/all-MiniLM-L6-v2
 data=../shared/datasets/scifact
-peer() {
-  if [ -x "$py" ]; then "$py" "$peers" "$@" --threads 2 --model "$model" --data "$data"; fi
+
+field() { grep -m1 "^$1" /proc/cpuinfo | cut -d: -f2 | xargs; }
+cpu="$(field 'model name') ($(field vendor_id) family $(field 'cpu family') model $(field model))"
+flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+has() { [[ $flags == *" $1 "* ]]; }
+vendor=$(field vendor_id)
+# The class decides which kernels run (ours and the peers'). OpenBLAS (FAISS, numpy) reads
+# its core type from CPUID and mis-detects some virtual CPUs as generic ones, 3-5x slower:
+# name the core whose kernels the class supports.
+if has avx512f && has avx512bw && has avx512vl; then
+    class=avx512
+    has avx512_vnni && class+=-vnni
+    has amx_tile && class+=-amx
+    export OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-SKYLAKEX}
+elif has avx2 && has fma; then
+    class=avx2
+    [[ $vendor == AuthenticAMD ]] && core=ZEN || core=HASWELL
+    export OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$core}
+else
+    class=baseline
+fi
+export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2
+stamp() {
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    if line.startswith("{"):
+        row = json.loads(line)
+        row.update(cpu=sys.argv[1], cpu_class=sys.argv[2])
+        print(json.dumps(row), flush=True)' "$cpu" "$class"
 }
-for bench in search eval generate embed train; do
-  cargo bench --locked --profile dev --bench "$bench" 2>/dev/null | grep '^{'
-  case "$bench" in
-    search|eval|embed) peer "$bench" ;;
-    train) peer train --max-len 128 --query-len 64 ;;
-  esac
+peer() {
+    if [ -x "$py" ]; then
+        "$py" "$peers" "$@" --threads 2 --model "$model" --data "$data" | stamp
+    else
+        echo "no peer environment at $py: see the top of this script" >&2
+    fi
+}
+benches=("$@")
+[[ ${#benches[@]} -gt 0 ]] || benches=(search eval generate embed train)
+for b in "${benches[@]}"; do
+    cargo bench --locked --profile dev --bench "$b" 2>/dev/null | stamp
+    case "$b" in
+        search | eval | embed) peer "$b" ;;
+        train) peer train --max-len 128 --query-len 64 ;;
+    esac
 done

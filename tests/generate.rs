@@ -684,3 +684,74 @@ fn a_token_budget_stops_the_spending_and_status_shows_the_cost() {
         "{html}"
     );
 }
+
+/// Results as vLLM's `run_batch` writes them: each request of a batch input file answered by
+/// the test server's good model, except those `failing`, which come back as errors.
+fn run_batch_offline(input: &Path, output: &Path, failing: &[usize]) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut results = String::new();
+    for (i, line) in std::fs::read_to_string(input).unwrap().lines().enumerate() {
+        let request: serde_json::Value = serde_json::from_str(line).unwrap();
+        let id = request["custom_id"].as_str().unwrap().to_string();
+        let user = request["body"]["messages"][1]["content"].as_str().unwrap();
+        let result = if failing.contains(&i) {
+            serde_json::json!({"custom_id": id, "response": null, "error": {"message": "engine died"}})
+        } else {
+            let body: serde_json::Value = serde_json::from_str(&common::llm_server::completion(
+                &graded_answer(&query_of(user), &[3, 2, 1, 0]),
+            ))
+            .unwrap();
+            serde_json::json!({"id": format!("r{i}"), "custom_id": id, "response": {"status_code": 200, "body": body}, "error": null})
+        };
+        results.push_str(&format!("{result}\n"));
+        ids.push(id);
+    }
+    std::fs::write(output, results).unwrap();
+    ids
+}
+
+#[test]
+fn batch_files_carry_the_requests_out_and_their_answers_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens at the endpoint: batch files never touch it.
+    let spec = pipeline(
+        dir.path(),
+        5,
+        "http://127.0.0.1:9/v1",
+        "      batch_files: {input: batch-in.jsonl, output: batch-out.jsonl}\n",
+    );
+    let (input, output) = (
+        dir.path().join("batch-in.jsonl"),
+        dir.path().join("batch-out.jsonl"),
+    );
+    let run = || common::synthrank(&["run", spec.to_str().unwrap()]);
+    let first = run();
+    assert_eq!(first.status.code(), Some(1));
+    let message = common::stderr(&first);
+    assert!(
+        message.contains("5 requests wait in") && message.contains("run_batch -i"),
+        "{message}"
+    );
+    let sent = run_batch_offline(&input, &output, &[3]);
+    assert_eq!(sent.len(), 5);
+
+    // Four answers come back; the failed one is written out again, alone.
+    let second = run();
+    assert_eq!(second.status.code(), Some(1));
+    let message = common::stderr(&second);
+    assert!(
+        message.contains("1 requests wait in")
+            && message.contains("1 results in the output failed and are asked again")
+            && message.contains("engine died"),
+        "{message}"
+    );
+    let again = run_batch_offline(&input, &output, &[]);
+    assert_eq!(again, vec![sent[3].clone()]);
+
+    let last = run();
+    assert!(last.status.success(), "{}", common::stderr(&last));
+    assert_eq!(rows(&dir.path().join("work/gen/graded_docs.parquet")), 20);
+    let journal =
+        std::fs::read_to_string(dir.path().join("work/.state/gen/journal.jsonl")).unwrap();
+    assert_eq!(journal.lines().count(), 5, "each answer journaled once");
+}

@@ -265,7 +265,10 @@ struct Normalize {
 fn moments<T: Real>(x: &[T], eps: f64) -> (T, T) {
     let n = T::from_f64(x.len() as f64);
     let mean = x.iter().fold(T::zero(), |a, &v| a + v) / n;
-    let var = x.iter().fold(T::zero(), |a, &v| a + (v - mean) * (v - mean)) / n;
+    let var = x
+        .iter()
+        .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
+        / n;
     (mean, T::one() / (var + T::from_f64(eps)).sqrt())
 }
 
@@ -582,7 +585,9 @@ mod tests {
         let values: Vec<f64> = (0..rows * cols)
             .map(|i| (rng.random::<f64>() - 0.5) * 8.0 + (i / cols) as f64)
             .collect();
-        let weights: Vec<f64> = (0..rows * cols).map(|_| rng.random::<f64>() - 0.5).collect();
+        let weights: Vec<f64> = (0..rows * cols)
+            .map(|_| rng.random::<f64>() - 0.5)
+            .collect();
         let dev = &Device::Cpu;
         type Op = fn(&Tensor) -> Result<Tensor>;
         let cases: [(&str, Op, Op); 2] = [
@@ -610,7 +615,12 @@ mod tests {
                 let y = op(x.as_tensor()).unwrap();
                 let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
                 let flat = |t: &Tensor| -> Vec<f64> {
-                    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
                 };
                 (flat(&y), flat(grads.get(x.as_tensor()).unwrap()))
             };

@@ -1,6 +1,7 @@
 //! Chat-completion backends: any OpenAI-compatible HTTP endpoint, with retries, rate limits and
 //! a durable journal of responses. Knows nothing of pipelines or tables.
 
+mod batch;
 mod embedded;
 mod journal;
 mod openai;
@@ -12,6 +13,7 @@ mod structured;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+pub(crate) use batch::{read_results, write_requests};
 pub use embedded::EmbeddedBackend;
 pub use journal::{Journal, JournalError};
 pub use journal::{JournalEntry, OpenedJournal};
@@ -98,6 +100,13 @@ pub enum LlmError {
     /// The embedded model failed to load or to generate.
     #[error("model: {0}")]
     Model(String),
+    /// A batch file could not be written or read (line 0: the file as a whole).
+    #[error("{}{}: {message}", path.display(), if *line > 0 { format!(":{line}") } else { String::new() })]
+    BatchFile {
+        path: std::path::PathBuf,
+        line: usize,
+        message: String,
+    },
 }
 
 impl LlmError {
@@ -107,7 +116,7 @@ impl LlmError {
         match self {
             LlmError::Status { status, .. } => *status == 429 || *status >= 500,
             LlmError::Timeout(_) | LlmError::Connection(_) | LlmError::Malformed(_) => true,
-            LlmError::Config(_) | LlmError::Model(_) => false,
+            LlmError::Config(_) | LlmError::Model(_) | LlmError::BatchFile { .. } => false,
         }
     }
 }

@@ -171,7 +171,7 @@ struct Usage {
     completion_tokens: u64,
 }
 
-fn parse_completion(bytes: &[u8]) -> Result<ChatResponse, LlmError> {
+pub(super) fn parse_completion(bytes: &[u8]) -> Result<ChatResponse, LlmError> {
     let completion: Completion = serde_json::from_slice(bytes).map_err(|e| {
         let start: String = String::from_utf8_lossy(&bytes[..bytes.len().min(120)]).into_owned();
         LlmError::Malformed(format!("{e} (body starts `{start}`)"))

@@ -175,6 +175,25 @@ pub enum StageError {
         journal: PathBuf,
         first: String,
     },
+    /// Requests written to a batch file wait to be run offline; the stage finishes once their
+    /// answers are in the output file.
+    #[error(
+        "{written} requests wait in {}: run them offline (vLLM: python -m \
+         vllm.entrypoints.openai.run_batch -i {} -o {} --model {model}), then run this stage \
+         again{}",
+        input.display(),
+        input.display(),
+        output.display(),
+        if *failed > 0 { format!(" ({failed} results in the output failed and are asked again; the first: {first_failure})") } else { String::new() }
+    )]
+    BatchPending {
+        written: usize,
+        input: PathBuf,
+        output: PathBuf,
+        model: String,
+        failed: usize,
+        first_failure: String,
+    },
     /// A stage kind broke its contract with the engine: a bug in synthrank, not in the spec.
     #[error("internal: {0}")]
     Contract(String),

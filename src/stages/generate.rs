@@ -12,9 +12,9 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::llm::{
-    ChatBackend, ChatRequest, ChatResponse, EmbeddedBackend, GradedPassage, Journal, JournalEntry,
-    Message, OpenAiBackend, OpenAiConfig, ParseError, RetryPolicy, Secret, StructuredOutput,
-    graded_passages_schema, parse_all_levels, parse_single_level,
+    self, ChatBackend, ChatRequest, ChatResponse, EmbeddedBackend, GradedPassage, Journal,
+    JournalEntry, Message, OpenAiBackend, OpenAiConfig, ParseError, RetryPolicy, Secret,
+    StructuredOutput, graded_passages_schema, parse_all_levels, parse_single_level,
 };
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -86,6 +86,18 @@ struct Config {
     /// Prices per million tokens, for the cost shown by `status` and recorded in the manifest.
     #[serde(default)]
     price_per_mtok: Option<Price>,
+    /// Offline batches instead of HTTP requests: the pending requests are written to `input`
+    /// in the OpenAI Batch format (what vLLM's `run_batch` reads) and the answers read back
+    /// from `output` when it exists.
+    #[serde(default)]
+    batch_files: Option<BatchFiles>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchFiles {
+    input: PathBuf,
+    output: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -176,7 +188,7 @@ impl StageKind for Generate {
             .as_ref()
             .map(|f| clean_path(&base_dir.join(f)));
         match config.backend {
-            BackendKind::Openai if config.endpoints.is_empty() => {
+            BackendKind::Openai if config.endpoints.is_empty() && config.batch_files.is_none() => {
                 return Err(ConfigError::new("endpoints", "list at least one endpoint"));
             }
             BackendKind::Embedded if model_file.is_none() => {
@@ -205,10 +217,21 @@ impl StageKind for Generate {
             check_seconds("requests_per_second", 1.0 / rps, false)
                 .map_err(|_| ConfigError::new("requests_per_second", RATE_RANGE))?;
         }
+        if config.batch_files.is_some() && config.backend == BackendKind::Embedded {
+            return Err(ConfigError::new(
+                "batch_files",
+                "batch files are for servers (backend: openai); the embedded model answers in-process",
+            ));
+        }
+        let batch_files = config.batch_files.as_ref().map(|b| BatchFiles {
+            input: clean_path(&base_dir.join(&b.input)),
+            output: clean_path(&base_dir.join(&b.output)),
+        });
         Ok(Box::new(GenerateStage {
             config,
             model_file,
             recorded,
+            batch_files,
         }))
     }
 }
@@ -238,6 +261,8 @@ struct GenerateStage {
     config: Config,
     model_file: Option<PathBuf>,
     recorded: Option<PathBuf>,
+    /// `config.batch_files` resolved against the spec's directory.
+    batch_files: Option<BatchFiles>,
 }
 
 impl Stage for GenerateStage {
@@ -492,8 +517,18 @@ impl GenerateStage {
             ctx.set_stat("journal_lines_skipped", opened.skipped_lines as u64);
         }
         if let Some(recorded) = &self.recorded {
-            let imported = import_recorded(&journal, &mut answered, recorded)?;
+            let entries = Journal::read(recorded)?.into_values();
+            let imported = import_answers(&journal, &mut answered, entries)?;
             ctx.set_stat("imported_from_recording", imported);
+        }
+        let mut batch_failures = (0, None);
+        if let Some(files) = &self.batch_files
+            && files.output.exists()
+        {
+            let (answers, failed, first) = batch_answers(&files.output, &jobs)?;
+            let imported = import_answers(&journal, &mut answered, answers)?;
+            ctx.set_stat("imported_from_batch", imported);
+            batch_failures = (failed, first);
         }
         let mut seen = std::collections::HashSet::new();
         // Indices, not references: the stream's items must not borrow (higher-ranked lifetimes).
@@ -508,6 +543,22 @@ impl GenerateStage {
             to_send = pending.len(),
             "generation planned"
         );
+        if let Some(files) = &self.batch_files
+            && !pending.is_empty()
+        {
+            let requests = pending
+                .iter()
+                .map(|&i| (jobs[i].hash.as_str(), &jobs[i].request));
+            let written = llm::write_requests(&files.input, requests)?;
+            return Err(StageError::BatchPending {
+                written,
+                input: files.input.clone(),
+                output: files.output.clone(),
+                model: self.config.model.clone(),
+                failed: batch_failures.0,
+                first_failure: batch_failures.1.unwrap_or_default(),
+            });
+        }
         if !pending.is_empty() {
             let mut bought = Spend::default();
             answered.values().for_each(|e| bought.add(&e.response));
@@ -636,14 +687,15 @@ impl GenerateStage {
 }
 
 /// Appends the recorded journal's entries that the stage's journal lacks; returns how many.
-fn import_recorded(
+/// Adds the answers the journal lacks to it (in hash order, so the journal's bytes do not
+/// depend on where they came from); returns how many.
+fn import_answers(
     journal: &Journal,
     answered: &mut HashMap<String, JournalEntry>,
-    recorded: &Path,
+    entries: impl IntoIterator<Item = JournalEntry>,
 ) -> Result<u64, StageError> {
-    let entries = Journal::read(recorded)?;
     let mut imported = 0;
-    let mut sorted: Vec<JournalEntry> = entries.into_values().collect();
+    let mut sorted: Vec<JournalEntry> = entries.into_iter().collect();
     sorted.sort_by(|a, b| a.hash.cmp(&b.hash));
     for entry in sorted {
         if !answered.contains_key(&entry.hash) {
@@ -654,6 +706,33 @@ fn import_recorded(
     }
     journal.sync()?;
     Ok(imported)
+}
+
+/// The answers in a batch output file, for the requests of `jobs`; the failed results (an
+/// error, a status other than 200) are counted and stay pending, the first one described.
+fn batch_answers(
+    path: &Path,
+    jobs: &[Job],
+) -> Result<(Vec<JournalEntry>, usize, Option<String>), StageError> {
+    let wanted: std::collections::HashSet<&str> = jobs.iter().map(|j| j.hash.as_str()).collect();
+    let (mut answers, mut failed, mut first) = (Vec::new(), 0, None);
+    for result in llm::read_results(path)? {
+        if !wanted.contains(result.hash.as_str()) {
+            continue;
+        }
+        match result.answer {
+            Ok(response) => answers.push(JournalEntry {
+                hash: result.hash,
+                response,
+                attempts: 1,
+            }),
+            Err(e) => {
+                failed += 1;
+                first.get_or_insert(format!("request {}: {e}", result.hash));
+            }
+        }
+    }
+    Ok((answers, failed, first))
 }
 
 /// A passage of an answer, with the prompt it answers.

@@ -1,0 +1,182 @@
+//! Batch files in the OpenAI Batch API's JSONL format, which vLLM's offline `run_batch` reads
+//! and writes too: one request per line keyed by `custom_id` (the request hash), one result per
+//! line back, in any order.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::openai::parse_completion;
+use super::{ChatRequest, ChatResponse, LlmError};
+
+#[derive(Serialize)]
+struct RequestLine<'a> {
+    custom_id: &'a str,
+    method: &'static str,
+    url: &'static str,
+    body: &'a ChatRequest,
+}
+
+/// Writes `requests` (hash, request) as a batch input file, atomically: a reader never sees a
+/// half-written file.
+pub(crate) fn write_requests<'a>(
+    path: &Path,
+    requests: impl IntoIterator<Item = (&'a str, &'a ChatRequest)>,
+) -> Result<usize, LlmError> {
+    let io_error = |e: std::io::Error| batch_file_error(path, 0, e.to_string());
+    let partial = PathBuf::from(format!("{}.partial", path.display()));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(io_error)?);
+    let mut written = 0;
+    for (custom_id, body) in requests {
+        let line = RequestLine {
+            custom_id,
+            method: "POST",
+            url: "/v1/chat/completions",
+            body,
+        };
+        serde_json::to_writer(&mut out, &line).expect("requests serialize");
+        out.write_all(b"\n").map_err(io_error)?;
+        written += 1;
+    }
+    let file = out.into_inner().map_err(|e| io_error(e.into_error()))?;
+    file.sync_all().map_err(io_error)?;
+    std::fs::rename(&partial, path).map_err(io_error)?;
+    Ok(written)
+}
+
+#[derive(Deserialize)]
+struct ResultLine {
+    custom_id: String,
+    #[serde(default)]
+    response: Option<ResultResponse>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ResultResponse {
+    status_code: u16,
+    body: serde_json::Value,
+}
+
+/// One line of a results file: the request's hash and its answer, or why there is none.
+pub(crate) struct BatchResult {
+    pub hash: String,
+    pub answer: Result<ChatResponse, String>,
+}
+
+/// The results in a batch output file (OpenAI's output or error file, vLLM's `-o` file). A
+/// line that is not a result is an error naming the file and line: results are paid for, so
+/// none is skipped silently.
+pub(crate) fn read_results(path: &Path) -> Result<Vec<BatchResult>, LlmError> {
+    let file = std::fs::File::open(path).map_err(|e| batch_file_error(path, 0, e.to_string()))?;
+    let mut results = Vec::new();
+    for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let number = index + 1;
+        let line = line.map_err(|e| batch_file_error(path, number, e.to_string()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: ResultLine = serde_json::from_str(&line)
+            .map_err(|e| batch_file_error(path, number, format!("not a batch result: {e}")))?;
+        results.push(BatchResult {
+            hash: parsed.custom_id,
+            answer: answer_of(parsed.response, parsed.error),
+        });
+    }
+    Ok(results)
+}
+
+fn answer_of(
+    response: Option<ResultResponse>,
+    error: Option<serde_json::Value>,
+) -> Result<ChatResponse, String> {
+    if let Some(error) = error.filter(|e| !e.is_null()) {
+        return Err(format!("error: {error}"));
+    }
+    let response = response.ok_or("neither a response nor an error")?;
+    if response.status_code != 200 {
+        return Err(format!("HTTP {}: {}", response.status_code, response.body));
+    }
+    let body = serde_json::to_vec(&response.body).expect("JSON values serialize");
+    parse_completion(&body).map_err(|e| e.to_string())
+}
+
+fn batch_file_error(path: &Path, line: usize, message: String) -> LlmError {
+    LlmError::BatchFile {
+        path: path.to_path_buf(),
+        line,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::Message;
+
+    fn request(content: &str) -> ChatRequest {
+        ChatRequest {
+            model: "m".to_string(),
+            messages: vec![Message {
+                role: "user".to_string(),
+                content: content.to_string(),
+            }],
+            temperature: Some(0.0),
+            top_p: None,
+            max_tokens: Some(10),
+            seed: None,
+            stop: Vec::new(),
+            response_format: None,
+            guided_json: None,
+        }
+    }
+
+    #[test]
+    fn requests_are_written_keyed_by_hash_and_results_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let (a, b) = (request("a"), request("b"));
+        let written = write_requests(&path, [("ha", &a), ("hb", &b)]).unwrap();
+        assert_eq!(written, 2);
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[1]["custom_id"], "hb");
+        assert_eq!(lines[1]["url"], "/v1/chat/completions");
+        assert_eq!(lines[1]["body"]["messages"][0]["content"], "b");
+
+        let out = dir.path().join("out.jsonl");
+        std::fs::write(
+            &out,
+            "{\"id\": \"r1\", \"custom_id\": \"hb\", \"response\": {\"status_code\": 200, \"body\": \
+             {\"model\": \"m\", \"choices\": [{\"message\": {\"content\": \"B\"}, \"finish_reason\": \"stop\"}], \
+             \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 1}}}, \"error\": null}\n\n\
+             {\"custom_id\": \"ha\", \"response\": {\"status_code\": 400, \"body\": {\"error\": \"bad\"}}}\n\
+             {\"custom_id\": \"hc\", \"response\": null, \"error\": {\"code\": \"expired\"}}\n",
+        )
+        .unwrap();
+        let results = read_results(&out).unwrap();
+        assert_eq!(results.len(), 3);
+        let answer = results[0].answer.as_ref().unwrap();
+        assert_eq!((answer.text.as_str(), answer.completion_tokens), ("B", 1));
+        assert!(
+            results[1]
+                .answer
+                .as_ref()
+                .unwrap_err()
+                .starts_with("HTTP 400")
+        );
+        assert!(results[2].answer.as_ref().unwrap_err().contains("expired"));
+
+        std::fs::write(&out, "{\"custom_id\": \"ha\"}\nnot json\n").unwrap();
+        let error = read_results(&out).err().unwrap().to_string();
+        assert!(
+            error.ends_with("out.jsonl:2: not a batch result: expected ident at line 1 column 2"),
+            "{error}"
+        );
+    }
+}
