@@ -106,6 +106,8 @@ trait Real:
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::MulAssign
 {
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
@@ -295,8 +297,8 @@ fn normalize_backward_rows<T: Real>(eps: f64, row: usize) -> impl Fn(&[T], &[T],
             let (mean, inv_std) = moments(x, eps);
             let (mut sum_g, mut sum_gx) = (T::zero(), T::zero());
             for (&v, &g) in x.iter().zip(g) {
-                sum_g = sum_g + g;
-                sum_gx = sum_gx + g * (v - mean) * inv_std;
+                sum_g += g;
+                sum_gx += g * (v - mean) * inv_std;
             }
             let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
             for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
@@ -371,11 +373,11 @@ fn softmax_rows<T: Real>(row: usize) -> impl Fn(&[T], &[T], &mut [T]) + Sync {
             let mut sum = T::zero();
             for (o, &v) in out.iter_mut().zip(x) {
                 *o = (v - max).exp();
-                sum = sum + *o;
+                sum += *o;
             }
             let inv = T::one() / sum;
             for o in out.iter_mut() {
-                *o = *o * inv;
+                *o *= inv;
             }
         }
     }
