@@ -23,6 +23,10 @@ if has avx512f && has avx512bw && has avx512vl && has avx512dq; then
 fi
 
 cache=${SYNTHRANK_CACHE:-$HOME/.cache/synthrank}/llama-server-$version-$isa
+mkdir -p "$(dirname "$cache")"
+# One build at a time: a second caller (CI starts one early in the background) waits for it.
+exec 9>"$cache.lock"
+flock 9
 if [[ -x $cache/llama-server ]]; then
     echo "$cache/llama-server"
     exit 0

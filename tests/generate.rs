@@ -755,3 +755,119 @@ fn batch_files_carry_the_requests_out_and_their_answers_back() {
         std::fs::read_to_string(dir.path().join("work/.state/gen/journal.jsonl")).unwrap();
     assert_eq!(journal.lines().count(), 5, "each answer journaled once");
 }
+
+/// An OpenAI Batch API on the test server: files and batches, each batch answered by the good
+/// model once `finish` is set (until then it stays `in_progress`).
+fn batch_api_server(finish: Arc<AtomicBool>) -> LlmServer {
+    let files = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let batches = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let ok = |v: serde_json::Value| Reply::Status(200, v.to_string(), None);
+    LlmServer::start(move |r, _| {
+        let (mut files, mut batches) = (files.lock().unwrap(), batches.lock().unwrap());
+        match (r.method.as_str(), r.path.as_str()) {
+            ("POST", "/v1/files") => {
+                let raw = String::from_utf8_lossy(&r.raw);
+                let start = raw.find("application/jsonl\r\n\r\n").unwrap() + 21;
+                let end = raw.rfind("\r\n--").unwrap();
+                files.push(raw[start..end].to_string());
+                ok(
+                    serde_json::json!({"id": format!("file-{}", files.len() - 1), "purpose": "batch"}),
+                )
+            }
+            ("POST", "/v1/batches") => {
+                let batch = serde_json::json!({"id": format!("batch-{}", batches.len()), "status": "in_progress",
+                    "input_file_id": r.body["input_file_id"], "request_counts": {"total": 0, "completed": 0, "failed": 0}});
+                batches.push(batch.clone());
+                ok(batch)
+            }
+            ("GET", "/v1/batches?limit=100") => ok(serde_json::json!({"data": *batches})),
+            ("GET", path) if path.starts_with("/v1/batches/") => {
+                let id = &path["/v1/batches/".len()..];
+                let batch = batches.iter_mut().find(|b| b["id"] == id).unwrap();
+                if finish.load(Ordering::SeqCst) && batch["status"] == "in_progress" {
+                    let input: usize = batch["input_file_id"].as_str().unwrap()[5..]
+                        .parse()
+                        .unwrap();
+                    let dir = tempfile::tempdir().unwrap();
+                    let (i, o) = (dir.path().join("i"), dir.path().join("o"));
+                    std::fs::write(&i, &files[input]).unwrap();
+                    run_batch_offline(&i, &o, &[]);
+                    files.push(std::fs::read_to_string(&o).unwrap());
+                    batch["status"] = "completed".into();
+                    batch["output_file_id"] = format!("file-{}", files.len() - 1).into();
+                }
+                ok(batch.clone())
+            }
+            ("GET", path) if path.starts_with("/v1/files/") && path.ends_with("/content") => {
+                let n: usize = path["/v1/files/file-".len()..path.len() - "/content".len()]
+                    .parse()
+                    .unwrap();
+                Reply::Status(200, files[n].clone(), None)
+            }
+            _ => Reply::Status(404, "{}".to_string(), None),
+        }
+    })
+}
+
+#[test]
+fn a_batch_api_run_killed_mid_poll_resumes_the_same_batch_and_never_submits_twice() {
+    let finish = Arc::new(AtomicBool::new(false));
+    let server = batch_api_server(finish.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let spec = pipeline(
+        dir.path(),
+        6,
+        &server.url,
+        "      batch_api: {poll_s: 0.02}\n",
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_synthrank"))
+        .args(["run", spec.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let polls = || {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.starts_with("/v1/batches/"))
+            .count()
+    };
+    let started = Instant::now();
+    while polls() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(30), "no polling");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // As if the kill had come between creating the batch and recording its id.
+    let state = dir.path().join("work/.state/gen/batch.json");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(recorded["batch_id"], "batch-0");
+    std::fs::write(
+        &state,
+        serde_json::json!({"file_id": recorded["file_id"], "batch_id": null}).to_string(),
+    )
+    .unwrap();
+
+    finish.store(true, Ordering::SeqCst);
+    let out = common::synthrank(&["run", spec.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let count = |method: &str, path: &str| {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.method == method && r.path == path)
+            .count()
+    };
+    assert_eq!(count("POST", "/v1/files"), 1, "uploaded once");
+    assert_eq!(count("POST", "/v1/batches"), 1, "submitted once");
+    assert_eq!(count("POST", "/v1/chat/completions"), 0);
+    assert_eq!(rows(&dir.path().join("work/gen/graded_docs.parquet")), 24);
+    assert!(!state.exists(), "no batch left in flight");
+    // Fresh: a rerun asks nothing.
+    let before = server.count();
+    let out = common::synthrank(&["run", spec.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert_eq!(server.count(), before);
+}

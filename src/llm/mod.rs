@@ -2,6 +2,7 @@
 //! a durable journal of responses. Knows nothing of pipelines or tables.
 
 mod batch;
+mod batch_api;
 mod embedded;
 mod journal;
 mod openai;
@@ -14,6 +15,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub(crate) use batch::{read_results, write_requests};
+pub(crate) use batch_api::BatchApi;
 pub use embedded::EmbeddedBackend;
 pub use journal::{Journal, JournalError};
 pub use journal::{JournalEntry, OpenedJournal};
@@ -100,6 +102,9 @@ pub enum LlmError {
     /// The embedded model failed to load or to generate.
     #[error("model: {0}")]
     Model(String),
+    /// A batch of the Batch API failed as a whole (validation, say).
+    #[error("batch failed: {0}")]
+    BatchFailed(String),
     /// A batch file could not be written or read (line 0: the file as a whole).
     #[error("{}{}: {message}", path.display(), if *line > 0 { format!(":{line}") } else { String::new() })]
     BatchFile {
@@ -116,7 +121,10 @@ impl LlmError {
         match self {
             LlmError::Status { status, .. } => *status == 429 || *status >= 500,
             LlmError::Timeout(_) | LlmError::Connection(_) | LlmError::Malformed(_) => true,
-            LlmError::Config(_) | LlmError::Model(_) | LlmError::BatchFile { .. } => false,
+            LlmError::Config(_)
+            | LlmError::Model(_)
+            | LlmError::BatchFailed(_)
+            | LlmError::BatchFile { .. } => false,
         }
     }
 }

@@ -101,21 +101,8 @@ impl OpenAiBackend {
             builder = builder.bearer_auth(key.expose());
         }
         let response = builder.send().await.map_err(|e| self.transport_error(e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<f64>().ok());
-            let body = response.text().await.unwrap_or_default();
-            return Err(LlmError::Status {
-                status: status.as_u16(),
-                body: body.chars().take(300).collect(),
-                retry_after,
-            });
-        }
-        let bytes = response
+        let bytes = successful(response)
+            .await?
             .bytes()
             .await
             .map_err(|e| self.transport_error(e))?;
@@ -123,21 +110,45 @@ impl OpenAiBackend {
     }
 
     fn transport_error(&self, e: reqwest::Error) -> LlmError {
-        if e.is_timeout() {
-            LlmError::Timeout(self.timeout.as_secs_f64())
-        } else {
-            // Walk to the root cause: "connection closed before message completed" is more
-            // useful than "error sending request".
-            // Without the URL: an endpoint may carry a key in its query string.
-            let e = e.without_url();
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                message = s.to_string();
-                source = s.source();
-            }
-            LlmError::Connection(message)
+        transport_error(e, self.timeout)
+    }
+}
+
+/// The response, or its status as an error (with the server's Retry-After and the start of its
+/// body).
+pub(super) async fn successful(response: reqwest::Response) -> Result<reqwest::Response, LlmError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    let body = response.text().await.unwrap_or_default();
+    Err(LlmError::Status {
+        status: status.as_u16(),
+        body: body.chars().take(300).collect(),
+        retry_after,
+    })
+}
+
+/// A failed exchange as an `LlmError`: a timeout, or the root cause of a connection failure
+/// ("connection closed before message completed" says more than "error sending request"),
+/// never with the URL (an endpoint may carry a key in its query string).
+pub(super) fn transport_error(e: reqwest::Error, timeout: Duration) -> LlmError {
+    if e.is_timeout() {
+        LlmError::Timeout(timeout.as_secs_f64())
+    } else {
+        let e = e.without_url();
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message = s.to_string();
+            source = s.source();
         }
+        LlmError::Connection(message)
     }
 }
 

@@ -53,11 +53,20 @@ impl RetryPolicy {
         backend: &dyn ChatBackend,
         request: &ChatRequest,
     ) -> (Result<ChatResponse, LlmError>, u32) {
+        self.retry(|| backend.complete(request)).await
+    }
+
+    /// Calls `attempt` until it succeeds, fails for good, or retries run out. Returns the
+    /// outcome and the number of attempts made.
+    pub async fn retry<T, F: Future<Output = Result<T, LlmError>>>(
+        &self,
+        mut attempt: impl FnMut() -> F,
+    ) -> (Result<T, LlmError>, u32) {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match backend.complete(request).await {
-                Ok(response) => return (Ok(response), attempts),
+            match attempt().await {
+                Ok(value) => return (Ok(value), attempts),
                 Err(e) if e.is_retryable() && attempts <= self.max_retries => {
                     let delay = self.delay(attempts - 1, &e);
                     tracing::debug!(attempt = attempts, delay_s = delay.as_secs_f64(), error = %e, "retrying");

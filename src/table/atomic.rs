@@ -107,3 +107,14 @@ pub fn recover_interrupted(workdir: &Path) -> Result<(), TableError> {
     }
     Ok(())
 }
+
+/// Replaces the file at `path` with `bytes`, synced: a reader (or a run after a crash) sees the
+/// old content or the new, never part of it.
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let mut file = std::fs::File::create(&partial)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&partial, path)
+}

@@ -10,8 +10,8 @@ pub mod schema;
 
 use std::path::PathBuf;
 
-pub(crate) use atomic::StagingDir;
 pub use atomic::recover_interrupted;
+pub(crate) use atomic::{StagingDir, write_file};
 pub use hash::FileStamp;
 pub(crate) use hash::hash_file;
 pub use io::{TableWriter, WrittenTable, read_batches};

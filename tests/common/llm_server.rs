@@ -11,6 +11,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// A request as the server saw it.
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub method: String,
+    /// The request target (`/v1/chat/completions`, `/v1/batches?limit=100`).
+    pub path: String,
+    /// The body as sent (multipart uploads are not JSON).
+    pub raw: Vec<u8>,
     pub body: serde_json::Value,
     pub authorization: Option<String>,
     /// When the whole request had arrived.
@@ -125,10 +130,14 @@ async fn serve(
                 Ok(n) => buffer.extend_from_slice(&chunk[..n]),
             }
         }
-        let body: serde_json::Value =
-            serde_json::from_slice(&buffer[header_end..header_end + length]).unwrap_or_default();
+        let raw = buffer[header_end..header_end + length].to_vec();
+        let body: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
         buffer.drain(..header_end + length);
+        let mut request_line = head.split_whitespace();
         let request = Received {
+            method: request_line.next().unwrap_or_default().to_string(),
+            path: request_line.next().unwrap_or_default().to_string(),
+            raw,
             body,
             authorization: header("authorization"),
             at: std::time::Instant::now(),

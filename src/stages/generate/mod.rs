@@ -11,6 +11,10 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
+mod batch;
+
+use batch::{BatchApiConfig, BatchFiles, batch_answers};
+
 use crate::llm::{
     self, ChatBackend, ChatRequest, ChatResponse, EmbeddedBackend, GradedPassage, Journal,
     JournalEntry, Message, OpenAiBackend, OpenAiConfig, ParseError, RetryPolicy, Secret,
@@ -91,13 +95,9 @@ struct Config {
     /// from `output` when it exists.
     #[serde(default)]
     batch_files: Option<BatchFiles>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchFiles {
-    input: PathBuf,
-    output: PathBuf,
+    /// The OpenAI Batch API at the first endpoint instead of one request per prompt.
+    #[serde(default)]
+    batch_api: Option<BatchApiConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -217,12 +217,7 @@ impl StageKind for Generate {
             check_seconds("requests_per_second", 1.0 / rps, false)
                 .map_err(|_| ConfigError::new("requests_per_second", RATE_RANGE))?;
         }
-        if config.batch_files.is_some() && config.backend == BackendKind::Embedded {
-            return Err(ConfigError::new(
-                "batch_files",
-                "batch files are for servers (backend: openai); the embedded model answers in-process",
-            ));
-        }
+        batch::check_config(&config)?;
         let batch_files = config.batch_files.as_ref().map(|b| BatchFiles {
             input: clean_path(&base_dir.join(&b.input)),
             output: clean_path(&base_dir.join(&b.output)),
@@ -409,13 +404,13 @@ impl Sender<'_> {
 }
 
 /// Records how many requests failed (for `status`), or that none did.
-fn record_failures(state_dir: &Path, failed: &[String]) -> Result<(), StageError> {
+fn record_failures(state_dir: &Path, failed: usize) -> Result<(), StageError> {
     let path = state_dir.join(FAILURES);
-    if failed.is_empty() {
+    if failed == 0 {
         let _ = std::fs::remove_file(&path);
         Ok(())
     } else {
-        std::fs::write(&path, failed.len().to_string()).map_err(StageError::io(&path))
+        std::fs::write(&path, failed.to_string()).map_err(StageError::io(&path))
     }
 }
 /// How many requests failed in the last run (absent after a run with none).
@@ -431,6 +426,20 @@ struct Job {
 }
 
 impl GenerateStage {
+    /// The key from the environment variable `api_key_env` names.
+    fn api_key(&self) -> Result<Option<Secret>, StageError> {
+        let Some(var) = &self.config.api_key_env else {
+            return Ok(None);
+        };
+        let key = std::env::var(var).map_err(|_| {
+            StageError::config(
+                "api_key_env",
+                format!("the environment variable `{var}` is not set"),
+            )
+        })?;
+        Ok(Some(Secret::new(key)))
+    }
+
     fn backend(&self) -> Result<Box<dyn ChatBackend>, StageError> {
         if self.config.backend == BackendKind::Embedded {
             let path = self.model_file.as_ref().expect("checked in prepare");
@@ -438,18 +447,9 @@ impl GenerateStage {
                 .map(|b| Box::new(b) as Box<dyn ChatBackend>)
                 .map_err(StageError::from);
         }
-        let api_key = match &self.config.api_key_env {
-            Some(var) => Some(Secret::new(std::env::var(var).map_err(|_| {
-                StageError::config(
-                    "api_key_env",
-                    format!("the environment variable `{var}` is not set"),
-                )
-            })?)),
-            None => None,
-        };
         OpenAiBackend::new(OpenAiConfig {
             endpoints: self.config.endpoints.clone(),
-            api_key,
+            api_key: self.api_key()?,
             timeout: Duration::from_secs_f64(self.config.timeout_s),
             requests_per_second: self.config.requests_per_second,
         })
@@ -559,7 +559,30 @@ impl GenerateStage {
                 first_failure: batch_failures.1.unwrap_or_default(),
             });
         }
-        if !pending.is_empty() {
+        if let Some(api) = &self.config.batch_api
+            && !pending.is_empty()
+        {
+            self.run_batch(ctx, api, &jobs, &pending, &journal, &mut answered)
+                .await?;
+            let failed: Vec<usize> = pending
+                .iter()
+                .copied()
+                .filter(|&i| !answered.contains_key(&jobs[i].hash))
+                .collect();
+            ctx.set_stat("requests_answered", (pending.len() - failed.len()) as u64);
+            record_failures(&state_dir, failed.len())?;
+            if let Some(&first) = failed.first() {
+                return Err(StageError::RequestsFailed {
+                    failed: failed.len(),
+                    total: pending.len(),
+                    journal: journal.path().to_path_buf(),
+                    first: format!(
+                        "prompt `{}`: no answer in the batch's output or error files",
+                        jobs[first].prompt_id
+                    ),
+                });
+            }
+        } else if !pending.is_empty() {
             let mut bought = Spend::default();
             answered.values().for_each(|e| bought.add(&e.response));
             let sender = Sender {
@@ -598,7 +621,7 @@ impl GenerateStage {
                 }
             }
             ctx.set_stat("requests_answered", (pending.len() - failed.len()) as u64);
-            record_failures(&state_dir, &failed)?;
+            record_failures(&state_dir, failed.len())?;
             if !failed.is_empty() {
                 return Err(StageError::RequestsFailed {
                     failed: failed.len(),
@@ -706,33 +729,6 @@ fn import_answers(
     }
     journal.sync()?;
     Ok(imported)
-}
-
-/// The answers in a batch output file, for the requests of `jobs`; the failed results (an
-/// error, a status other than 200) are counted and stay pending, the first one described.
-fn batch_answers(
-    path: &Path,
-    jobs: &[Job],
-) -> Result<(Vec<JournalEntry>, usize, Option<String>), StageError> {
-    let wanted: std::collections::HashSet<&str> = jobs.iter().map(|j| j.hash.as_str()).collect();
-    let (mut answers, mut failed, mut first) = (Vec::new(), 0, None);
-    for result in llm::read_results(path)? {
-        if !wanted.contains(result.hash.as_str()) {
-            continue;
-        }
-        match result.answer {
-            Ok(response) => answers.push(JournalEntry {
-                hash: result.hash,
-                response,
-                attempts: 1,
-            }),
-            Err(e) => {
-                failed += 1;
-                first.get_or_insert(format!("request {}: {e}", result.hash));
-            }
-        }
-    }
-    Ok((answers, failed, first))
 }
 
 /// A passage of an answer, with the prompt it answers.
