@@ -839,6 +839,11 @@ fn a_batch_api_run_killed_mid_poll_resumes_the_same_batch_and_never_submits_twic
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    let status = common::success(&common::synthrank(&["status", spec.to_str().unwrap()]));
+    assert!(
+        status.contains("0 answered, 6 pending") && status.contains("batch batch-0 in flight"),
+        "{status}"
+    );
     // As if the kill had come between creating the batch and recording its id.
     let state = dir.path().join("work/.state/gen/batch.json");
     let recorded: serde_json::Value =

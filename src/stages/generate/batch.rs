@@ -119,6 +119,18 @@ impl InFlight {
     }
 }
 
+/// For `status`: the batch a killed run left in flight, if any.
+pub(super) fn in_flight_note(state_dir: &Path) -> Option<String> {
+    let state = InFlight::read(state_dir).ok()?;
+    match (state.batch_id, state.file_id) {
+        (Some(batch), _) => Some(format!("batch {batch} in flight (the next run polls it)")),
+        (None, Some(file)) => Some(format!(
+            "file {file} uploaded, its batch not recorded (the next run looks for it)"
+        )),
+        (None, None) => None,
+    }
+}
+
 impl GenerateStage {
     /// Sends the `pending` jobs as one batch through the Batch API (or resumes the batch a
     /// killed run left in flight), waits for it, and journals every answer in its output.

@@ -319,6 +319,9 @@ impl Stage for GenerateStage {
                 estimate.describe(self.config.price_per_mtok)
             ));
         }
+        if let Some(batch) = batch::in_flight_note(state_dir) {
+            note.push_str(&format!("; {batch}"));
+        }
         Some(note)
     }
 }
