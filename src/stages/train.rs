@@ -702,3 +702,28 @@ fn append_log(state: &Path, row: &LogRow) -> Result<(), StageError> {
     writeln!(file, "{}", serde_json::to_string(row).expect("serializes"))
         .map_err(StageError::io(&path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resumed run reads the log rows before its checkpoint back from JSON: they must be the
+    /// exact numbers written, or its `train_log` differs from an uninterrupted run's. (This
+    /// gradient norm came back one ulp off from serde_json's default float parser.)
+    #[test]
+    fn log_rows_round_trip_exactly_through_json() {
+        for grad_norm in [10.045_893_788_382_985, 7.919_246_626_792_002_5, 1e-300, 0.1] {
+            let row = LogRow {
+                step: 1,
+                epoch: 0,
+                loss: 0.312_425_961_496_295_03,
+                lr: 0.000_037_500_000_000_000_003,
+                grad_norm,
+                samples_per_s: 3.0,
+            };
+            let back: LogRow = serde_json::from_str(&serde_json::to_string(&row).unwrap()).unwrap();
+            assert_eq!(back.grad_norm.to_bits(), grad_norm.to_bits(), "{grad_norm}");
+            assert_eq!(back.lr.to_bits(), row.lr.to_bits());
+        }
+    }
+}
