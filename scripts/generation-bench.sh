@@ -30,7 +30,8 @@ until curl -fs "http://127.0.0.1:$port/health" >/dev/null; do sleep 0.2; done
 head -n "$n" ../shared/datasets/scifact/queries.jsonl >"$tmp/queries.jsonl"
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
 
-# A spec of N prompts and one generate stage; $1: name, $2: its extra config lines.
+# A spec of prompts and one generate stage; $1: name, $2: its extra config lines, $3: extra
+# config of the queries (a sample, say).
 spec() {
     cat >"$tmp/$1.yaml" <<EOF
 name: $1
@@ -38,7 +39,7 @@ workdir: $work/$1
 stages:
   - name: queries
     kind: load_queries
-    config: {path: $tmp/queries.jsonl}
+    config: {path: $tmp/queries.jsonl${3:+, $3}}
   - name: prompts
     kind: render_prompts
     inputs: [queries]
@@ -83,8 +84,7 @@ for backend in llama-server embedded; do
       max_tokens: 128
       structured_output: none"
     fi
-    s=$(spec "speed-$backend" "$extra")
-    sed -i "s|path: $tmp/queries.jsonl|path: $tmp/queries.jsonl, sample: {n: 8, seed: 1}|" "$s"
+    s=$(spec "speed-$backend" "$extra" "sample: {n: 8, seed: 1}")
     "$synthrank" run "$s" 2>/dev/null
     tokens=$(query "$s" "SELECT sum(completion_tokens) FROM gen.generations")
     seconds=$(python3 -c "import json; print(json.load(open('$work/speed-$backend/gen/_manifest.json'))['duration_s'])")

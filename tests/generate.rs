@@ -14,17 +14,6 @@ use common::llm_server::{LlmServer, Reply, graded_answer, query_of};
 use synthrank::pipeline::Selection;
 use synthrank::table::read_batches;
 
-/// `synthrank sql --format csv` over the pipeline's tables (its workdir is the spec's).
-fn sql_csv(spec: &Path, query: &str) -> String {
-    common::stdout(&common::synthrank(&[
-        "sql",
-        spec.to_str().unwrap(),
-        "--format",
-        "csv",
-        query,
-    ]))
-}
-
 fn rows(path: &Path) -> usize {
     read_batches(path)
         .unwrap()
@@ -86,10 +75,10 @@ fn answers_become_graded_docs_and_rejects_and_are_never_requested_twice() {
     common::run(&p, Selection::Only("gen".into()), true);
     assert_eq!(server.count(), 4, "no request is sent twice");
     assert_eq!(
-        sql_csv(&spec, "SELECT query_id, level, reason FROM gen.rejects"),
+        common::sql_csv(&spec, "SELECT query_id, level, reason FROM gen.rejects"),
         "query_id,level,reason\nq2,0,level missing from the answer\n"
     );
-    let text = sql_csv(
+    let text = common::sql_csv(
         &spec,
         "SELECT doc_id, level, title, text FROM gen.graded_docs WHERE query_id = 'q1' ORDER BY level DESC LIMIT 1",
     );
@@ -351,14 +340,14 @@ fn per_level_prompts_take_plain_text_answers() {
     assert_eq!(server.count(), 8);
     assert_eq!(rows(&work.join("gen/graded_docs.parquet")), 6);
     assert_eq!(
-        sql_csv(
+        common::sql_csv(
             &spec,
             "SELECT prompt_id, level, reason FROM gen.rejects ORDER BY prompt_id"
         ),
         "prompt_id,level,reason\nq0:0,0,empty answer\nq1:0,0,empty answer\n"
     );
     assert_eq!(
-        sql_csv(
+        common::sql_csv(
             &spec,
             "SELECT text FROM gen.graded_docs WHERE prompt_id = 'q1:3'"
         ),

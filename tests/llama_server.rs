@@ -13,16 +13,6 @@ use common::llama_server::LlamaServer;
 const PROMPTS: usize = 6;
 const MAX_TOKENS: usize = 1024;
 
-fn sql_csv(spec: &Path, query: &str) -> String {
-    common::stdout(&common::synthrank(&[
-        "sql",
-        spec.to_str().unwrap(),
-        "--format",
-        "csv",
-        query,
-    ]))
-}
-
 /// The journal's entries: (request hash) per parsed line.
 fn journaled(journal: &Path) -> Vec<String> {
     std::fs::read_to_string(journal)
@@ -100,7 +90,7 @@ fn llama_cpp_answers_are_constrained_journaled_and_resumed_after_a_kill() {
     assert_eq!(after.iter().collect::<HashSet<_>>().len(), PROMPTS);
 
     // Every level of every answer is a passage or a reject with its reason.
-    let accounted = sql_csv(
+    let accounted = common::sql_csv(
         &spec,
         "SELECT (SELECT count(*) FROM gen.graded_docs) + \
          (SELECT count(*) FROM gen.rejects WHERE level IS NOT NULL) + \
@@ -109,7 +99,7 @@ fn llama_cpp_answers_are_constrained_journaled_and_resumed_after_a_kill() {
     assert_eq!(accounted, format!("levels\n{}\n", 4 * PROMPTS));
     // Constrained decoding: the only answers that can fail to parse are those cut off at
     // max_tokens (a small model can repeat itself until then).
-    let untruncated_rejects = sql_csv(
+    let untruncated_rejects = common::sql_csv(
         &spec,
         &format!(
             "SELECT count(*) AS n FROM gen.rejects r JOIN gen.generations g \
@@ -117,7 +107,7 @@ fn llama_cpp_answers_are_constrained_journaled_and_resumed_after_a_kill() {
         ),
     );
     assert_eq!(untruncated_rejects, "n\n0\n");
-    let docs = sql_csv(&spec, "SELECT count(*) AS n FROM gen.graded_docs");
+    let docs = common::sql_csv(&spec, "SELECT count(*) AS n FROM gen.graded_docs");
     let docs: usize = docs.lines().nth(1).unwrap().parse().unwrap();
     assert!(docs >= 4, "at least one whole answer: {docs} passages");
 }

@@ -189,11 +189,21 @@ fn map_chunks(
 /// Values per parallel chunk of an elementwise op.
 const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
-/// Chunk size for a row-wise op on rows of `layout`'s last dimension: whole rows, about
-/// [`ELEMENTWISE_CHUNK`] values.
-fn row_chunk(layout: &Layout) -> usize {
-    let row = layout.dims().last().copied().unwrap_or(1).max(1);
-    row * (ELEMENTWISE_CHUNK / row).max(1)
+/// A row-wise kernel built for the row length (the last dimension) of `a`, applied in
+/// parallel to chunks of whole rows, about [`ELEMENTWISE_CHUNK`] values each.
+fn map_rows<K32, K64>(
+    a: (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+    f32_kernel: impl FnOnce(usize) -> K32,
+    f64_kernel: impl FnOnce(usize) -> K64,
+) -> Result<(CpuStorage, Shape)>
+where
+    K32: Fn(&[f32], &[f32], &mut [f32]) + Sync,
+    K64: Fn(&[f64], &[f64], &mut [f64]) + Sync,
+{
+    let row = a.1.dims().last().copied().unwrap_or(1).max(1);
+    let chunk = row * (ELEMENTWISE_CHUNK / row).max(1);
+    map_chunks(a, b, chunk, &f32_kernel(row), &f64_kernel(row))
 }
 
 /// `f(x, y)` for each element (y is 0 when there is no second input).
@@ -314,13 +324,12 @@ impl CustomOp1 for Normalize {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let row = l.dims().last().copied().unwrap_or(1);
-        map_chunks(
+        let eps = self.eps;
+        map_rows(
             (s, l),
             None,
-            row_chunk(l),
-            &normalize_rows::<f32>(self.eps, row),
-            &normalize_rows::<f64>(self.eps, row),
+            |row| normalize_rows::<f32>(eps, row),
+            |row| normalize_rows::<f64>(eps, row),
         )
     }
 
@@ -349,13 +358,12 @@ impl CustomOp2 for NormalizeBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let row = l1.dims().last().copied().unwrap_or(1);
-        map_chunks(
+        let eps = self.eps;
+        map_rows(
             (s1, l1),
             Some((s2, l2)),
-            row_chunk(l1),
-            &normalize_backward_rows::<f32>(self.eps, row),
-            &normalize_backward_rows::<f64>(self.eps, row),
+            |row| normalize_backward_rows::<f32>(eps, row),
+            |row| normalize_backward_rows::<f64>(eps, row),
         )
     }
 }
@@ -405,14 +413,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let row = l.dims().last().copied().unwrap_or(1);
-        map_chunks(
-            (s, l),
-            None,
-            row_chunk(l),
-            &softmax_rows::<f32>(row),
-            &softmax_rows::<f64>(row),
-        )
+        map_rows((s, l), None, softmax_rows::<f32>, softmax_rows::<f64>)
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -438,13 +439,11 @@ impl CustomOp2 for SoftmaxBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let row = l1.dims().last().copied().unwrap_or(1);
-        map_chunks(
+        map_rows(
             (s1, l1),
             Some((s2, l2)),
-            row_chunk(l1),
-            &softmax_backward_rows::<f32>(row),
-            &softmax_backward_rows::<f64>(row),
+            softmax_backward_rows::<f32>,
+            softmax_backward_rows::<f64>,
         )
     }
 }

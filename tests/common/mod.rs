@@ -89,6 +89,17 @@ pub fn synthrank(args: &[&str]) -> Output {
         .expect("the synthrank binary runs")
 }
 
+/// `synthrank sql --format csv` over the tables of `spec`'s pipeline.
+pub fn sql_csv(spec: &Path, query: &str) -> String {
+    stdout(&synthrank(&[
+        "sql",
+        spec.to_str().unwrap(),
+        "--format",
+        "csv",
+        query,
+    ]))
+}
+
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }

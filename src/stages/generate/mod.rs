@@ -406,15 +406,28 @@ impl Sender<'_> {
     }
 }
 
-/// Records how many requests failed (for `status`), or that none did.
-fn record_failures(state_dir: &Path, failed: usize) -> Result<(), StageError> {
+/// After `sent` requests (one at a time or as a batch): the counts `status` and the manifest
+/// show, and the error naming the first failure when any failed.
+fn settle(
+    ctx: &mut StageContext,
+    state_dir: &Path,
+    journal: &Journal,
+    sent: usize,
+    mut failed: Vec<String>,
+) -> Result<(), StageError> {
+    ctx.set_stat("requests_answered", (sent - failed.len()) as u64);
     let path = state_dir.join(FAILURES);
-    if failed == 0 {
+    if failed.is_empty() {
         let _ = std::fs::remove_file(&path);
-        Ok(())
-    } else {
-        std::fs::write(&path, failed.to_string()).map_err(StageError::io(&path))
+        return Ok(());
     }
+    std::fs::write(&path, failed.len().to_string()).map_err(StageError::io(&path))?;
+    Err(StageError::RequestsFailed {
+        failed: failed.len(),
+        total: sent,
+        journal: journal.path().to_path_buf(),
+        first: failed.swap_remove(0),
+    })
 }
 /// How many requests failed in the last run (absent after a run with none).
 const FAILURES: &str = "failed";
@@ -567,24 +580,17 @@ impl GenerateStage {
         {
             self.run_batch(ctx, api, &jobs, &pending, &journal, &mut answered)
                 .await?;
-            let failed: Vec<usize> = pending
+            let failed = pending
                 .iter()
-                .copied()
-                .filter(|&i| !answered.contains_key(&jobs[i].hash))
-                .collect();
-            ctx.set_stat("requests_answered", (pending.len() - failed.len()) as u64);
-            record_failures(&state_dir, failed.len())?;
-            if let Some(&first) = failed.first() {
-                return Err(StageError::RequestsFailed {
-                    failed: failed.len(),
-                    total: pending.len(),
-                    journal: journal.path().to_path_buf(),
-                    first: format!(
+                .filter(|&&i| !answered.contains_key(&jobs[i].hash))
+                .map(|&i| {
+                    format!(
                         "prompt `{}`: no answer in the batch's output or error files",
-                        jobs[first].prompt_id
-                    ),
-                });
-            }
+                        jobs[i].prompt_id
+                    )
+                })
+                .collect();
+            settle(ctx, &state_dir, &journal, pending.len(), failed)?;
         } else if !pending.is_empty() {
             let mut bought = Spend::default();
             answered.values().for_each(|e| bought.add(&e.response));
@@ -623,16 +629,7 @@ impl GenerateStage {
                     Err(e) => failed.push(format!("prompt `{}`: {e}", job.prompt_id)),
                 }
             }
-            ctx.set_stat("requests_answered", (pending.len() - failed.len()) as u64);
-            record_failures(&state_dir, failed.len())?;
-            if !failed.is_empty() {
-                return Err(StageError::RequestsFailed {
-                    failed: failed.len(),
-                    total: pending.len(),
-                    journal: journal.path().to_path_buf(),
-                    first: failed.swap_remove(0),
-                });
-            }
+            settle(ctx, &state_dir, &journal, pending.len(), failed)?;
         }
         ctx.set_stat("requests_from_journal", cached as u64);
         self.write_tables(ctx, &jobs, &answered)
