@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use candle_core::Device;
 use common::arg;
-use synthrank::encoder::{CandleEmbedder, Embedder, ModelDir, OnnxOps, OrtEmbedder, export_onnx};
+use synthrank::encoder::{
+    CandleEmbedder, DeviceChoice, Embedder, ModelDir, OnnxOps, OrtEmbedder, export_onnx,
+};
 
 /// Length-sorted batches under a token budget, as the embed stage makes them.
 fn run(embedder: &mut dyn Embedder, tokens: &[Vec<u32>], batch_tokens: usize) -> f64 {
@@ -87,6 +89,7 @@ fn main() {
             dir.normalize,
             tokenizer.pad_id(),
             threads,
+            DeviceChoice::Cpu,
         )
         .unwrap()
     });

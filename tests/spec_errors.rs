@@ -259,3 +259,26 @@ fn devices_are_checked_against_the_build() {
         );
     }
 }
+
+/// Reduced precision where it cannot run: f16 training (no loss scaling) and the onnx backend
+/// (the export fixes its own precision) name the field.
+#[test]
+fn precision_is_checked_where_it_cannot_apply() {
+    let model = common::demo_model("all-MiniLM-L6-v2");
+    let msg = error_of(&format!(
+        "name: p\nstages:\n{QUERIES}  - name: e\n    kind: embed\n    inputs: [q]\n    config:\n      model: {}\n      backend: onnx\n      onnxruntime: lib.so\n      precision: bf16\n",
+        model.display()
+    ));
+    assert!(
+        msg.contains("field `precision`") && msg.contains("onnx_weights: int8"),
+        "{msg}"
+    );
+    let msg = error_of(&format!(
+        "name: p\nstages:\n{QUERIES}  - name: t\n    kind: train\n    inputs: [q]\n    config:\n      model: {}\n      lr: 0.00001\n      batch_size: 2\n      precision: f16\n",
+        model.display()
+    ));
+    assert!(
+        msg.contains("field `precision`") && msg.contains("use bf16"),
+        "{msg}"
+    );
+}

@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::BertConfig;
 use super::ops::{self, Dropout, maybe_dropout};
-use super::{EncoderError, Pooling};
+use super::{EncoderError, Pooling, Precision};
 
 struct Linear {
     weight: Var,
@@ -46,6 +46,8 @@ pub struct Bert {
     /// Tensors of the checkpoint the encoder does not use (the pooler): written back on save.
     passthrough: Vec<(String, Tensor)>,
     device: Device,
+    /// The dtype matrix products run in; `None`: the parameters' own.
+    product: Option<DType>,
 }
 
 /// Checkpoint names vary: `bert.` prefixes, TF-era `gamma`/`beta` for layer norms.
@@ -176,6 +178,7 @@ impl Bert {
             params: l.params,
             passthrough,
             device: device.clone(),
+            product: None,
         })
     }
 
@@ -247,6 +250,13 @@ impl Bert {
         Bert::from_tensors(config, tensors, "<random>", device)
     }
 
+    /// Runs the matrix products in `precision` (parameters, norms, softmax and everything
+    /// after the encoder stay in the parameters' dtype).
+    pub fn with_precision(mut self, precision: Precision) -> Bert {
+        self.product = precision.product_dtype();
+        self
+    }
+
     pub fn config(&self) -> &BertConfig {
         &self.config
     }
@@ -309,7 +319,7 @@ impl Bert {
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
             let split = |l: &Linear| -> CandleResult<Tensor> {
-                ops::linear(&x, &l.weight, &l.bias)?
+                ops::linear(&x, &l.weight, &l.bias, self.product)?
                     .reshape((b, t, heads, hd))?
                     .transpose(1, 2)?
                     .contiguous()
@@ -320,11 +330,10 @@ impl Bert {
                 split(&layer.key)?,
                 split(&layer.value)?,
             );
-            let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
+            let scores = ops::matmul(&q, &k.t()?, self.product)?.broadcast_add(&bias)?;
             let probs = ops::softmax_last(&scores)?;
             let probs = maybe_dropout(probs, &mut dropout, c.attention_probs_dropout_prob)?;
-            let context = probs
-                .matmul(&v)?
+            let context = ops::matmul(&probs, &v, self.product)?
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((b, t, h))?;
@@ -332,6 +341,7 @@ impl Bert {
                 &context,
                 &layer.attention_out.weight,
                 &layer.attention_out.bias,
+                self.product,
             )?;
             let a = maybe_dropout(a, &mut dropout, c.hidden_dropout_prob)?;
             let a = ops::layer_norm(
@@ -344,8 +354,9 @@ impl Bert {
                 &a,
                 &layer.intermediate.weight,
                 &layer.intermediate.bias,
+                self.product,
             )?)?;
-            let o = ops::linear(&i, &layer.output.weight, &layer.output.bias)?;
+            let o = ops::linear(&i, &layer.output.weight, &layer.output.bias, self.product)?;
             let o = maybe_dropout(o, &mut dropout, c.hidden_dropout_prob)?;
             x = ops::layer_norm(
                 &(o + a)?,

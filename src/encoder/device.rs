@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer};
 use super::EncoderError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum DeviceChoice {
+pub enum DeviceChoice {
     #[default]
     Auto,
     Cpu,

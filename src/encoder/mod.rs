@@ -14,8 +14,8 @@ mod tokenizer;
 
 pub use bert::{Bert, pad_batch};
 pub use config::BertConfig;
-pub use device::CUDA_BUILT;
-pub(crate) use device::{DeviceChoice, device_label};
+pub(crate) use device::device_label;
+pub use device::{CUDA_BUILT, DeviceChoice};
 pub use embedder::{CandleEmbedder, Embedder};
 pub use model_dir::ModelDir;
 pub use onnx_export::{OnnxOps, export_onnx};
@@ -33,6 +33,40 @@ pub enum Pooling {
     Mean,
     /// The [CLS] token's state.
     Cls,
+}
+
+/// The precision of the encoder's matrix products. Parameters (the optimizer's master
+/// weights), layer norms, softmax, pooling and the loss stay f32 whatever it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    /// The dtype products are cast to; `None` for full precision.
+    pub(crate) fn product_dtype(self) -> Option<candle_core::DType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(candle_core::DType::BF16),
+            Precision::F16 => Some(candle_core::DType::F16),
+        }
+    }
+
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -10,16 +10,28 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-/// y = x W^T + b over the last dimension, for x of any rank.
-pub fn linear(x: &Tensor, weight: &Var, bias: &Var) -> Result<Tensor> {
+/// a b, with both sides cast to `product` for the multiplication when it is given (mixed
+/// precision: bf16 or f16 products, the result back in `a`'s dtype, gradients flowing through
+/// the casts to the f32 parameters, as PyTorch's autocast does).
+pub(crate) fn matmul(a: &Tensor, b: &Tensor, product: Option<DType>) -> Result<Tensor> {
+    match product {
+        Some(dtype) if dtype != a.dtype() => a
+            .to_dtype(dtype)?
+            .matmul(&b.to_dtype(dtype)?)?
+            .to_dtype(a.dtype()),
+        _ => a.matmul(b),
+    }
+}
+
+/// y = x W^T + b over the last dimension, for x of any rank; the product in `product` when
+/// given (see [`matmul`]).
+pub fn linear(x: &Tensor, weight: &Var, bias: &Var, product: Option<DType>) -> Result<Tensor> {
     let dims = x.dims();
     let (rows, cols) = (
         dims[..dims.len() - 1].iter().product::<usize>(),
         dims[dims.len() - 1],
     );
-    let y = x
-        .reshape((rows, cols))?
-        .matmul(&weight.as_tensor().t()?)?
+    let y = matmul(&x.reshape((rows, cols))?, &weight.as_tensor().t()?, product)?
         .broadcast_add(bias.as_tensor())?;
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = weight.dims()[0];
@@ -465,11 +477,19 @@ impl Dropout {
         }
         let keep = 1.0 - p;
         let scale = (1.0 / keep) as f32;
+        let key = self.rng.random::<u64>();
+        if !x.device().is_cpu() {
+            // On a GPU the mask is drawn there from the device's generator seeded with the same
+            // per-call key: still a function of (seed, step), though not the CPU's masks.
+            // Copying a layer's mask from the host would take longer than the layer.
+            x.device().set_seed(key)?;
+            let kept = Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p)?;
+            return x.mul(&(kept.to_dtype(x.dtype())? * f64::from(scale))?);
+        }
         // A kept element draws a u32 below keep * 2^32. The mask is drawn in parallel chunks,
         // chunk i from stream i of a generator keyed by one draw of `rng`: the same mask for
         // any number of threads (masks of attention probabilities run to millions of values).
         let threshold = (keep * 4_294_967_296.0) as u64;
-        let key = self.rng.random::<u64>();
         let mut mask = vec![0f32; x.elem_count()];
         mask.par_chunks_mut(DROPOUT_CHUNK)
             .enumerate()

@@ -13,8 +13,8 @@ use indicatif::ProgressBar;
 use serde::Deserialize;
 
 use crate::encoder::{
-    CandleEmbedder, DeviceChoice, Embedder, ModelDir, OnnxOps, OrtEmbedder, Pooling, TextTokenizer,
-    device_label, export_onnx,
+    CandleEmbedder, DeviceChoice, Embedder, ModelDir, OnnxOps, OrtEmbedder, Pooling, Precision,
+    TextTokenizer, device_label, export_onnx,
 };
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -95,10 +95,13 @@ struct Config {
     prefix: String,
     #[serde(default)]
     threads: Option<usize>,
-    /// `auto` (default), `cpu`, `cuda:N`: where the candle backend runs. The onnx backend runs
-    /// ONNX Runtime's CPU provider.
+    /// `auto` (default), `cpu`, `cuda:N`: where the encoder runs (the onnx backend on a GPU
+    /// through ONNX Runtime's CUDA provider).
     #[serde(default)]
     device: DeviceChoice,
+    /// The candle backend's matrix products: `f32` (default), `f16` or `bf16` (GPUs).
+    #[serde(default)]
+    precision: Precision,
 }
 
 fn default_backend() -> Backend {
@@ -154,14 +157,18 @@ impl StageKind for Embed {
                 "8-bit weights are an ONNX export: set `backend: onnx`",
             ));
         }
-        config
-            .device
-            .check()
-            .map_err(|e| ConfigError::new("device", e.to_string()))?;
-        if config.backend == Backend::Onnx && matches!(config.device, DeviceChoice::Cuda(_)) {
+        // ONNX Runtime brings its own CUDA (the onnxruntime-gpu library): only candle needs a
+        // synthrank built with it.
+        if config.backend == Backend::Candle {
+            config
+                .device
+                .check()
+                .map_err(|e| ConfigError::new("device", e.to_string()))?;
+        }
+        if config.backend == Backend::Onnx && !config.precision.is_f32() {
             return Err(ConfigError::new(
-                "device",
-                "the onnx backend runs ONNX Runtime's CPU provider: use `backend: candle` on a GPU",
+                "precision",
+                "the onnx backend runs the export's own precision: f32, or `onnx_weights: int8`",
             ));
         }
         if config.backend == Backend::Onnx && library.is_none() {
@@ -260,7 +267,7 @@ impl EmbedStage {
             Backend::Candle => {
                 let device = c.device.open()?;
                 tracing::debug!("embedding on {}", device_label(&device));
-                let bert = model.load_model(&device)?;
+                let bert = model.load_model(&device)?.with_precision(c.precision);
                 Ok((
                     Box::new(CandleEmbedder::new(bert, pooling, normalize, pad)),
                     device_label(&device),
@@ -297,8 +304,10 @@ impl EmbedStage {
                     normalize,
                     pad,
                     threads,
+                    c.device,
                 )?;
-                Ok((Box::new(embedder), "cpu".to_string()))
+                let device = embedder.device().to_string();
+                Ok((Box::new(embedder), device))
             }
         }
     }

@@ -13,7 +13,9 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::encoder::{DeviceChoice, ModelDir, OnnxOps, Pooling, device_label, export_onnx};
+use crate::encoder::{
+    DeviceChoice, ModelDir, OnnxOps, Pooling, Precision, device_label, export_onnx,
+};
 use crate::loss::LossKind;
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -101,6 +103,11 @@ struct Config {
     /// Not part of the run key: a checkpoint written on one device resumes on another.
     #[serde(default, skip_serializing)]
     device: DeviceChoice,
+    /// `f32` (default, the reference's) or `bf16`: the precision of the encoder's matrix
+    /// products; master weights, norms, softmax and the loss stay f32. Part of the run key
+    /// (left out when f32, so older keys still match).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    precision: Precision,
 }
 
 fn default_loss() -> LossKind {
@@ -180,6 +187,13 @@ impl StageKind for Train {
             .device
             .check()
             .map_err(|e| ConfigError::new("device", e.to_string()))?;
+        if config.precision == Precision::F16 {
+            return Err(ConfigError::new(
+                "precision",
+                "f16 training needs loss scaling, which synthrank does not do: use bf16 \
+                 (same speed on GPUs that have it, f32's range)",
+            ));
+        }
         let model_path = clean_path(&base_dir.join(&config.model));
         let model =
             ModelDir::open(&model_path).map_err(|e| ConfigError::new("model", e.to_string()))?;
@@ -463,6 +477,7 @@ impl TrainStage {
         .expect("columns follow the model kind");
         ctx.set_stat("steps", outcome.steps);
         ctx.set_stat("device", outcome.device);
+        ctx.set_stat("precision", self.config.precision.name());
         ctx.set_stat("resumed_from_step", outcome.resumed_from);
         ctx.set_stat("groups", lists as u64);
         if let Some(last) = log.last() {
@@ -498,7 +513,10 @@ impl TrainingRun {
         let c = &self.config;
         let device = c.device.open()?;
         let _span = tracing::debug_span!("training", device = %device_label(&device)).entered();
-        let model = self.model_dir.load_model(&device)?;
+        let model = self
+            .model_dir
+            .load_model(&device)?
+            .with_precision(c.precision);
         let pad = self.model_dir.tokenizer()?.pad_id();
         let mut trainer = Trainer::new(model, self.train_config, pad)?;
         let mut log = resume(&mut trainer, &self.state, &self.run_key)?;
