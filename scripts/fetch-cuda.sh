@@ -6,7 +6,7 @@
 # newer nvcc writes PTX that driver rejects. CUDA_COMPUTE_CAP defaults to 90 (H100/H200): there
 # is no GPU to ask at build time. Idempotent.
 #
-# Link stubs (lib/stubs): candle links cuBLAS, cuBLASLt, cuRAND, NVRTC and the driver's libcuda
+# Link stubs (lib/): candle links cuBLAS, cuBLASLt, cuRAND, NVRTC and the driver's libcuda
 # by name. The first four are made from the real 13.0 libraries (PyPI wheels, ~570 MB, fetched
 # once and thrown away): same sonames, same versioned exported symbols, no code, so a symbol
 # 13.0 lacks fails the link here and the binary binds to the real libraries on the GPU machine.
@@ -55,25 +55,30 @@ if [[ ! -f $dest/.complete ]]; then
     mv "$tmp/toolkit/unpacked/nvidia/cu13" "$dest.partial"
     chmod +x "$dest.partial"/bin/* "$dest.partial"/nvvm/bin/*
     ln -sf libcudart.so.13 "$dest.partial/lib/libcudart.so"
-
+    touch "$dest.partial/.complete"
+    rm -rf "$dest"
+    mv "$dest.partial" "$dest"
+    echo "nvcc ready in $dest" >&2
+fi
+# The link stubs (added to the cache after the toolkit, so older caches get them too). They
+# sit in lib/ beside libcudart: every build searches there.
+if [[ ! -f $dest/lib/.stubs-complete ]]; then
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
     echo "making link stubs from the CUDA 13.0 libraries (fetched once, then removed) ..." >&2
     fetch_wheels "$tmp/libs" nvidia-cublas==13.0.0.19 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
-    mkdir -p "$dest.partial/lib/stubs"
     for lib in "$tmp/libs/unpacked/nvidia/cu13/lib/"{libcublas.so.13,libcublasLt.so.13,libcurand.so.10,libnvrtc.so.13}; do
         soname=$(basename "$lib")
         nm -D --defined-only "$lib" | awk '$2 == "T" { print $3 }' >"$tmp/symbols"
-        make_stub "$dest.partial/lib/stubs/${soname%%.so*}.so" "$soname" "$tmp/symbols"
+        make_stub "$dest/lib/${soname%%.so*}.so" "$soname" "$tmp/symbols"
     done
     cudarc=$(cd "$repo" && cargo metadata --locked --format-version 1 --features cuda --filter-platform x86_64-unknown-linux-gnu 2>/dev/null |
         "$PYTHON" -c 'import json, sys, os; print(next(os.path.dirname(p["manifest_path"]) for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"))')
     grep -oh 'load::<_F>("cu[A-Za-z0-9_]*")' "$cudarc/src/driver/sys/mod.rs" |
         sed 's/.*("\(.*\)")/\1/' >"$tmp/symbols"
-    make_stub "$dest.partial/lib/stubs/libcuda.so" libcuda.so.1 "$tmp/symbols"
-
-    touch "$dest.partial/.complete"
-    rm -rf "$dest"
-    mv "$dest.partial" "$dest"
-    echo "nvcc and link stubs ready in $dest" >&2
+    make_stub "$dest/lib/libcuda.so" libcuda.so.1 "$tmp/symbols"
+    touch "$dest/lib/.stubs-complete"
+    echo "link stubs ready in $dest/lib" >&2
 fi
 echo "export CUDA_ROOT=$dest"
 echo "export PATH=$dest/bin:\$PATH"

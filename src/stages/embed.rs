@@ -347,6 +347,8 @@ impl EmbedStage {
             ids: Vec::new(),
             texts: Vec::new(),
         };
+        // The model is loaded: what follows is the encoding rate users compare.
+        let started = std::time::Instant::now();
         let mut input = ctx.stream_input(role).await?;
         let mut written = 0;
         while let Some(batch) = input.next().await? {
@@ -369,7 +371,10 @@ impl EmbedStage {
         written += window.texts.len();
         let window = blocking(move || window.embed()).await?;
         window.bar.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
         ctx.set_stat("texts", written as u64);
+        ctx.set_stat("encode_s", seconds);
+        ctx.set_stat("texts_per_s", written as f64 / seconds.max(1e-9));
         ctx.set_stat("backend", format!("{:?}", c.backend).to_lowercase());
         ctx.finish_table(window.writer)
     }
