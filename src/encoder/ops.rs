@@ -4,7 +4,8 @@
 
 use candle_core::cpu::erf::{erf_f32, erf_f64};
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor, Var, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor, Var,
+    WithDType,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -38,19 +39,19 @@ pub fn linear(x: &Tensor, weight: &Var, bias: &Var, product: Option<DType>) -> R
     y.reshape(out)
 }
 
-/// Layer normalization over the last dimension (biased variance, as PyTorch). On the CPU the
-/// normalization is one fused op whose backward is one pass too (as primitive ops it was
-/// nine passes over the activation forward and more backward); the affine part stays
-/// primitive, so the weight and bias gradients are candle's own reductions.
+/// Layer normalization over the last dimension (biased variance, as PyTorch), with its affine
+/// part. On the CPU it is one fused op: one pass forward, and backward one row-wise pass for
+/// the input's gradient and one for the weight's and bias's (as primitive ops it was a dozen
+/// passes, half of them candle's broadcasting binary ops and strided reductions).
 pub(crate) fn layer_norm(x: &Tensor, weight: &Var, bias: &Var, eps: f64) -> Result<Tensor> {
-    let normed = if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(Normalize { eps })?
+    if x.device().is_cpu() {
+        x.contiguous()?
+            .apply_op3(weight.as_tensor(), bias.as_tensor(), LayerNorm { eps })
     } else {
         normalize_primitive(x, eps)?
-    };
-    normed
-        .broadcast_mul(weight.as_tensor())?
-        .broadcast_add(bias.as_tensor())
+            .broadcast_mul(weight.as_tensor())?
+            .broadcast_add(bias.as_tensor())
+    }
 }
 
 /// (x - mean) / sqrt(var + eps) over the last dimension, from primitive ops (any device).
@@ -163,39 +164,42 @@ fn map_chunks(
     f32_fn: Kernel<f32>,
     f64_fn: Kernel<f64>,
 ) -> Result<(CpuStorage, Shape)> {
-    fn values<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
-        Ok(&s.as_slice::<T>()?[start..end])
-    }
-    fn map<T: WithDType>(x: &[T], y: Option<&[T]>, chunk: usize, f: Kernel<T>) -> Vec<T> {
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
-            let range = i * chunk..i * chunk + o.len();
-            f(&x[range.clone()], y.map_or(&[][..], |y| &y[range]), o);
-        });
-        out
-    }
     let shape = a.1.shape().clone();
     let storage = match a.0 {
         CpuStorage::F32(_) => {
             let y = b.map(|(s, l)| values::<f32>(s, l)).transpose()?;
-            CpuStorage::F32(map(values::<f32>(a.0, a.1)?, y, chunk, f32_fn))
+            CpuStorage::F32(map_values(values::<f32>(a.0, a.1)?, y, chunk, f32_fn))
         }
         CpuStorage::F64(_) => {
             let y = b.map(|(s, l)| values::<f64>(s, l)).transpose()?;
-            CpuStorage::F64(map(values::<f64>(a.0, a.1)?, y, chunk, f64_fn))
+            CpuStorage::F64(map_values(values::<f64>(a.0, a.1)?, y, chunk, f64_fn))
         }
-        other => {
-            use candle_core::backend::BackendStorage;
-            return Err(candle_core::Error::UnsupportedDTypeForOp(
-                other.dtype(),
-                "fused op",
-            ));
-        }
+        other => return Err(unsupported(other)),
     };
     Ok((storage, shape))
+}
+
+/// The contiguous values of a tensor's storage.
+fn values<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+    Ok(&s.as_slice::<T>()?[start..end])
+}
+
+/// `f` over matching chunks of `x` (and `y`) into a new vector, chunks in parallel.
+fn map_values<T: WithDType>(x: &[T], y: Option<&[T]>, chunk: usize, f: Kernel<T>) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+        let range = i * chunk..i * chunk + o.len();
+        f(&x[range.clone()], y.map_or(&[][..], |y| &y[range]), o);
+    });
+    out
+}
+
+fn unsupported(storage: &CpuStorage) -> candle_core::Error {
+    use candle_core::backend::BackendStorage;
+    candle_core::Error::UnsupportedDTypeForOp(storage.dtype(), "fused op")
 }
 
 /// Values per parallel chunk of an elementwise op.
@@ -213,9 +217,17 @@ where
     K32: Fn(&[f32], &[f32], &mut [f32]) + Sync,
     K64: Fn(&[f64], &[f64], &mut [f64]) + Sync,
 {
-    let row = a.1.dims().last().copied().unwrap_or(1).max(1);
-    let chunk = row * (ELEMENTWISE_CHUNK / row).max(1);
-    map_chunks(a, b, chunk, &f32_kernel(row), &f64_kernel(row))
+    let row = row_length(a.1);
+    map_chunks(a, b, rows_chunk(row), &f32_kernel(row), &f64_kernel(row))
+}
+
+fn row_length(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1).max(1)
+}
+
+/// Whole rows, about [`ELEMENTWISE_CHUNK`] values.
+fn rows_chunk(row: usize) -> usize {
+    row * (ELEMENTWISE_CHUNK / row).max(1)
 }
 
 /// `f(x, y)` for each element (y is 0 when there is no second input).
@@ -280,8 +292,8 @@ impl CustomOp2 for GeluErfBackward {
     }
 }
 
-/// (x - mean) / sqrt(var + eps) over the last dimension.
-struct Normalize {
+/// Layer normalization with its affine part, over the last dimension: (x, weight, bias).
+struct LayerNorm {
     eps: f64,
 }
 
@@ -296,21 +308,87 @@ fn moments<T: Real>(x: &[T], eps: f64) -> (T, T) {
     (mean, T::one() / (var + T::from_f64(eps)).sqrt())
 }
 
-fn normalize_rows<T: Real>(eps: f64, row: usize) -> impl Fn(&[T], &[T], &mut [T]) + Sync {
-    move |x, _, out| {
+fn layer_norm_values<T: Real>(
+    eps: f64,
+    (x, xl): (&CpuStorage, &Layout),
+    weight: &[T],
+    bias: &[T],
+) -> Result<Vec<T>> {
+    let row = row_length(xl);
+    let kernel = move |x: &[T], _: &[T], out: &mut [T]| {
         for (x, out) in x.chunks_exact(row).zip(out.chunks_exact_mut(row)) {
             let (mean, inv_std) = moments(x, eps);
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = (v - mean) * inv_std;
+            for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
+                *o = (v - mean) * inv_std * w + b;
             }
         }
+    };
+    Ok(map_values(values::<T>(x, xl)?, None, rows_chunk(row), &kernel))
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer_norm_fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let storage = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(layer_norm_values(
+                self.eps,
+                (s1, l1),
+                values(s2, l2)?,
+                values(s3, l3)?,
+            )?),
+            CpuStorage::F64(_) => CpuStorage::F64(layer_norm_values(
+                self.eps,
+                (s1, l1),
+                values(s2, l2)?,
+                values(s3, l3)?,
+            )?),
+            other => return Err(unsupported(other)),
+        };
+        Ok((storage, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let eps = self.eps;
+        let dx = x.apply_op3_no_bwd(&grad, weight, &LayerNormInputGrad { eps })?;
+        let params = x.apply_op2_no_bwd(&grad, &LayerNormParamGrads { eps })?;
+        Ok((Some(dx), Some(params.get(0)?), Some(params.get(1)?)))
     }
 }
 
-/// dL/dx = (g - mean(g) - x̂ mean(g x̂)) / std, per row, for y = x̂ = (x - mean) / std.
-fn normalize_backward_rows<T: Real>(eps: f64, row: usize) -> impl Fn(&[T], &[T], &mut [T]) + Sync {
-    move |x, g, out| {
-        let n = T::from_f64(row as f64);
+/// (x, dL/dy, weight) -> dL/dx for [`LayerNorm`]: with g' = g w, per row,
+/// (g' - mean(g') - x̂ mean(g' x̂)) / std.
+struct LayerNormInputGrad {
+    eps: f64,
+}
+
+fn layer_norm_input_grad<T: Real>(
+    eps: f64,
+    (x, xl): (&CpuStorage, &Layout),
+    (g, gl): (&CpuStorage, &Layout),
+    weight: &[T],
+) -> Result<Vec<T>> {
+    let row = row_length(xl);
+    let n = T::from_f64(row as f64);
+    let kernel = move |x: &[T], g: &[T], out: &mut [T]| {
         for ((x, g), out) in x
             .chunks_exact(row)
             .zip(g.chunks_exact(row))
@@ -318,49 +396,95 @@ fn normalize_backward_rows<T: Real>(eps: f64, row: usize) -> impl Fn(&[T], &[T],
         {
             let (mean, inv_std) = moments(x, eps);
             let (mut sum_g, mut sum_gx) = (T::zero(), T::zero());
-            for (&v, &g) in x.iter().zip(g) {
-                sum_g += g;
-                sum_gx += g * (v - mean) * inv_std;
+            for ((&v, &g), &w) in x.iter().zip(g).zip(weight) {
+                sum_g += g * w;
+                sum_gx += g * w * (v - mean) * inv_std;
             }
             let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
-            for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
-                *o = (g - mean_g - (v - mean) * inv_std * mean_gx) * inv_std;
+            for (((o, &v), &g), &w) in out.iter_mut().zip(x).zip(g).zip(weight) {
+                *o = (g * w - mean_g - (v - mean) * inv_std * mean_gx) * inv_std;
             }
         }
-    }
+    };
+    Ok(map_values(
+        values::<T>(x, xl)?,
+        Some(values::<T>(g, gl)?),
+        rows_chunk(row),
+        &kernel,
+    ))
 }
 
-impl CustomOp1 for Normalize {
+impl CustomOp3 for LayerNormInputGrad {
     fn name(&self) -> &'static str {
-        "normalize_fused"
+        "layer_norm_fused_input_grad"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let eps = self.eps;
-        map_rows(
-            (s, l),
-            None,
-            |row| normalize_rows::<f32>(eps, row),
-            |row| normalize_rows::<f64>(eps, row),
-        )
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &NormalizeBackward { eps: self.eps },
-        )?))
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = ((s1, l1), (s2, l2));
+        let storage = match s1 {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(layer_norm_input_grad(self.eps, x, g, values(s3, l3)?)?)
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(layer_norm_input_grad(self.eps, x, g, values(s3, l3)?)?)
+            }
+            other => return Err(unsupported(other)),
+        };
+        Ok((storage, l1.shape().clone()))
     }
 }
 
-/// (x, dL/dy) -> dL/dx for [`Normalize`].
-struct NormalizeBackward {
+/// (x, dL/dy) -> (2, H): the weight's gradient (sum over rows of g x̂) and the bias's (sum of
+/// g). Rows are summed in chunks in parallel, the chunks' partial sums then in chunk order:
+/// the same result for any number of threads (a resumed run is bit-identical).
+struct LayerNormParamGrads {
     eps: f64,
 }
 
-impl CustomOp2 for NormalizeBackward {
+fn layer_norm_param_grads<T: Real>(
+    eps: f64,
+    (x, xl): (&CpuStorage, &Layout),
+    (g, gl): (&CpuStorage, &Layout),
+) -> Result<Vec<T>> {
+    let row = row_length(xl);
+    let chunk = rows_chunk(row);
+    let (x, g) = (values::<T>(x, xl)?, values::<T>(g, gl)?);
+    let partials: Vec<Vec<T>> = x
+        .par_chunks(chunk)
+        .zip(g.par_chunks(chunk))
+        .map(|(x, g)| {
+            let mut sums = vec![T::zero(); 2 * row];
+            let (dw, db) = sums.split_at_mut(row);
+            for (x, g) in x.chunks_exact(row).zip(g.chunks_exact(row)) {
+                let (mean, inv_std) = moments(x, eps);
+                for (((dw, db), &v), &g) in dw.iter_mut().zip(db.iter_mut()).zip(x).zip(g) {
+                    *dw += g * (v - mean) * inv_std;
+                    *db += g;
+                }
+            }
+            sums
+        })
+        .collect();
+    let mut total = vec![T::zero(); 2 * row];
+    for partial in partials {
+        for (t, p) in total.iter_mut().zip(partial) {
+            *t += p;
+        }
+    }
+    Ok(total)
+}
+
+impl CustomOp2 for LayerNormParamGrads {
     fn name(&self) -> &'static str {
-        "normalize_fused_backward"
+        "layer_norm_fused_param_grads"
     }
 
     fn cpu_fwd(
@@ -370,13 +494,13 @@ impl CustomOp2 for NormalizeBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let eps = self.eps;
-        map_rows(
-            (s1, l1),
-            Some((s2, l2)),
-            |row| normalize_backward_rows::<f32>(eps, row),
-            |row| normalize_backward_rows::<f64>(eps, row),
-        )
+        let (x, g) = ((s1, l1), (s2, l2));
+        let storage = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(layer_norm_param_grads(self.eps, x, g)?),
+            CpuStorage::F64(_) => CpuStorage::F64(layer_norm_param_grads(self.eps, x, g)?),
+            other => return Err(unsupported(other)),
+        };
+        Ok((storage, Shape::from((2, row_length(l1)))))
     }
 }
 
@@ -598,7 +722,8 @@ mod tests {
     }
 
     /// The fused layer norm and softmax compute what their primitive-op forms (the GPU path)
-    /// do, value and gradient, in f64 and f32, on rows with large offsets and spreads.
+    /// do, value and gradients (the input's; layer norm's weight and bias), in f64 and f32, on
+    /// rows with large offsets and spreads.
     #[test]
     fn fused_norm_and_softmax_match_their_primitive_forms_and_gradients() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -609,32 +734,43 @@ mod tests {
         let weights: Vec<f64> = (0..rows * cols)
             .map(|_| rng.random::<f64>() - 0.5)
             .collect();
+        let affine: Vec<f64> = (0..2 * cols).map(|_| rng.random::<f64>() + 0.5).collect();
         let dev = &Device::Cpu;
-        type Op = fn(&Tensor) -> Result<Tensor>;
+        type Op = fn(&Tensor, &Var, &Var) -> Result<Tensor>;
         let cases: [(&str, Op, Op); 2] = [
-            (
-                "normalize",
-                |x| x.apply_op1(Normalize { eps: 1e-12 }),
-                |x| normalize_primitive(x, 1e-12),
-            ),
-            ("softmax", |x| x.apply_op1(Softmax), softmax_primitive),
+            ("layer norm", |x, w, b| layer_norm(x, w, b, 1e-12), |x, w, b| {
+                normalize_primitive(x, 1e-12)?
+                    .broadcast_mul(w.as_tensor())?
+                    .broadcast_add(b.as_tensor())
+            }),
+            ("softmax", |x, _, _| x.apply_op1(Softmax), |x, _, _| {
+                softmax_primitive(x)
+            }),
         ];
         for dtype in [DType::F64, DType::F32] {
-            let tolerance = if dtype == DType::F64 { 1e-10 } else { 2e-5 };
-            let x = Var::from_tensor(
-                &Tensor::from_vec(values.clone(), (rows, cols), dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap(),
-            )
-            .unwrap();
-            let w = Tensor::from_vec(weights.clone(), (rows, cols), dev)
+            let tolerance = if dtype == DType::F64 { 1e-10 } else { 5e-5 };
+            let var = |v: &[f64], shape: (usize, usize)| {
+                Var::from_tensor(
+                    &Tensor::from_vec(v.to_vec(), shape, dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap()
+            };
+            let x = var(&values, (rows, cols));
+            let (w, b) = (var(&affine[..cols], (1, cols)), var(&affine[cols..], (1, cols)));
+            let (w, b) = (
+                Var::from_tensor(&w.as_tensor().squeeze(0).unwrap()).unwrap(),
+                Var::from_tensor(&b.as_tensor().squeeze(0).unwrap()).unwrap(),
+            );
+            let probe = Tensor::from_vec(weights.clone(), (rows, cols), dev)
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let run = |op: Op| -> (Vec<f64>, Vec<f64>) {
-                let y = op(x.as_tensor()).unwrap();
-                let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let run = |op: Op| -> Vec<Vec<f64>> {
+                let y = op(x.as_tensor(), &w, &b).unwrap();
+                let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
                 let flat = |t: &Tensor| -> Vec<f64> {
                     t.to_dtype(DType::F64)
                         .unwrap()
@@ -643,16 +779,25 @@ mod tests {
                         .to_vec1()
                         .unwrap()
                 };
-                (flat(&y), flat(grads.get(x.as_tensor()).unwrap()))
+                let mut out = vec![flat(&y)];
+                for v in [&x, &w, &b] {
+                    out.push(grads.get(v.as_tensor()).map(flat).unwrap_or_default());
+                }
+                out
             };
             for (name, fused, primitive) in cases {
-                let (fy, fg) = run(fused);
-                let (py, pg) = run(primitive);
-                for (what, a, b) in [("value", &fy, &py), ("gradient", &fg, &pg)] {
+                let (f, p) = (run(fused), run(primitive));
+                for (what, a, b) in ["value", "dx", "dweight", "dbias"]
+                    .iter()
+                    .zip(&f)
+                    .zip(&p)
+                    .map(|((w, a), b)| (w, a, b))
+                {
+                    assert_eq!(a.len(), b.len(), "{name} {what}");
                     let worst = a
                         .iter()
                         .zip(b)
-                        .map(|(p, q)| (p - q).abs())
+                        .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
                         .fold(0.0, f64::max);
                     assert!(worst < tolerance, "{name} {what} {dtype:?}: {worst}");
                 }
