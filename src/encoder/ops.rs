@@ -25,15 +25,21 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, product: Option<DType>) -> Result<T
 }
 
 /// y = x W^T + b over the last dimension, for x of any rank; the product in `product` when
-/// given (see [`matmul`]).
+/// given (see [`matmul`]). In full precision on the CPU one fused op: the bias is the GEMM's
+/// starting value (no pass over the output to add it), and its gradient one pass.
 pub fn linear(x: &Tensor, weight: &Var, bias: &Var, product: Option<DType>) -> Result<Tensor> {
     let dims = x.dims();
     let (rows, cols) = (
         dims[..dims.len() - 1].iter().product::<usize>(),
         dims[dims.len() - 1],
     );
-    let y = matmul(&x.reshape((rows, cols))?, &weight.as_tensor().t()?, product)?
-        .broadcast_add(bias.as_tensor())?;
+    let x2 = x.reshape((rows, cols))?;
+    let y = if x.device().is_cpu() && product.is_none_or(|d| d == x.dtype()) {
+        x2.contiguous()?
+            .apply_op3(weight.as_tensor(), bias.as_tensor(), Linear)?
+    } else {
+        matmul(&x2, &weight.as_tensor().t()?, product)?.broadcast_add(bias.as_tensor())?
+    };
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = weight.dims()[0];
     y.reshape(out)
@@ -292,6 +298,141 @@ impl CustomOp2 for GeluErfBackward {
     }
 }
 
+/// x W^T + b for x (rows, in), W (out, in), b (out): [`linear`] on the CPU.
+struct Linear;
+
+fn linear_values<T: WithDType + 'static>(
+    (x, xl): (&CpuStorage, &Layout),
+    (w, wl): (&CpuStorage, &Layout),
+    b: &[T],
+) -> Result<Vec<T>> {
+    let (rows, inputs) = xl.shape().dims2()?;
+    let outputs = b.len();
+    let (x, w) = (values::<T>(x, xl)?, values::<T>(w, wl)?);
+    let mut out = Vec::with_capacity(rows * outputs);
+    for _ in 0..rows {
+        out.extend_from_slice(b);
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the pointers and strides describe `out` (rows x outputs, row-major), `x` (rows x
+    // inputs, row-major) and W^T (inputs x outputs, read from W's rows), all in bounds.
+    unsafe {
+        gemm::gemm(
+            rows,
+            outputs,
+            inputs,
+            out.as_mut_ptr(),
+            1,
+            outputs as isize,
+            true,
+            x.as_ptr(),
+            1,
+            inputs as isize,
+            w.as_ptr(),
+            inputs as isize,
+            1,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(out)
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear_fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, _) = l1.shape().dims2()?;
+        let (outputs, _) = l2.shape().dims2()?;
+        let storage = match s1 {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(linear_values((s1, l1), (s2, l2), values(s3, l3)?)?)
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(linear_values((s1, l1), (s2, l2), values(s3, l3)?)?)
+            }
+            other => return Err(unsupported(other)),
+        };
+        Ok((storage, Shape::from((rows, outputs))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = grad.matmul(weight)?;
+        let dw = grad.t()?.matmul(x)?;
+        let db = grad.apply_op1_no_bwd(&ColumnSums)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// A matrix's column sums (rows in parallel chunks, the partial sums added in chunk order:
+/// the same result for any number of threads).
+struct ColumnSums;
+
+fn column_sums<T: WithDType>((g, gl): (&CpuStorage, &Layout)) -> Result<Vec<T>> {
+    let row = row_length(gl);
+    let partials: Vec<Vec<T>> = values::<T>(g, gl)?
+        .par_chunks(rows_chunk(row))
+        .map(|g| {
+            let mut sums = vec![T::zero(); row];
+            for g in g.chunks_exact(row) {
+                for (s, &v) in sums.iter_mut().zip(g) {
+                    *s += v;
+                }
+            }
+            sums
+        })
+        .collect();
+    let mut total = vec![T::zero(); row];
+    for partial in partials {
+        for (t, p) in total.iter_mut().zip(partial) {
+            *t += p;
+        }
+    }
+    Ok(total)
+}
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "column_sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let storage = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(column_sums((s, l))?),
+            CpuStorage::F64(_) => CpuStorage::F64(column_sums((s, l))?),
+            other => return Err(unsupported(other)),
+        };
+        Ok((storage, Shape::from(row_length(l))))
+    }
+}
+
 /// Layer normalization with its affine part, over the last dimension: (x, weight, bias).
 struct LayerNorm {
     eps: f64,
@@ -323,7 +464,12 @@ fn layer_norm_values<T: Real>(
             }
         }
     };
-    Ok(map_values(values::<T>(x, xl)?, None, rows_chunk(row), &kernel))
+    Ok(map_values(
+        values::<T>(x, xl)?,
+        None,
+        rows_chunk(row),
+        &kernel,
+    ))
 }
 
 impl CustomOp3 for LayerNorm {
@@ -738,14 +884,20 @@ mod tests {
         let dev = &Device::Cpu;
         type Op = fn(&Tensor, &Var, &Var) -> Result<Tensor>;
         let cases: [(&str, Op, Op); 2] = [
-            ("layer norm", |x, w, b| layer_norm(x, w, b, 1e-12), |x, w, b| {
-                normalize_primitive(x, 1e-12)?
-                    .broadcast_mul(w.as_tensor())?
-                    .broadcast_add(b.as_tensor())
-            }),
-            ("softmax", |x, _, _| x.apply_op1(Softmax), |x, _, _| {
-                softmax_primitive(x)
-            }),
+            (
+                "layer norm",
+                |x, w, b| layer_norm(x, w, b, 1e-12),
+                |x, w, b| {
+                    normalize_primitive(x, 1e-12)?
+                        .broadcast_mul(w.as_tensor())?
+                        .broadcast_add(b.as_tensor())
+                },
+            ),
+            (
+                "softmax",
+                |x, _, _| x.apply_op1(Softmax),
+                |x, _, _| softmax_primitive(x),
+            ),
         ];
         for dtype in [DType::F64, DType::F32] {
             let tolerance = if dtype == DType::F64 { 1e-10 } else { 5e-5 };
@@ -759,7 +911,10 @@ mod tests {
                 .unwrap()
             };
             let x = var(&values, (rows, cols));
-            let (w, b) = (var(&affine[..cols], (1, cols)), var(&affine[cols..], (1, cols)));
+            let (w, b) = (
+                var(&affine[..cols], (1, cols)),
+                var(&affine[cols..], (1, cols)),
+            );
             let (w, b) = (
                 Var::from_tensor(&w.as_tensor().squeeze(0).unwrap()).unwrap(),
                 Var::from_tensor(&b.as_tensor().squeeze(0).unwrap()).unwrap(),
@@ -770,7 +925,12 @@ mod tests {
                 .unwrap();
             let run = |op: Op| -> Vec<Vec<f64>> {
                 let y = op(x.as_tensor(), &w, &b).unwrap();
-                let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let grads = (&y * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
                 let flat = |t: &Tensor| -> Vec<f64> {
                     t.to_dtype(DType::F64)
                         .unwrap()
@@ -801,6 +961,83 @@ mod tests {
                         .fold(0.0, f64::max);
                     assert!(worst < tolerance, "{name} {what} {dtype:?}: {worst}");
                 }
+            }
+        }
+    }
+
+    /// The fused linear op (bias as the GEMM's starting value, column sums for its gradient)
+    /// equals matmul + broadcast add in value and in all three gradients.
+    #[test]
+    fn fused_linear_matches_matmul_and_bias_add() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (rows, inputs, outputs) = (300, 40, 24);
+        let mut draw =
+            |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random::<f64>() - 0.5).collect() };
+        let (xv, wv, bv, pv) = (
+            draw(rows * inputs),
+            draw(outputs * inputs),
+            draw(outputs),
+            draw(rows * outputs),
+        );
+        let dev = &Device::Cpu;
+        for dtype in [DType::F64, DType::F32] {
+            let var = |v: &[f64], shape: &[usize]| {
+                Var::from_tensor(
+                    &Tensor::from_vec(v.to_vec(), shape, dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap()
+            };
+            let (x, w, b) = (
+                var(&xv, &[3, rows / 3, inputs]),
+                var(&wv, &[outputs, inputs]),
+                var(&bv, &[outputs]),
+            );
+            let probe = var(&pv, &[3, rows / 3, outputs]);
+            let run = |fused: bool| -> Vec<Vec<f64>> {
+                let y = if fused {
+                    linear(x.as_tensor(), &w, &b, None).unwrap()
+                } else {
+                    x.as_tensor()
+                        .broadcast_matmul(&w.as_tensor().t().unwrap())
+                        .unwrap()
+                        .broadcast_add(b.as_tensor())
+                        .unwrap()
+                };
+                let grads = (&y * probe.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let flat = |t: &Tensor| -> Vec<f64> {
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                let mut out = vec![flat(&y)];
+                for v in [&x, &w, &b] {
+                    out.push(flat(grads.get(v.as_tensor()).unwrap()));
+                }
+                out
+            };
+            let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            for (what, (a, b)) in ["value", "dx", "dweight", "dbias"]
+                .iter()
+                .zip(run(true).iter().zip(&run(false)))
+            {
+                assert_eq!(a.len(), b.len(), "{what}");
+                let worst = a
+                    .iter()
+                    .zip(b)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0, f64::max);
+                assert!(worst < tolerance, "{what} {dtype:?}: {worst}");
             }
         }
     }
