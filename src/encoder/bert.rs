@@ -330,8 +330,8 @@ impl Bert {
                 split(&layer.key)?,
                 split(&layer.value)?,
             );
-            let scores = ops::matmul(&q, &k.t()?, self.product)?.broadcast_add(&bias)?;
-            let probs = ops::softmax_last(&scores)?;
+            let scores = ops::matmul(&q, &k.t()?, self.product)?;
+            let probs = ops::masked_softmax(&scores, &bias)?;
             let probs = maybe_dropout(probs, &mut dropout, c.attention_probs_dropout_prob)?;
             let context = ops::matmul(&probs, &v, self.product)?
                 .transpose(1, 2)?

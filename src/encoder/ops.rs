@@ -68,13 +68,16 @@ fn normalize_primitive(x: &Tensor, eps: f64) -> Result<Tensor> {
     centered.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
-/// Softmax over the last dimension; fused on the CPU (forward and backward one pass over each
-/// row), elsewhere [`softmax_primitive`].
-pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(Softmax)
+/// softmax(scores + bias) over the last dimension, for attention scores (B, H, T, S) and the
+/// additive mask bias (B, 1, 1, S). Fused on the CPU (the bias added inside the row pass;
+/// forward and backward one pass over each row), elsewhere [`softmax_primitive`] of the sum.
+pub(crate) fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if scores.device().is_cpu() {
+        scores
+            .contiguous()?
+            .apply_op2(&bias.contiguous()?, MaskedSoftmax)
     } else {
-        softmax_primitive(x)
+        softmax_primitive(&scores.broadcast_add(bias)?)
     }
 }
 
@@ -650,19 +653,38 @@ impl CustomOp2 for LayerNormParamGrads {
     }
 }
 
-/// Softmax over the last dimension.
-struct Softmax;
+/// softmax(x + bias) over the last dimension: [`masked_softmax`] on the CPU. The bias is a
+/// constant (no gradient).
+struct MaskedSoftmax;
 
-fn softmax_rows<T: Real>(row: usize) -> impl Fn(&[T], &[T], &mut [T]) + Sync {
-    move |x, _, out| {
-        for (x, out) in x.chunks_exact(row).zip(out.chunks_exact_mut(row)) {
-            let max = x
-                .iter()
-                .copied()
-                .fold(x[0], |m, v| if v > m { v } else { m });
+fn masked_softmax_values<T: Real>(
+    (x, xl): (&CpuStorage, &Layout),
+    (m, ml): (&CpuStorage, &Layout),
+) -> Result<Vec<T>> {
+    let (batch, heads, queries, row) = xl.shape().dims4()?;
+    if ml.shape().elem_count() != batch * row {
+        candle_core::bail!("mask bias {:?} for scores {:?}", ml.shape(), xl.shape());
+    }
+    let per_batch = heads * queries * row;
+    let (x, m) = (values::<T>(x, xl)?, values::<T>(m, ml)?);
+    let chunk = rows_chunk(row);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(chunk).enumerate().for_each(|(i, out)| {
+        let start = i * chunk;
+        let rows = out.chunks_exact_mut(row).zip(x[start..].chunks_exact(row));
+        for (j, (out, x)) in rows.enumerate() {
+            let b = (start + j * row) / per_batch;
+            let bias = &m[b * row..(b + 1) * row];
+            let mut max = x[0] + bias[0];
+            for (o, (&v, &c)) in out.iter_mut().zip(x.iter().zip(bias)) {
+                *o = v + c;
+                if *o > max {
+                    max = *o;
+                }
+            }
             let mut sum = T::zero();
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = (v - max).exp();
+            for o in out.iter_mut() {
+                *o = (*o - max).exp();
                 sum += *o;
             }
             let inv = T::one() / sum;
@@ -670,7 +692,8 @@ fn softmax_rows<T: Real>(row: usize) -> impl Fn(&[T], &[T], &mut [T]) + Sync {
                 *o *= inv;
             }
         }
-    }
+    });
+    Ok(out)
 }
 
 /// dL/dx = y (g - sum(g y)), per row.
@@ -689,24 +712,42 @@ fn softmax_backward_rows<T: Real>(row: usize) -> impl Fn(&[T], &[T], &mut [T]) +
     }
 }
 
-impl CustomOp1 for Softmax {
+impl CustomOp2 for MaskedSoftmax {
     fn name(&self) -> &'static str {
-        "softmax_fused"
+        "masked_softmax_fused"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        map_rows((s, l), None, softmax_rows::<f32>, softmax_rows::<f64>)
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, m) = ((s1, l1), (s2, l2));
+        let storage = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(masked_softmax_values(x, m)?),
+            CpuStorage::F64(_) => CpuStorage::F64(masked_softmax_values(x, m)?),
+            other => return Err(unsupported(other)),
+        };
+        Ok((storage, l1.shape().clone()))
     }
 
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            res.contiguous()?
-                .apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?,
-        ))
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = res
+            .contiguous()?
+            .apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?;
+        Ok((Some(dx), None))
     }
 }
 
-/// (y, dL/dy) -> dL/dx for [`Softmax`].
+/// (y, dL/dy) -> dL/dx for [`MaskedSoftmax`].
 struct SoftmaxBackward;
 
 impl CustomOp2 for SoftmaxBackward {
@@ -867,6 +908,16 @@ mod tests {
         }
     }
 
+    /// A (1, 1, 1, S) mask bias from a bias vector: its values, and -1e9 on every seventh.
+    fn mask_bias(b: &Var) -> Result<Tensor> {
+        let n = b.dims()[0];
+        let masked: Vec<f64> = (0..n)
+            .map(|i| if i % 7 == 3 { -1e9 } else { 0.0 })
+            .collect();
+        let masked = Tensor::from_vec(masked, n, b.device())?.to_dtype(b.dtype())?;
+        (b.as_tensor().detach() + masked)?.reshape((1, 1, 1, n))
+    }
+
     /// The fused layer norm and softmax compute what their primitive-op forms (the GPU path)
     /// do, value and gradients (the input's; layer norm's weight and bias), in f64 and f32, on
     /// rows with large offsets and spreads.
@@ -894,9 +945,11 @@ mod tests {
                 },
             ),
             (
-                "softmax",
-                |x, _, _| x.apply_op1(Softmax),
-                |x, _, _| softmax_primitive(x),
+                "masked softmax",
+                |x, _, b| {
+                    masked_softmax(&x.reshape((1, 1, 37, 48))?, &mask_bias(b)?)?.reshape((37, 48))
+                },
+                |x, _, b| softmax_primitive(&x.broadcast_add(&mask_bias(b)?.reshape((1, 48))?)?),
             ),
         ];
         for dtype in [DType::F64, DType::F32] {
