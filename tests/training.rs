@@ -283,6 +283,12 @@ fn chunked_steps_have_the_unchunked_gradients() {
             assert_eq!(grads.len(), chunked_grads.len());
             let (mut worst, mut scale) = (0f32, 0f32);
             for (a, b) in grads.iter().zip(&chunked_grads) {
+                // The optimizer's moments are made from these: a gradient carrying its graph
+                // would keep a step's activations alive for the rest of the run.
+                assert!(
+                    !a.track_op() && !b.track_op(),
+                    "a gradient tracks its graph"
+                );
                 let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
                 let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
                 assert_eq!(a.len(), b.len());

@@ -386,9 +386,11 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let dx = grad.matmul(weight)?;
-        let dw = grad.t()?.matmul(x)?;
+        // Detached operands: gradients that carried the forward graph would keep every
+        // activation alive for as long as the optimizer keeps anything computed from them.
+        let (x, weight, grad) = (x.detach(), weight.detach(), grad.contiguous()?);
+        let dx = grad.matmul(&weight)?;
+        let dw = grad.t()?.matmul(&x)?;
         let db = grad.apply_op1_no_bwd(&ColumnSums)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
@@ -1075,7 +1077,14 @@ mod tests {
                 };
                 let mut out = vec![flat(&y)];
                 for v in [&x, &w, &b] {
-                    out.push(flat(grads.get(v.as_tensor()).unwrap()));
+                    let grad = grads.get(v.as_tensor()).unwrap();
+                    // A gradient that carried the forward graph would keep the activations
+                    // alive in the optimizer's moments (a leak of every step's activations).
+                    assert!(
+                        !grad.track_op(),
+                        "fused {fused}: a gradient tracks its graph"
+                    );
+                    out.push(flat(grad));
                 }
                 out
             };

@@ -169,8 +169,9 @@ impl Trainer {
             .model
             .params()
             .iter()
+            // Detached: the optimizer's moments are computed from these and live on.
             .map(|(_, var)| match store.get(var.as_tensor()) {
-                Some(g) => Ok(g.clone()),
+                Some(g) => Ok(g.detach()),
                 None => var.as_tensor().zeros_like(),
             })
             .collect::<Result<Vec<_>, _>>()?)
