@@ -6,6 +6,7 @@ mod bert;
 mod config;
 mod device;
 mod embedder;
+mod fastmath;
 mod model_dir;
 mod onnx_export;
 mod ops;

@@ -2,7 +2,7 @@
 //! norms and softmax have none): primitive ops, or on the CPU fused ops of our own whose
 //! backward is written out (one pass each).
 
-use candle_core::cpu::erf::{erf_f32, erf_f64};
+use candle_core::cpu::erf::erf_f64;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor, Var,
     WithDType,
@@ -105,20 +105,31 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 struct GeluErf;
 
-/// GELU (erf form) of `x`; the second argument is unused (elementwise kernels take two).
-fn gelu<T: Real>(x: T, _: T) -> T {
-    let half = T::from_f64(0.5);
-    half * x * (T::one() + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf())
+/// GELU (erf form) of each value of `x` (the second input is unused: kernels take two). The
+/// loop calls nothing, so it vectorizes (f32's erf is [`super::fastmath::erf`]).
+fn gelu_values<T: Real>(x: &[T], _: &[T], out: &mut [T]) {
+    let (half, scale) = (
+        T::from_f64(0.5),
+        T::from_f64(std::f64::consts::FRAC_1_SQRT_2),
+    );
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = half * x * (T::one() + (x * scale).erf());
+    }
 }
 
-/// g dGELU/dx, with dGELU/dx = 0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi), in the
-/// tensor's own precision (as PyTorch).
-fn gelu_backward<T: Real>(x: T, g: T) -> T {
-    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
-    let half = T::from_f64(0.5);
-    let cdf = half * (T::one() + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
-    let pdf = (T::zero() - half * x * x).exp() * T::from_f64(INV_SQRT_2PI);
-    g * (cdf + x * pdf)
+/// g dGELU/dx for each (x, g), with dGELU/dx = 0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) /
+/// sqrt(2 pi), in the tensor's own precision (as PyTorch).
+fn gelu_backward_values<T: Real>(x: &[T], g: &[T], out: &mut [T]) {
+    let (half, scale, inv_sqrt_2pi) = (
+        T::from_f64(0.5),
+        T::from_f64(std::f64::consts::FRAC_1_SQRT_2),
+        T::from_f64(0.398_942_280_401_432_7),
+    );
+    for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+        let cdf = half * (T::one() + (x * scale).erf());
+        let pdf = (T::zero() - half * x * x).exp() * inv_sqrt_2pi;
+        *o = g * (cdf + x * pdf);
+    }
 }
 
 /// The float types the fused ops run in: f32 for training, f64 for gradient checks.
@@ -136,25 +147,33 @@ trait Real:
     fn erf(self) -> Self;
 }
 
+/// f32 takes the vectorizable approximations (training's precision); f64, used by gradient
+/// checks, stays exact.
 impl Real for f32 {
+    #[inline(always)]
     fn exp(self) -> Self {
-        f32::exp(self)
+        super::fastmath::exp(self)
     }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
+    #[inline(always)]
     fn erf(self) -> Self {
-        erf_f32(self)
+        super::fastmath::erf(self)
     }
 }
 
 impl Real for f64 {
+    #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
     }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
+    #[inline(always)]
     fn erf(self) -> Self {
         erf_f64(self)
     }
@@ -239,21 +258,6 @@ fn rows_chunk(row: usize) -> usize {
     row * (ELEMENTWISE_CHUNK / row).max(1)
 }
 
-/// `f(x, y)` for each element (y is 0 when there is no second input).
-fn elementwise<T: WithDType>(f: impl Fn(T, T) -> T + Sync) -> impl Fn(&[T], &[T], &mut [T]) + Sync {
-    move |x, y, out| {
-        if y.is_empty() {
-            for (o, &x) in out.iter_mut().zip(x) {
-                *o = f(x, T::zero());
-            }
-        } else {
-            for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
-                *o = f(x, y);
-            }
-        }
-    }
-}
-
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
         "gelu_erf_fused"
@@ -264,8 +268,8 @@ impl CustomOp1 for GeluErf {
             (s, l),
             None,
             ELEMENTWISE_CHUNK,
-            &elementwise(gelu::<f32>),
-            &elementwise(gelu::<f64>),
+            &gelu_values::<f32>,
+            &gelu_values::<f64>,
         )
     }
 
@@ -295,8 +299,8 @@ impl CustomOp2 for GeluErfBackward {
             (s1, l1),
             Some((s2, l2)),
             ELEMENTWISE_CHUNK,
-            &elementwise(gelu_backward::<f32>),
-            &elementwise(gelu_backward::<f64>),
+            &gelu_backward_values::<f32>,
+            &gelu_backward_values::<f64>,
         )
     }
 }
@@ -684,11 +688,12 @@ fn masked_softmax_values<T: Real>(
                     max = *o;
                 }
             }
-            let mut sum = T::zero();
+            // Exponentials, then their sum: one loop would serialize the exponentials behind
+            // the sum's additions.
             for o in out.iter_mut() {
                 *o = (*o - max).exp();
-                sum += *o;
             }
+            let sum = out.iter().fold(T::zero(), |a, &o| a + o);
             let inv = T::one() / sum;
             for o in out.iter_mut() {
                 *o *= inv;
