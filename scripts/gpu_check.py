@@ -22,9 +22,12 @@ RESULTS = []
 
 
 def report(check, **fields):
+    """Prints a result and rewrites $OUT/gpu-check.json, so a run cut short keeps what it had."""
     row = {"check": check, **fields}
     RESULTS.append(row)
     print(json.dumps(row), flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu-check.json").write_text(json.dumps(RESULTS, indent=1))
 
 
 class Synthrank:
@@ -346,9 +349,6 @@ def main():
         else:
             row = ("train", f"{r['precision']} {r['batch']} on {r['device']}", f"{r['step_s']} s/step", f"{r['peer']} {r['peer_step_s']} s/step", f"{r['ratio']}x (bar <= 1.5x): {r['ok']}")
         print("| " + " | ".join(str(c) for c in row) + " |")
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "gpu-check.json").write_text(json.dumps(RESULTS, indent=1))
 
 
 if __name__ == "__main__":
