@@ -7,9 +7,15 @@
 #                     and compress away; training never touches them: their gradient is zero)
 #   gpu-bundle/run    the `--features cuda` synthrank (dev profile, stripped, xz), the golden
 #                     file and SciFact's queries and first 2,000 documents
-# Usage: scripts/gpu-bundle.sh   (then see scripts/gpu-check.sh)
+# Usage: scripts/gpu-bundle.sh   (then see scripts/gpu-check.sh). Needs python with the
+# `tokenizers` package (PYTHON=..., e.g. .peers/bin/python) to choose the embedding rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import tokenizers' 2>/dev/null || {
+    echo "$PYTHON has no tokenizers package: pip install tokenizers, or set PYTHON" >&2
+    exit 2
+}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/synthrank/target}-cuda"
 shared=${SYNTHRANK_SHARED:-../shared}
 bash scripts/fetch-models.sh >/dev/null
@@ -26,7 +32,7 @@ cp "$shared/golden/train_steps.json" "$bundle/run/golden/"
 cp "$shared/datasets/scifact/queries.jsonl" "$bundle/run/data/"
 head -n 2000 "$shared/datasets/scifact/corpus.jsonl" >"$bundle/run/data/corpus.jsonl"
 
-python3 - "$bundle" <<'EOF'
+"$PYTHON" - "$bundle" <<'EOF'
 import json, shutil, struct, sys
 from pathlib import Path
 from tokenizers import Tokenizer
