@@ -230,6 +230,36 @@ fn unsupported(storage: &CpuStorage) -> candle_core::Error {
     candle_core::Error::UnsupportedDTypeForOp(storage.dtype(), "fused op")
 }
 
+/// The storage `$body` (a `Result<Vec<$t>>`) computes, with `$t` the float type of
+/// `$storage` (f32 or f64; other types are refused).
+macro_rules! float_storage {
+    ($storage:expr, $t:ident => $body:expr) => {
+        match $storage {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                CpuStorage::F32($body?)
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                CpuStorage::F64($body?)
+            }
+            other => return Err(unsupported(other)),
+        }
+    };
+}
+
+/// Per-chunk partial sums (each `len` long), added in chunk order: the same result for any
+/// number of threads (a resumed run is bit-identical).
+fn sum_in_order<T: WithDType>(partials: Vec<Vec<T>>, len: usize) -> Vec<T> {
+    let mut total = vec![T::zero(); len];
+    for partial in partials {
+        for (t, p) in total.iter_mut().zip(partial) {
+            *t += p;
+        }
+    }
+    total
+}
+
 /// Values per parallel chunk of an elementwise op.
 const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
@@ -370,15 +400,8 @@ impl CustomOp3 for Linear {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, _) = l1.shape().dims2()?;
         let (outputs, _) = l2.shape().dims2()?;
-        let storage = match s1 {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(linear_values((s1, l1), (s2, l2), values(s3, l3)?)?)
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(linear_values((s1, l1), (s2, l2), values(s3, l3)?)?)
-            }
-            other => return Err(unsupported(other)),
-        };
+        let storage =
+            float_storage!(s1, T => linear_values::<T>((s1, l1), (s2, l2), values(s3, l3)?));
         Ok((storage, Shape::from((rows, outputs))))
     }
 
@@ -400,8 +423,7 @@ impl CustomOp3 for Linear {
     }
 }
 
-/// A matrix's column sums (rows in parallel chunks, the partial sums added in chunk order:
-/// the same result for any number of threads).
+/// A matrix's column sums (rows in parallel chunks, then [`sum_in_order`]).
 struct ColumnSums;
 
 fn column_sums<T: WithDType>((g, gl): (&CpuStorage, &Layout)) -> Result<Vec<T>> {
@@ -418,13 +440,7 @@ fn column_sums<T: WithDType>((g, gl): (&CpuStorage, &Layout)) -> Result<Vec<T>> 
             sums
         })
         .collect();
-    let mut total = vec![T::zero(); row];
-    for partial in partials {
-        for (t, p) in total.iter_mut().zip(partial) {
-            *t += p;
-        }
-    }
-    Ok(total)
+    Ok(sum_in_order(partials, row))
 }
 
 impl CustomOp1 for ColumnSums {
@@ -433,11 +449,7 @@ impl CustomOp1 for ColumnSums {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let storage = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(column_sums((s, l))?),
-            CpuStorage::F64(_) => CpuStorage::F64(column_sums((s, l))?),
-            other => return Err(unsupported(other)),
-        };
+        let storage = float_storage!(s, T => column_sums::<T>((s, l)));
         Ok((storage, Shape::from(row_length(l))))
     }
 }
@@ -495,21 +507,12 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let storage = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(layer_norm_values(
-                self.eps,
-                (s1, l1),
-                values(s2, l2)?,
-                values(s3, l3)?,
-            )?),
-            CpuStorage::F64(_) => CpuStorage::F64(layer_norm_values(
-                self.eps,
-                (s1, l1),
-                values(s2, l2)?,
-                values(s3, l3)?,
-            )?),
-            other => return Err(unsupported(other)),
-        };
+        let storage = float_storage!(s1, T => layer_norm_values::<T>(
+            self.eps,
+            (s1, l1),
+            values(s2, l2)?,
+            values(s3, l3)?,
+        ));
         Ok((storage, l1.shape().clone()))
     }
 
@@ -584,22 +587,14 @@ impl CustomOp3 for LayerNormInputGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = ((s1, l1), (s2, l2));
-        let storage = match s1 {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(layer_norm_input_grad(self.eps, x, g, values(s3, l3)?)?)
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(layer_norm_input_grad(self.eps, x, g, values(s3, l3)?)?)
-            }
-            other => return Err(unsupported(other)),
-        };
+        let storage =
+            float_storage!(s1, T => layer_norm_input_grad::<T>(self.eps, x, g, values(s3, l3)?));
         Ok((storage, l1.shape().clone()))
     }
 }
 
 /// (x, dL/dy) -> (2, H): the weight's gradient (sum over rows of g x̂) and the bias's (sum of
-/// g). Rows are summed in chunks in parallel, the chunks' partial sums then in chunk order:
-/// the same result for any number of threads (a resumed run is bit-identical).
+/// g). Rows are summed in chunks in parallel, then [`sum_in_order`].
 struct LayerNormParamGrads {
     eps: f64,
 }
@@ -628,13 +623,7 @@ fn layer_norm_param_grads<T: Real>(
             sums
         })
         .collect();
-    let mut total = vec![T::zero(); 2 * row];
-    for partial in partials {
-        for (t, p) in total.iter_mut().zip(partial) {
-            *t += p;
-        }
-    }
-    Ok(total)
+    Ok(sum_in_order(partials, 2 * row))
 }
 
 impl CustomOp2 for LayerNormParamGrads {
@@ -650,11 +639,7 @@ impl CustomOp2 for LayerNormParamGrads {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = ((s1, l1), (s2, l2));
-        let storage = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(layer_norm_param_grads(self.eps, x, g)?),
-            CpuStorage::F64(_) => CpuStorage::F64(layer_norm_param_grads(self.eps, x, g)?),
-            other => return Err(unsupported(other)),
-        };
+        let storage = float_storage!(s1, T => layer_norm_param_grads::<T>(self.eps, x, g));
         Ok((storage, Shape::from((2, row_length(l1)))))
     }
 }
@@ -732,11 +717,7 @@ impl CustomOp2 for MaskedSoftmax {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, m) = ((s1, l1), (s2, l2));
-        let storage = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(masked_softmax_values(x, m)?),
-            CpuStorage::F64(_) => CpuStorage::F64(masked_softmax_values(x, m)?),
-            other => return Err(unsupported(other)),
-        };
+        let storage = float_storage!(s1, T => masked_softmax_values::<T>(x, m));
         Ok((storage, l1.shape().clone()))
     }
 
@@ -925,9 +906,58 @@ mod tests {
         (b.as_tensor().detach() + masked)?.reshape((1, 1, 1, n))
     }
 
+    /// A variable of `values` in `shape` and `dtype`.
+    fn var(values: &[f64], shape: &[usize], dtype: DType) -> Var {
+        let t = Tensor::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap();
+        Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+    }
+
+    /// y's values, then the gradients of sum(y * probe) for each of `vars` (empty where none
+    /// reaches it), as f64; and whether any gradient tracks its graph (the optimizer's moments
+    /// are made from gradients: one that carried its graph would keep every step's
+    /// activations alive).
+    fn value_and_grads(y: &Tensor, probe: &Var, vars: &[&Var]) -> (Vec<Vec<f64>>, bool) {
+        let grads = (y * probe.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let flat = |t: &Tensor| -> Vec<f64> {
+            let t = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            t.to_vec1().unwrap()
+        };
+        let mut out = vec![flat(y)];
+        let mut tracks = false;
+        for v in vars {
+            let grad = grads.get(v.as_tensor());
+            tracks |= grad.is_some_and(Tensor::track_op);
+            out.push(grad.map(flat).unwrap_or_default());
+        }
+        (out, tracks)
+    }
+
+    /// Value and gradients (x, weight, bias) equal within `tolerance`, relative to
+    /// max(|expected|, 1).
+    fn assert_close(case: &str, got: &[Vec<f64>], want: &[Vec<f64>], tolerance: f64) {
+        for ((what, a), b) in ["value", "dx", "dweight", "dbias"]
+            .iter()
+            .zip(got)
+            .zip(want)
+        {
+            assert_eq!(a.len(), b.len(), "{case} {what}");
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+                .fold(0.0, f64::max);
+            assert!(worst < tolerance, "{case} {what}: {worst}");
+        }
+    }
+
     /// The fused layer norm and softmax compute what their primitive-op forms (the GPU path)
     /// do, value and gradients (the input's; layer norm's weight and bias), in f64 and f32, on
-    /// rows with large offsets and spreads.
+    /// rows with large offsets and spreads; their gradients carry no graph.
     #[test]
     fn fused_norm_and_softmax_match_their_primitive_forms_and_gradients() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -939,7 +969,6 @@ mod tests {
             .map(|_| rng.random::<f64>() - 0.5)
             .collect();
         let affine: Vec<f64> = (0..2 * cols).map(|_| rng.random::<f64>() + 0.5).collect();
-        let dev = &Device::Cpu;
         type Op = fn(&Tensor, &Var, &Var) -> Result<Tensor>;
         let cases: [(&str, Op, Op); 2] = [
             (
@@ -961,72 +990,25 @@ mod tests {
         ];
         for dtype in [DType::F64, DType::F32] {
             let tolerance = if dtype == DType::F64 { 1e-10 } else { 5e-5 };
-            let var = |v: &[f64], shape: (usize, usize)| {
-                Var::from_tensor(
-                    &Tensor::from_vec(v.to_vec(), shape, dev)
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap(),
-                )
-                .unwrap()
-            };
-            let x = var(&values, (rows, cols));
+            let x = var(&values, &[rows, cols], dtype);
             let (w, b) = (
-                var(&affine[..cols], (1, cols)),
-                var(&affine[cols..], (1, cols)),
+                var(&affine[..cols], &[cols], dtype),
+                var(&affine[cols..], &[cols], dtype),
             );
-            let (w, b) = (
-                Var::from_tensor(&w.as_tensor().squeeze(0).unwrap()).unwrap(),
-                Var::from_tensor(&b.as_tensor().squeeze(0).unwrap()).unwrap(),
-            );
-            let probe = Tensor::from_vec(weights.clone(), (rows, cols), dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let run = |op: Op| -> Vec<Vec<f64>> {
-                let y = op(x.as_tensor(), &w, &b).unwrap();
-                let grads = (&y * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let flat = |t: &Tensor| -> Vec<f64> {
-                    t.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                };
-                let mut out = vec![flat(&y)];
-                for v in [&x, &w, &b] {
-                    out.push(grads.get(v.as_tensor()).map(flat).unwrap_or_default());
-                }
-                out
+            let probe = var(&weights, &[rows, cols], dtype);
+            let run = |op: Op| {
+                value_and_grads(&op(x.as_tensor(), &w, &b).unwrap(), &probe, &[&x, &w, &b])
             };
             for (name, fused, primitive) in cases {
-                let (f, p) = (run(fused), run(primitive));
-                for (what, a, b) in ["value", "dx", "dweight", "dbias"]
-                    .iter()
-                    .zip(&f)
-                    .zip(&p)
-                    .map(|((w, a), b)| (w, a, b))
-                {
-                    assert_eq!(a.len(), b.len(), "{name} {what}");
-                    let worst = a
-                        .iter()
-                        .zip(b)
-                        .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
-                        .fold(0.0, f64::max);
-                    assert!(worst < tolerance, "{name} {what} {dtype:?}: {worst}");
-                }
+                let ((f, tracks), (p, _)) = (run(fused), run(primitive));
+                assert!(!tracks, "{name}: a gradient tracks its graph");
+                assert_close(&format!("{name} {dtype:?}"), &f, &p, tolerance);
             }
         }
     }
 
     /// The fused linear op (bias as the GEMM's starting value, column sums for its gradient)
-    /// equals matmul + broadcast add in value and in all three gradients.
+    /// equals matmul + broadcast add in value and in all three gradients, which carry no graph.
     #[test]
     fn fused_linear_matches_matmul_and_bias_add() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
@@ -1039,73 +1021,25 @@ mod tests {
             draw(outputs),
             draw(rows * outputs),
         );
-        let dev = &Device::Cpu;
         for dtype in [DType::F64, DType::F32] {
-            let var = |v: &[f64], shape: &[usize]| {
-                Var::from_tensor(
-                    &Tensor::from_vec(v.to_vec(), shape, dev)
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap(),
-                )
-                .unwrap()
-            };
             let (x, w, b) = (
-                var(&xv, &[3, rows / 3, inputs]),
-                var(&wv, &[outputs, inputs]),
-                var(&bv, &[outputs]),
+                var(&xv, &[3, rows / 3, inputs], dtype),
+                var(&wv, &[outputs, inputs], dtype),
+                var(&bv, &[outputs], dtype),
             );
-            let probe = var(&pv, &[3, rows / 3, outputs]);
-            let run = |fused: bool| -> Vec<Vec<f64>> {
-                let y = if fused {
-                    linear(x.as_tensor(), &w, &b, None).unwrap()
-                } else {
-                    x.as_tensor()
-                        .broadcast_matmul(&w.as_tensor().t().unwrap())
-                        .unwrap()
-                        .broadcast_add(b.as_tensor())
-                        .unwrap()
-                };
-                let grads = (&y * probe.as_tensor())
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let flat = |t: &Tensor| -> Vec<f64> {
-                    t.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                };
-                let mut out = vec![flat(&y)];
-                for v in [&x, &w, &b] {
-                    let grad = grads.get(v.as_tensor()).unwrap();
-                    // A gradient that carried the forward graph would keep the activations
-                    // alive in the optimizer's moments (a leak of every step's activations).
-                    assert!(
-                        !grad.track_op(),
-                        "fused {fused}: a gradient tracks its graph"
-                    );
-                    out.push(flat(grad));
-                }
-                out
-            };
+            let probe = var(&pv, &[3, rows / 3, outputs], dtype);
+            let fused = linear(x.as_tensor(), &w, &b, None).unwrap();
+            let primitive = x
+                .as_tensor()
+                .broadcast_matmul(&w.as_tensor().t().unwrap())
+                .unwrap()
+                .broadcast_add(b.as_tensor())
+                .unwrap();
+            let (f, tracks) = value_and_grads(&fused, &probe, &[&x, &w, &b]);
+            let (p, _) = value_and_grads(&primitive, &probe, &[&x, &w, &b]);
+            assert!(!tracks, "fused linear: a gradient tracks its graph");
             let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
-            for (what, (a, b)) in ["value", "dx", "dweight", "dbias"]
-                .iter()
-                .zip(run(true).iter().zip(&run(false)))
-            {
-                assert_eq!(a.len(), b.len(), "{what}");
-                let worst = a
-                    .iter()
-                    .zip(b)
-                    .map(|(p, q)| (p - q).abs())
-                    .fold(0.0, f64::max);
-                assert!(worst < tolerance, "{what} {dtype:?}: {worst}");
-            }
+            assert_close(&format!("linear {dtype:?}"), &f, &p, tolerance);
         }
     }
 }
