@@ -31,7 +31,8 @@ fetch_wheels() { # DIR PACKAGE...
 # A shared object named SONAME exporting SYMBOLS (one per line, `name` or `name@@version`).
 make_stub() { # OUT SONAME SYMBOLS_FILE
     local out=$1 soname=$2 symbols=$3 work
-    work=$(mktemp -d)
+    work="$tmp/stub"
+    rm -rf "$work" && mkdir -p "$work"
     sed 's/@.*//' "$symbols" | sort -u | awk '{ print "void " $1 "(void) {}" }' >"$work/stub.c"
     if grep -q '@@' "$symbols"; then
         local version
@@ -41,12 +42,11 @@ make_stub() { # OUT SONAME SYMBOLS_FILE
     else
         cc -shared -fPIC -o "$out" -Wl,-soname,"$soname" "$work/stub.c"
     fi
-    rm -rf "$work"
 }
 
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 if [[ ! -f $dest/.complete ]]; then
-    tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' EXIT
     echo "fetching nvcc 13.0 from PyPI into $dest (once) ..." >&2
     fetch_wheels "$tmp/toolkit" nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 \
         nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85
@@ -63,8 +63,6 @@ fi
 # The link stubs (added to the cache after the toolkit, so older caches get them too). They
 # sit in lib/ beside libcudart: every build searches there.
 if [[ ! -f $dest/lib/.stubs-complete ]]; then
-    tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' EXIT
     echo "making link stubs from the CUDA 13.0 libraries (fetched once, then removed) ..." >&2
     fetch_wheels "$tmp/libs" nvidia-cublas==13.0.0.19 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
     for lib in "$tmp/libs/unpacked/nvidia/cu13/lib/"{libcublas.so.13,libcublasLt.so.13,libcurand.so.10,libnvrtc.so.13}; do
