@@ -9,6 +9,7 @@ pub mod allocator;
 pub mod cli;
 pub mod encoder;
 pub mod formats;
+pub mod linalg;
 pub mod llm;
 pub mod loss;
 pub mod metrics;

@@ -40,7 +40,15 @@ fn chatml_template() {
 #[test]
 fn greedy_completion_on_the_real_model() {
     let path = common::demo_model("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let backend = EmbeddedBackend::open(&path, "SmolLM2-135M-Instruct").unwrap();
+    let backend = EmbeddedBackend::open(
+        &path,
+        "SmolLM2-135M-Instruct",
+        synthrank::llm::EmbeddedOptions {
+            max_batch: 1,
+            threads: None,
+        },
+    )
+    .unwrap();
     let rt = common::runtime();
     let first = rt.block_on(backend.complete(&request(12))).unwrap();
     assert!(!first.text.trim().is_empty(), "empty completion");

@@ -350,37 +350,7 @@ fn linear_values<T: WithDType + 'static>(
     for _ in 0..rows {
         out.extend_from_slice(b);
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the pointers and strides describe `out` (rows x outputs, row-major), `x` (rows x
-    // inputs, row-major) and W^T (inputs x outputs, read from W's rows), all in bounds.
-    unsafe {
-        gemm::gemm(
-            rows,
-            outputs,
-            inputs,
-            out.as_mut_ptr(),
-            1,
-            outputs as isize,
-            true,
-            x.as_ptr(),
-            1,
-            inputs as isize,
-            w.as_ptr(),
-            inputs as isize,
-            1,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    crate::linalg::xwt(x, w, &mut out, (rows, inputs, outputs), true);
     Ok(out)
 }
 

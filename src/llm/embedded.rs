@@ -1,41 +1,41 @@
 //! The embedded backend: a GGUF chat model (llama architecture, e.g. SmolLM2-135M-Instruct)
-//! run in-process on the CPU with candle's quantized llama, prompts in the ChatML template.
-//! No server needed, so the quickstart runs offline. Requests run one at a time (the model
-//! uses every core for each token).
+//! run in-process on the CPU, prompts in the ChatML template. No server needed, so the
+//! quickstart runs offline. Concurrent requests are decoded together (continuous batching,
+//! `batcher`) by one engine thread that owns the model.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 
-use std::io::Cursor;
-
-use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use candle_core::{Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::ModelWeights;
+use candle_core::quantized::gguf_file;
+use futures::channel::oneshot;
 use futures::future::BoxFuture;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
+use super::batcher::{Engine, Work};
+use super::llama::Llama;
 use super::{ChatBackend, ChatRequest, ChatResponse, LlmError};
 
 /// ChatML's turn delimiters (SmolLM2, Qwen and others).
 const IM_START: &str = "<|im_start|>";
 const IM_END: &str = "<|im_end|>";
-const DEFAULT_MAX_TOKENS: u32 = 512;
 
-struct Loaded {
-    weights: ModelWeights,
-    tokenizer: Tokenizer,
-    eos: u32,
-    context: usize,
+/// How the embedded model runs.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedOptions {
+    /// Requests decoded together at most (more wait for a free slot).
+    pub max_batch: usize,
+    /// Threads for the model's products; `None`: every core.
+    pub threads: Option<usize>,
 }
 
 pub struct EmbeddedBackend {
-    path: PathBuf,
     name: String,
-    model: Arc<Mutex<Loaded>>,
+    queue: Option<mpsc::Sender<Work>>,
+    engine: Option<JoinHandle<()>>,
 }
 
 fn model_error(path: &Path, e: impl std::fmt::Display) -> LlmError {
@@ -95,65 +95,51 @@ fn gguf_tokenizer(content: &gguf_file::Content, path: &Path) -> Result<Tokenizer
     Ok(tokenizer)
 }
 
-/// The model with every weight dequantized to f32, as an in-memory GGUF file. candle's
-/// quantized kernels are scalar unless the binary is built for AVX (and Q4_1 has no SIMD path
-/// at all); f32 weights go through the runtime-dispatched GEMM instead: several times faster
-/// on small models, at 4 bytes a parameter (about 0.5 GB for 135M).
-fn dequantized(
-    content: &gguf_file::Content,
-    file: &mut std::fs::File,
-) -> candle_core::Result<(gguf_file::Content, Cursor<Vec<u8>>)> {
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let mut tensors = Vec::with_capacity(names.len());
-    for name in names {
-        let weights = content.tensor(file, name, &Device::Cpu)?;
-        let weights = match weights.dtype() {
-            GgmlDType::F32 => weights,
-            _ => QTensor::quantize(&weights.dequantize(&Device::Cpu)?, GgmlDType::F32)?,
-        };
-        tensors.push((name.as_str(), weights));
-    }
-    let metadata: Vec<(&str, &gguf_file::Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-    let mut buffer = Cursor::new(Vec::new());
-    gguf_file::write(&mut buffer, &metadata, &refs)?;
-    buffer.set_position(0);
-    let content = gguf_file::Content::read(&mut buffer)?;
-    Ok((content, buffer))
-}
-
 impl EmbeddedBackend {
-    /// Loads the GGUF file; `name` is the model name responses report.
-    pub fn open(path: &Path, name: &str) -> Result<EmbeddedBackend, LlmError> {
+    /// Loads the GGUF file and starts the engine thread; `name` is the model name responses
+    /// report.
+    pub fn open(
+        path: &Path,
+        name: &str,
+        options: EmbeddedOptions,
+    ) -> Result<EmbeddedBackend, LlmError> {
+        let started = std::time::Instant::now();
         let mut file = std::fs::File::open(path).map_err(|e| model_error(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| model_error(path, e))?;
         let tokenizer = gguf_tokenizer(&content, path)?;
         let eos = tokenizer
             .token_to_id(IM_END)
             .ok_or_else(|| model_error(path, format!("the vocabulary has no {IM_END}")))?;
-        let context = content
-            .metadata
-            .get("llama.context_length")
-            .and_then(|v| v.to_u32().ok())
-            .unwrap_or(2048) as usize;
-        let (content, mut reader) =
-            dequantized(&content, &mut file).map_err(|e| model_error(path, e))?;
-        let weights = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)
-            .map_err(|e| model_error(path, e))?;
+        let model = Llama::from_gguf(&content, &mut file).map_err(|e| model_error(path, e))?;
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "embedded model loaded"
+        );
+        let pool = match options.threads {
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .map_err(|e| LlmError::Model(format!("starting {n} threads: {e}")))?,
+            ),
+            None => None,
+        };
+        let engine = Engine {
+            model,
+            tokenizer,
+            eos,
+            max_batch: options.max_batch.max(1),
+            pool,
+        };
+        let (queue, requests) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("embedded-llm".into())
+            .spawn(move || engine.serve(&requests))
+            .map_err(|e| LlmError::Model(format!("starting the engine thread: {e}")))?;
         Ok(EmbeddedBackend {
-            path: path.to_path_buf(),
             name: name.to_string(),
-            model: Arc::new(Mutex::new(Loaded {
-                weights,
-                tokenizer,
-                eos,
-                context,
-            })),
+            queue: Some(queue),
+            engine: Some(handle),
         })
     }
 
@@ -168,80 +154,14 @@ impl EmbeddedBackend {
     }
 }
 
-fn generate(
-    loaded: &mut Loaded,
-    request: &ChatRequest,
-    path: &Path,
-) -> Result<(String, u64, u64, String), LlmError> {
-    let engine = |e: candle_core::Error| LlmError::Model(format!("{}: {e}", path.display()));
-    let prompt = EmbeddedBackend::chatml(request);
-    let encoding = loaded
-        .tokenizer
-        .encode(prompt.as_str(), false)
-        .map_err(|e| model_error(path, e))?;
-    let prompt_ids = encoding.get_ids().to_vec();
-    let max_new = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize;
-    if prompt_ids.len() + 1 >= loaded.context {
-        return Err(LlmError::Model(format!(
-            "the prompt has {} tokens, the model's context is {}",
-            prompt_ids.len(),
-            loaded.context
-        )));
-    }
-    let sampling = match request.temperature {
-        None => Sampling::ArgMax,
-        Some(t) if t <= 0.0 => Sampling::ArgMax,
-        Some(temperature) => match request.top_p {
-            Some(p) if p < 1.0 => Sampling::TopP { p, temperature },
-            _ => Sampling::All { temperature },
-        },
-    };
-    let mut sampler = LogitsProcessor::from_sampling(request.seed.unwrap_or(0), sampling);
-    loaded.weights.clear_kv_cache();
-    let mut output: Vec<u32> = Vec::new();
-    let mut input = prompt_ids.clone();
-    let mut position = 0;
-    let mut finish = "length";
-    while output.len() < max_new && position + input.len() < loaded.context {
-        let x = Tensor::new(input.as_slice(), &Device::Cpu)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(engine)?;
-        let logits = loaded
-            .weights
-            .forward(&x, position)
-            .and_then(|l| l.squeeze(0))
-            .map_err(engine)?;
-        position += input.len();
-        let next = sampler.sample(&logits).map_err(engine)?;
-        if next == loaded.eos {
-            finish = "stop";
-            break;
-        }
-        output.push(next);
-        input = vec![next];
-        if !request.stop.is_empty() {
-            let text = loaded.tokenizer.decode(&output, true).unwrap_or_default();
-            if request.stop.iter().any(|s| text.ends_with(s.as_str())) {
-                finish = "stop";
-                break;
-            }
+impl Drop for EmbeddedBackend {
+    /// Closing the queue ends the engine once it has nothing left to decode.
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(engine) = self.engine.take() {
+            let _ = engine.join();
         }
     }
-    let mut text = loaded
-        .tokenizer
-        .decode(&output, true)
-        .map_err(|e| model_error(path, e))?;
-    for s in &request.stop {
-        if let Some(cut) = text.find(s.as_str()) {
-            text.truncate(cut);
-        }
-    }
-    Ok((
-        text,
-        prompt_ids.len() as u64,
-        output.len() as u64,
-        finish.to_string(),
-    ))
 }
 
 impl ChatBackend for EmbeddedBackend {
@@ -249,27 +169,190 @@ impl ChatBackend for EmbeddedBackend {
         &'a self,
         request: &'a ChatRequest,
     ) -> BoxFuture<'a, Result<ChatResponse, LlmError>> {
-        let model = Arc::clone(&self.model);
-        let request = request.clone();
-        let path = self.path.clone();
-        let name = self.name.clone();
         Box::pin(async move {
-            let (text, prompt_tokens, completion_tokens, finish) =
-                tokio::task::spawn_blocking(move || {
-                    let mut loaded = model
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    generate(&mut loaded, &request, &path)
-                })
-                .await
-                .map_err(|e| LlmError::Model(format!("generation task failed: {e}")))??;
+            let (reply, answer) = oneshot::channel();
+            let work = Work {
+                prompt: EmbeddedBackend::chatml(request),
+                request: request.clone(),
+                reply,
+            };
+            let queue = self.queue.as_ref().expect("open until dropped");
+            let engine_gone = || LlmError::Model("the engine thread has stopped".into());
+            queue.send(work).map_err(|_| engine_gone())?;
+            let completion = answer.await.map_err(|_| engine_gone())??;
             Ok(ChatResponse {
-                text,
-                model: name,
-                prompt_tokens,
-                completion_tokens,
-                finish_reason: Some(finish),
+                text: completion.text,
+                model: self.name.clone(),
+                prompt_tokens: completion.prompt_tokens,
+                completion_tokens: completion.completion_tokens,
+                finish_reason: Some(completion.finish.to_string()),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine against candle's own quantized llama (what the embedded backend ran before
+    //! continuous batching) on the real SmolLM2 GGUF file, with every weight dequantized to
+    //! f32: the same model, computed another way.
+
+    use std::io::Cursor;
+
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::quantized_llama::ModelWeights;
+
+    use super::*;
+    use crate::llm::Message;
+
+    fn model_path() -> std::path::PathBuf {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            path.is_file(),
+            "{} is missing: run scripts/fetch-models.sh",
+            path.display()
+        );
+        path
+    }
+
+    fn request(question: &str, max_tokens: u32) -> ChatRequest {
+        ChatRequest {
+            model: "smollm2".into(),
+            messages: vec![
+                Message {
+                    role: "system".into(),
+                    content: "You are a helpful assistant.".into(),
+                },
+                Message {
+                    role: "user".into(),
+                    content: question.into(),
+                },
+            ],
+            temperature: None,
+            top_p: None,
+            max_tokens: Some(max_tokens),
+            seed: Some(1),
+            stop: vec![],
+            response_format: None,
+            guided_json: None,
+        }
+    }
+
+    const QUESTIONS: [&str; 4] = [
+        "Name one organ of the human body.",
+        "Write one sentence about vitamin D and bone density.",
+        "What does a ribosome do?",
+        "Explain in two sentences why the sky is blue.",
+    ];
+
+    /// Greedy answers from candle's `quantized_llama` over the f32-dequantized file.
+    fn candle_answers(max_tokens: usize) -> Vec<String> {
+        let path = model_path();
+        let mut file = std::fs::File::open(&path).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let tokenizer = gguf_tokenizer(&content, &path).unwrap();
+        let eos = tokenizer.token_to_id(IM_END).unwrap();
+        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+        names.sort();
+        let tensors: Vec<(&str, QTensor)> = names
+            .into_iter()
+            .map(|name| {
+                let t = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+                let f32 = QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), GgmlDType::F32);
+                (name.as_str(), f32.unwrap())
+            })
+            .collect();
+        let metadata: Vec<(&str, &gguf_file::Value)> = content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+        let mut buffer = Cursor::new(Vec::new());
+        gguf_file::write(&mut buffer, &metadata, &refs).unwrap();
+        buffer.set_position(0);
+        let dense = gguf_file::Content::read(&mut buffer).unwrap();
+        let mut model = ModelWeights::from_gguf(dense, &mut buffer, &Device::Cpu).unwrap();
+        QUESTIONS
+            .iter()
+            .map(|q| {
+                let prompt = EmbeddedBackend::chatml(&request(q, 0));
+                let ids = tokenizer
+                    .encode(prompt.as_str(), false)
+                    .unwrap()
+                    .get_ids()
+                    .to_vec();
+                model.clear_kv_cache();
+                let (mut input, mut position, mut output) = (ids, 0, Vec::new());
+                while output.len() < max_tokens {
+                    let x = Tensor::new(input.as_slice(), &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap();
+                    let logits = model.forward(&x, position).unwrap().squeeze(0).unwrap();
+                    position += input.len();
+                    let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+                    if next == eos {
+                        break;
+                    }
+                    output.push(next);
+                    input = vec![next];
+                }
+                tokenizer.decode(&output, true).unwrap()
+            })
+            .collect()
+    }
+
+    fn answers(max_batch: usize, max_tokens: &[u32]) -> Vec<ChatResponse> {
+        let options = EmbeddedOptions {
+            max_batch,
+            threads: Some(2),
+        };
+        let backend = EmbeddedBackend::open(&model_path(), "smollm2", options).unwrap();
+        let requests: Vec<ChatRequest> = QUESTIONS
+            .iter()
+            .zip(max_tokens)
+            .map(|(q, &n)| request(q, n))
+            .collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(futures::future::join_all(
+            requests.iter().map(|r| backend.complete(r)),
+        ))
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+    }
+
+    #[test]
+    fn greedy_answers_one_at_a_time_are_candles() {
+        let expected = candle_answers(40);
+        let ours = answers(1, &[40; 4]);
+        for ((ours, expected), q) in ours.iter().zip(&expected).zip(QUESTIONS) {
+            assert_eq!(&ours.text, expected, "{q}");
+        }
+    }
+
+    #[test]
+    fn batched_answers_are_the_answers_one_at_a_time() {
+        // Different lengths: sequences leave the batch at different steps, and with two slots
+        // the last requests join while others decode.
+        let lengths = [40, 7, 25, 33];
+        let alone = answers(1, &lengths);
+        for max_batch in [2, 4] {
+            let batched = answers(max_batch, &lengths);
+            for (b, a) in batched.iter().zip(&alone) {
+                assert_eq!(b.text, a.text, "max_batch {max_batch}");
+                assert_eq!(
+                    (b.prompt_tokens, b.completion_tokens, &b.finish_reason),
+                    (a.prompt_tokens, a.completion_tokens, &a.finish_reason)
+                );
+            }
+        }
+        assert_eq!(alone[1].completion_tokens, 7);
+        assert_eq!(alone[1].finish_reason.as_deref(), Some("length"));
     }
 }

@@ -3,11 +3,15 @@
 
 mod batch;
 mod batch_api;
+mod batcher;
+mod blocks;
 mod embedded;
 mod journal;
+mod llama;
 mod openai;
 mod parse;
 mod retry;
+mod sampler;
 mod secret;
 mod structured;
 
@@ -16,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use batch::{read_results, write_requests};
 pub(crate) use batch_api::BatchApi;
-pub use embedded::EmbeddedBackend;
+pub use embedded::{EmbeddedBackend, EmbeddedOptions};
 pub use journal::{Journal, JournalError};
 pub use journal::{JournalEntry, OpenedJournal};
 pub(crate) use openai::{OpenAiBackend, OpenAiConfig};

@@ -16,8 +16,8 @@ mod batch;
 use batch::{BatchApiConfig, BatchFiles, batch_answers};
 
 use crate::llm::{
-    self, ChatBackend, ChatRequest, ChatResponse, EmbeddedBackend, GradedPassage, Journal,
-    JournalEntry, Message, OpenAiBackend, OpenAiConfig, ParseError, RetryPolicy, Secret,
+    self, ChatBackend, ChatRequest, ChatResponse, EmbeddedBackend, EmbeddedOptions, GradedPassage,
+    Journal, JournalEntry, Message, OpenAiBackend, OpenAiConfig, ParseError, RetryPolicy, Secret,
     StructuredOutput, graded_passages_schema, parse_all_levels, parse_single_level,
 };
 use crate::pipeline::{
@@ -64,9 +64,12 @@ struct Config {
     seed: Option<u64>,
     #[serde(default)]
     stop: Vec<String>,
-    /// Requests in flight at once.
+    /// Requests in flight at once (with the embedded backend: sequences decoded together).
     #[serde(default = "default_concurrency")]
     concurrency: usize,
+    /// Threads the embedded model runs on (default: every core).
+    #[serde(default)]
+    threads: Option<usize>,
     #[serde(default = "default_timeout")]
     timeout_s: f64,
     #[serde(default = "default_retries")]
@@ -201,6 +204,9 @@ impl StageKind for Generate {
         }
         if config.concurrency == 0 {
             return Err(ConfigError::new("concurrency", "must be at least 1"));
+        }
+        if config.threads == Some(0) {
+            return Err(ConfigError::new("threads", "must be at least 1"));
         }
         check_seconds("timeout_s", config.timeout_s, false)?;
         if let Some(p) = config.price_per_mtok
@@ -459,7 +465,11 @@ impl GenerateStage {
     fn backend(&self) -> Result<Box<dyn ChatBackend>, StageError> {
         if self.config.backend == BackendKind::Embedded {
             let path = self.model_file.as_ref().expect("checked in prepare");
-            return EmbeddedBackend::open(path, &self.config.model)
+            let options = EmbeddedOptions {
+                max_batch: self.config.concurrency,
+                threads: self.config.threads,
+            };
+            return EmbeddedBackend::open(path, &self.config.model, options)
                 .map(|b| Box::new(b) as Box<dyn ChatBackend>)
                 .map_err(StageError::from);
         }
