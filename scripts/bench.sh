@@ -23,19 +23,23 @@ has() { [[ $flags == *" $1 "* ]]; }
 vendor=$(field vendor_id)
 # The class decides which kernels run (ours and the peers'). OpenBLAS (FAISS, numpy) reads
 # its core type from CPUID and mis-detects some virtual CPUs as generic ones, 3-5x slower:
-# name the core whose kernels the class supports.
+# name the core whose kernels the class supports. An inherited OPENBLAS_CORETYPE is replaced
+# (some machines preset `Haswell`, which leaves FAISS on 256-bit kernels: 0.64 s where
+# SKYLAKEX takes 0.36 s on AMD Zen 5); PEER_OPENBLAS_CORETYPE chooses another on purpose.
 if has avx512f && has avx512bw && has avx512vl; then
     class=avx512
     has avx512_vnni && class+=-vnni
     has amx_tile && class+=-amx
-    export OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-SKYLAKEX}
+    core=SKYLAKEX
 elif has avx2 && has fma; then
     class=avx2
     [[ $vendor == AuthenticAMD ]] && core=ZEN || core=HASWELL
-    export OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$core}
 else
     class=baseline
+    core=
 fi
+core=${PEER_OPENBLAS_CORETYPE:-$core}
+if [[ -n $core ]]; then export OPENBLAS_CORETYPE=$core; else unset OPENBLAS_CORETYPE; fi
 export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2
 stamp() {
     python3 -c '
@@ -44,7 +48,9 @@ for line in sys.stdin:
     if line.startswith("{"):
         row = json.loads(line)
         row.update(cpu=sys.argv[1], cpu_class=sys.argv[2])
-        print(json.dumps(row), flush=True)' "$cpu" "$class"
+        if "peer" in row:
+            row.update(openblas_coretype=sys.argv[3] or "auto")
+        print(json.dumps(row), flush=True)' "$cpu" "$class" "${OPENBLAS_CORETYPE:-}"
 }
 peer() {
     if [ -x "$py" ]; then

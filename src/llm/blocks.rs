@@ -258,6 +258,7 @@ unsafe fn dot_avx512(blocks: &[Block], xs: [&[f32]; ROWS], count: usize) -> [f32
 }
 
 /// The rows' values a block at a time, each slice as long as the blocks (checked here, once).
+#[cfg(target_arch = "x86_64")]
 fn block_rows<const R: usize>(xs: [&[f32]; ROWS], blocks: usize) -> [&[[f32; BLOCK]]; R] {
     let mut rows: [&[[f32; BLOCK]]; R] = [&[]; R];
     for (row, x) in rows.iter_mut().zip(xs) {
