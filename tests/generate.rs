@@ -108,6 +108,9 @@ fn retries_rate_limits_server_errors_dropped_connections_and_malformed_bodies() 
         synthrank::table::Manifest::read(&dir.path().join("work/gen/_manifest.json")).unwrap();
     assert_eq!(manifest.stats["requests_answered"], 1);
     assert_eq!(manifest.stats["completion_tokens"], 40);
+    // 40 tokens over the retries' backoff (well under a minute, more than an instant).
+    let rate = manifest.stats["completion_tokens_per_s"].as_f64().unwrap();
+    assert!(rate > 40.0 / 60.0 && rate < 40.0 / 1e-3, "rate {rate}");
 }
 
 #[test]

@@ -629,6 +629,10 @@ impl GenerateStage {
                     .await;
             sender.bar.finish_and_clear();
             journal.sync()?;
+            // The rate of this run's answers (the journal's earlier ones are not timed here).
+            let sending_s = sender.started.elapsed().as_secs_f64().max(1e-3);
+            let bought = sender.completion_tokens.load(Ordering::Relaxed);
+            ctx.set_stat("completion_tokens_per_s", bought as f64 / sending_s);
             let mut failed = Vec::new();
             for (index, outcome) in outcomes {
                 let job = &jobs[index];
