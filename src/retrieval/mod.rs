@@ -16,7 +16,7 @@ pub use kernel::dot;
 pub(crate) use topk::TopK;
 
 use candidates::Candidates;
-use kernel::{Kernel, ROWS};
+use kernel::{GROUP, Kernel, PanelQuad, ROWS};
 use quantize::{PANEL, QuantizedDocs, QuantizedQuery};
 
 /// Row-major vectors, `data.len() == rows * dim`.
@@ -197,17 +197,28 @@ fn search_block(
         let mut candidates: Vec<Candidates> = (0..qn)
             .map(|i| Candidates::new(options.k, exclude[q0 + i]))
             .collect();
-        // Panel by panel: one panel of documents stays in L1 while every query meets it.
-        for (p, panel) in quantized.panels.chunks_exact(quads).enumerate() {
-            let first_doc = p * PANEL;
-            for (g, group) in groups.chunks_exact(ROWS * quads).enumerate() {
-                let rows = std::array::from_fn(|r| &group[r * quads..(r + 1) * quads]);
-                let integer = kernel.panel(rows, panel);
-                // Rows past the last query (stale bytes) have no candidates: never read.
-                let rows = candidates[g * ROWS..].iter_mut().zip(&terms[g * ROWS..]);
-                for ((kept, terms), integer) in rows.zip(&integer) {
-                    let bounds = quantized.bounds(p, terms, integer);
-                    kept.admit(first_doc, nd - first_doc, &bounds);
+        // A group of panels at a time: its documents stay in L1 while every query meets them.
+        let panels: Vec<&[PanelQuad]> = quantized.panels.chunks_exact(quads).collect();
+        for (first_panel, group) in (0..panels.len()).step_by(GROUP).zip(panels.chunks(GROUP)) {
+            for (g, queries) in groups.chunks_exact(ROWS * quads).enumerate() {
+                let rows = std::array::from_fn(|r| &queries[r * quads..(r + 1) * quads]);
+                let mut products = [[[0; PANEL]; ROWS]; GROUP];
+                match <[&[PanelQuad]; GROUP]>::try_from(group) {
+                    Ok(whole) => products = kernel.panels(rows, whole),
+                    Err(_) => {
+                        for (out, panel) in products.iter_mut().zip(group) {
+                            *out = kernel.panel(rows, panel);
+                        }
+                    }
+                }
+                for (p, integer) in (first_panel..).zip(&products[..group.len()]) {
+                    let first_doc = p * PANEL;
+                    // Rows past the last query (stale bytes) have no candidates: never read.
+                    let rows = candidates[g * ROWS..].iter_mut().zip(&terms[g * ROWS..]);
+                    for ((kept, terms), integer) in rows.zip(integer) {
+                        let bounds = quantized.bounds(p, terms, integer);
+                        kept.admit(first_doc, nd - first_doc, &bounds);
+                    }
                 }
             }
         }
