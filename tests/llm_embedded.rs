@@ -11,22 +11,12 @@ fn request(max_tokens: u32) -> ChatRequest {
     ChatRequest {
         model: "smollm2".into(),
         messages: vec![
-            Message {
-                role: "system".into(),
-                content: "You are a helpful assistant.".into(),
-            },
-            Message {
-                role: "user".into(),
-                content: "Name one organ of the human body.".into(),
-            },
+            Message::new("system", "You are a helpful assistant."),
+            Message::new("user", "Name one organ of the human body."),
         ],
-        temperature: None,
-        top_p: None,
         max_tokens: Some(max_tokens),
         seed: Some(1),
-        stop: vec![],
-        response_format: None,
-        guided_json: None,
+        ..ChatRequest::default()
     }
 }
 

@@ -119,17 +119,10 @@ mod tests {
     fn request(content: &str) -> ChatRequest {
         ChatRequest {
             model: "m".to_string(),
-            messages: vec![Message {
-                role: "user".to_string(),
-                content: content.to_string(),
-            }],
+            messages: vec![Message::new("user", content)],
             temperature: Some(0.0),
-            top_p: None,
             max_tokens: Some(10),
-            seed: None,
-            stop: Vec::new(),
-            response_format: None,
-            guided_json: None,
+            ..ChatRequest::default()
         }
     }
 

@@ -221,22 +221,12 @@ mod tests {
         ChatRequest {
             model: "smollm2".into(),
             messages: vec![
-                Message {
-                    role: "system".into(),
-                    content: "You are a helpful assistant.".into(),
-                },
-                Message {
-                    role: "user".into(),
-                    content: question.into(),
-                },
+                Message::new("system", "You are a helpful assistant."),
+                Message::new("user", question),
             ],
-            temperature: None,
-            top_p: None,
             max_tokens: Some(max_tokens),
             seed: Some(1),
-            stop: vec![],
-            response_format: None,
-            guided_json: None,
+            ..ChatRequest::default()
         }
     }
 

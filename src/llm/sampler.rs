@@ -115,15 +115,10 @@ mod tests {
 
     fn request(temperature: Option<f64>, top_p: Option<f64>, seed: u64) -> ChatRequest {
         ChatRequest {
-            model: "m".into(),
-            messages: vec![],
             temperature,
             top_p,
-            max_tokens: None,
             seed: Some(seed),
-            stop: vec![],
-            response_format: None,
-            guided_json: None,
+            ..ChatRequest::default()
         }
     }
 

@@ -494,15 +494,9 @@ impl GenerateStage {
             for row in 0..batch.num_rows() {
                 let mut messages = Vec::new();
                 if !arrow::array::Array::is_null(systems, row) {
-                    messages.push(Message {
-                        role: "system".to_string(),
-                        content: systems.value(row).to_string(),
-                    });
+                    messages.push(Message::new("system", systems.value(row)));
                 }
-                messages.push(Message {
-                    role: "user".to_string(),
-                    content: users.value(row).to_string(),
-                });
+                messages.push(Message::new("user", users.value(row)));
                 let level = (!arrow::array::Array::is_null(levels, row)).then(|| levels.value(row));
                 let mut request = ChatRequest {
                     model: self.config.model.clone(),
