@@ -317,6 +317,44 @@ mod tests {
         .collect()
     }
 
+    /// A prompt past the model's context fails alone, naming both sizes; the requests beside
+    /// it are answered, and a zero-token request comes back empty without running the model.
+    #[test]
+    fn a_prompt_too_long_fails_alone() {
+        let options = EmbeddedOptions {
+            max_batch: 4,
+            threads: Some(2),
+        };
+        let backend = EmbeddedBackend::open(&model_path(), "smollm2", options).unwrap();
+        let long = request(&"bone density ".repeat(5000), 8);
+        let empty = request(QUESTIONS[1], 0);
+        let fine = request(QUESTIONS[0], 8);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let [long, empty, fine] = rt
+            .block_on(futures::future::join_all(
+                [&long, &empty, &fine].map(|r| backend.complete(r)),
+            ))
+            .try_into()
+            .unwrap();
+        let error = long.unwrap_err().to_string();
+        let tokens: usize = error
+            .split("the prompt has ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{error}"));
+        assert!(
+            tokens > 8192 && error.contains("the model's context is 8192"),
+            "{error}"
+        );
+        let empty = empty.unwrap();
+        assert_eq!((empty.text.as_str(), empty.completion_tokens), ("", 0));
+        assert_eq!(empty.finish_reason.as_deref(), Some("length"));
+        assert_eq!(fine.unwrap().completion_tokens, 8);
+    }
+
     #[test]
     fn greedy_answers_one_at_a_time_are_candles() {
         let expected = candle_answers(40);
