@@ -4,7 +4,6 @@
 
 use std::sync::mpsc::{Receiver, TryRecvError};
 
-use candle_core::{Device, Tensor};
 use futures::channel::oneshot;
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
@@ -59,7 +58,7 @@ struct Sequence {
 
 impl Engine {
     /// Serves requests until the queue is closed and nothing is left to decode.
-    pub fn serve(mut self, queue: &Receiver<Work>) {
+    pub fn serve(self, queue: &Receiver<Work>) {
         let mut active: Vec<Sequence> = Vec::new();
         loop {
             if active.is_empty() {
@@ -79,7 +78,11 @@ impl Engine {
             if active.is_empty() {
                 continue;
             }
-            if let Err(e) = self.step(&mut active) {
+            let stepped = match &self.pool {
+                Some(pool) => pool.install(|| self.step(&mut active)),
+                None => self.step(&mut active),
+            };
+            if let Err(e) = stepped {
                 for s in active.drain(..) {
                     let _ = s.reply.send(Err(e.clone()));
                 }
@@ -129,7 +132,8 @@ impl Engine {
     }
 
     /// One forward pass over every active sequence; the ones that end are answered and leave.
-    fn step(&mut self, active: &mut Vec<Sequence>) -> Result<(), LlmError> {
+    /// Runs on the current rayon pool.
+    fn step(&self, active: &mut Vec<Sequence>) -> Result<(), LlmError> {
         let mut budget = STEP_TOKENS;
         let mut takes = Vec::with_capacity(active.len());
         let mut chunks = Vec::with_capacity(active.len());
@@ -145,11 +149,7 @@ impl Engine {
                 });
             }
         }
-        let model = &self.model;
-        let logits = match &self.pool {
-            Some(pool) => pool.install(|| model.forward(&mut chunks)),
-            None => model.forward(&mut chunks),
-        };
+        let logits = self.model.forward(&mut chunks);
         drop(chunks);
         let vocab = self.model.vocab();
         // Every sequence whose logits came back samples its next token (in parallel: nucleus
@@ -167,15 +167,11 @@ impl Engine {
                 sampling.push((i, s, row));
             }
         }
-        let sample = |(i, s, row): (usize, &mut Sequence, &[f32])| {
-            let row = Tensor::from_slice(row, vocab, &Device::Cpu)?;
-            Ok::<_, candle_core::Error>((i, s.sampler.sample(&row)?))
-        };
-        let sampled: candle_core::Result<Vec<(usize, u32)>> = match &self.pool {
-            Some(pool) => pool.install(|| sampling.into_par_iter().map(sample).collect()),
-            None => sampling.into_par_iter().map(sample).collect(),
-        };
-        let sampled = sampled.map_err(|e| LlmError::Model(e.to_string()))?;
+        let sampled = sampling
+            .into_par_iter()
+            .map(|(i, s, row)| Ok((i, s.sampler.sample(row)?)))
+            .collect::<candle_core::Result<Vec<(usize, u32)>>>()
+            .map_err(|e| LlmError::Model(e.to_string()))?;
         let mut finished = Vec::new();
         for (i, next) in sampled {
             if let Some(reason) = self.advance(&mut active[i], next) {

@@ -1,13 +1,12 @@
 //! A llama-architecture decoder (SmolLM2, Llama and their GGUF files) that runs many sequences
-//! in one forward pass, for continuous batching: every linear layer is one GEMM over the new
+//! in one forward pass, for continuous batching: every linear layer is one product over the new
 //! tokens of all sequences, so its weights are read once per step however many sequences
 //! decode; each sequence attends over its own KV cache.
 //!
-//! Weights are the GGUF file's, dequantized to f32 at load (about 4 bytes a parameter): the
-//! products then run in the runtime-dispatched f32 GEMM kernels, much faster on the CPU than
-//! scalar block-quantized dot products. The arithmetic follows candle's `quantized_llama` on
-//! the same f32 weights operation for operation (RMS norm, interleaved RoPE, SiLU, softmax);
-//! only attention's two products are summed by blocks of their own.
+//! Weights stay in the file's 32-weight blocks where `blocks` has a kernel for the format (f32
+//! otherwise); a prompt being read goes through the f32 GEMM kernels instead. The arithmetic
+//! follows candle's `quantized_llama` operation for operation (RMS norm, interleaved RoPE,
+//! SiLU, softmax); only the products are summed in orders of their own.
 
 use std::fs::File;
 
@@ -301,18 +300,17 @@ impl Llama {
     pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> Vec<f32> {
         let d = self.dims;
         let (dim, qkv_dim) = (d.dim, d.qkv_dim());
-        // The sequence and position of every row of the batch.
-        let rows: Vec<(usize, usize)> = chunks
+        // The position of every row of the batch in its sequence.
+        let positions: Vec<usize> = chunks
             .iter()
-            .enumerate()
-            .flat_map(|(c, chunk)| (0..chunk.tokens.len()).map(move |t| (c, chunk.cache.len + t)))
+            .flat_map(|chunk| chunk.cache.len..chunk.cache.len + chunk.tokens.len())
             .collect();
-        let n = rows.len();
+        let n = positions.len();
         let mut x = Vec::with_capacity(n * dim);
         for &token in chunks.iter().flat_map(|c| c.tokens) {
             x.extend_from_slice(&self.embeddings[token as usize * dim..][..dim]);
         }
-        let rope = self.rope_table(&rows);
+        let rope = self.rope_table(&positions);
         let mut normed = vec![0f32; n * dim];
         let mut qkv = vec![0f32; n * qkv_dim];
         let mut projected = vec![0f32; n * dim];
@@ -369,9 +367,10 @@ impl Llama {
     }
 
     /// cos and sin of every row's rotation angles, interleaved: `[row][pair][cos, sin]`.
-    fn rope_table(&self, rows: &[(usize, usize)]) -> Vec<[f32; 2]> {
-        rows.iter()
-            .flat_map(|&(_, position)| {
+    fn rope_table(&self, positions: &[usize]) -> Vec<[f32; 2]> {
+        positions
+            .iter()
+            .flat_map(|&position| {
                 self.inv_freq.iter().map(move |&f| {
                     let angle = position as f32 * f;
                     [angle.cos(), angle.sin()]

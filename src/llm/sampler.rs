@@ -3,7 +3,7 @@
 //! the same kept tokens, the same random stream), without its sort of the whole vocabulary
 //! for every token: the nucleus is found among the most likely tokens first.
 
-use candle_core::{D, Tensor};
+use candle_core::{D, Device, Tensor};
 use rand::SeedableRng;
 use rand::distr::Distribution;
 use rand::distr::weighted::WeightedIndex;
@@ -48,14 +48,15 @@ impl Sampler {
     }
 
     /// The next token after `logits` (one row, the vocabulary).
-    pub fn sample(&mut self, logits: &Tensor) -> candle_core::Result<u32> {
+    pub fn sample(&mut self, logits: &[f32]) -> candle_core::Result<u32> {
+        let logits = Tensor::from_slice(logits, logits.len(), &Device::Cpu)?;
         let (temperature, p) = match self.mode {
             Mode::Greedy => return logits.argmax(D::Minus1)?.to_scalar::<u32>(),
             Mode::All { temperature } => (temperature, None),
             Mode::Nucleus { p, temperature } => (temperature, Some(p)),
         };
         let mut probabilities: Vec<f32> =
-            candle_nn::ops::softmax_last_dim(&(logits / temperature)?)?.to_vec1()?;
+            candle_nn::ops::softmax_last_dim(&(&logits / temperature)?)?.to_vec1()?;
         if let Some(p) = p
             && p > 0.0
         {
@@ -110,7 +111,6 @@ fn keep_nucleus(probabilities: &mut [f32], p: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
     use candle_transformers::generation::{LogitsProcessor, Sampling};
 
     fn request(temperature: Option<f64>, top_p: Option<f64>, seed: u64) -> ChatRequest {
@@ -165,9 +165,10 @@ mod tests {
                 let mut candle = LogitsProcessor::from_sampling(seed, sampling.clone());
                 for kind in 0..3 {
                     for step in 0..20 {
-                        let row = Tensor::new(logits(kind, step), &Device::Cpu).unwrap();
+                        let values = logits(kind, step);
+                        let row = Tensor::new(values.as_slice(), &Device::Cpu).unwrap();
                         assert_eq!(
-                            ours.sample(&row).unwrap(),
+                            ours.sample(&values).unwrap(),
                             candle.sample(&row).unwrap(),
                             "{sampling:?} seed {seed} kind {kind} step {step}"
                         );
