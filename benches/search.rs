@@ -1,7 +1,7 @@
 //! Exact search throughput, the work of `peers.py search` (FAISS IndexFlatIP): 1,000 queries
 //! against 200,000 documents of 384 dimensions, top-100, 2 threads. Prints one JSON line.
 //! Run: `cargo bench --bench search` (options: --docs N --nq N --dim N --k N --threads N
-//! --query-block N --repeat N). With `--repeat N` the search runs N times on the same data and
+//! --query-block N --chunk-docs N --repeat N). With `--repeat N` the search runs N times on the same data and
 //! `seconds` is the median (`min_seconds` the fastest): this machine's timings vary by ±20%
 //! from run to run, more than the differences being measured.
 
@@ -24,7 +24,12 @@ fn normal(rng: &mut impl Rng, n: usize) -> Vec<f32> {
         .collect()
 }
 
+#[global_allocator]
+static ALLOCATOR: synthrank::allocator::TensorAllocator =
+    synthrank::allocator::TensorAllocator::new();
+
 fn main() {
+    synthrank::allocator::keep_freed_memory();
     let (docs, nq, dim, k, threads) = (
         arg("--docs", 200_000),
         arg("--nq", 1000),
@@ -42,6 +47,7 @@ fn main() {
         k,
         threads,
         query_block: arg("--query-block", defaults.query_block),
+        chunk_docs: arg("--chunk-docs", defaults.chunk_docs),
     };
     let repeat = arg("--repeat", 1).max(1);
     let mut times: Vec<f64> = (0..repeat)

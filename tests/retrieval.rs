@@ -88,6 +88,8 @@ fn blocked_search_equals_brute_force_with_ties() {
             k,
             threads: 1 + trial % 3,
             query_block: [1, 7, 128][trial % 3],
+            // Chunks of one panel, of a few (past the threads' groups), and automatic.
+            chunk_docs: [16, 200, 0][trial % 3],
         };
         assert_search_equals_brute_force(&q, &d, dim, &ids, &exclude, options, trial);
     }
@@ -126,6 +128,8 @@ fn search_is_exact_where_the_integer_pass_is_not() {
                 }
                 // An exact duplicate of the previous document: a tie broken by id.
                 2 => d.copy_within(row.start - dim..row.start, row.start),
+                // Subnormal: 127 over its largest component overflows f32.
+                3 if j % 3 == 0 => d[row].iter_mut().for_each(|v| *v *= 1e-39),
                 _ => {}
             }
         }
@@ -139,6 +143,7 @@ fn search_is_exact_where_the_integer_pass_is_not() {
             k,
             threads: 1 + trial % 2,
             query_block: [4, 64][trial % 2],
+            chunk_docs: [0, 100, 1000][trial % 3],
         };
         assert_search_equals_brute_force(&q, &d, dim, &ids, &exclude, options, trial);
     }

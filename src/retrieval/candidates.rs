@@ -7,7 +7,7 @@
 //! k-th score, so the exact pass scores little more than the documents whose bound reaches
 //! the final k-th score, instead of every document that beat a k-th score still rising.
 
-use super::quantize::{Bounds, PANEL};
+use super::quantize::PANEL;
 use super::{Hit, TopK, Vectors, kernel};
 
 /// Rows fetched ahead of the exact pass's dot products (they are scattered over the corpus).
@@ -37,41 +37,39 @@ impl Candidates {
     }
 
     /// The score an upper bound must reach to be kept.
-    fn floor(&self) -> f32 {
+    pub(crate) fn floor(&self) -> f32 {
         self.lower.floor
     }
 
-    /// Offers the documents of a panel, `first..` (at most `live` of them), by their bounds.
-    /// Inlined: most panels have no document that reaches, and that test is a few vector
-    /// instructions on bounds still in registers.
+    /// Offers the documents of a panel, `first..` (at most `live` of them), marked in
+    /// `reaching` (by [`super::quantize::QuantizedDocs::screen`]); `bounds(j)` is document
+    /// j's (lower, upper) bound.
     #[inline(always)]
-    pub(crate) fn admit(&mut self, first: usize, live: usize, bounds: &Bounds) {
-        let mut reaching = reaching(&bounds.upper, self.floor());
+    pub(crate) fn admit(
+        &mut self,
+        first: usize,
+        live: usize,
+        mut reaching: u32,
+        bounds: impl Fn(usize) -> (f32, f32),
+    ) {
         if live < PANEL {
             reaching &= (1 << live) - 1;
         }
-        if reaching != 0 {
-            self.keep(first, reaching, bounds);
-        }
-    }
-
-    /// Keeps the documents marked in `reaching` whose bound still reaches the floor.
-    fn keep(&mut self, first: usize, mut reaching: u32, bounds: &Bounds) {
-        let Bounds { lower, upper } = bounds;
         while reaching != 0 {
             let j = reaching.trailing_zeros() as usize;
             reaching &= reaching - 1;
             let doc = (first + j) as u32;
+            let (lower, upper) = bounds(j);
             // The floor may have risen since the mask was taken.
-            if upper[j] < self.floor() || self.exclude == Some(doc) {
+            if upper < self.floor() || self.exclude == Some(doc) {
                 continue;
             }
-            self.lower.offer(lower[j]);
+            self.lower.offer(lower);
             self.kept.push(Candidate {
-                upper: if upper[j].is_nan() {
+                upper: if upper.is_nan() {
                     f32::INFINITY
                 } else {
-                    upper[j]
+                    upper
                 },
                 doc,
             });
@@ -158,29 +156,6 @@ impl LowerBounds {
     }
 }
 
-/// Bit j is set where `upper[j]` reaches `floor` or is NaN. Most panels have none.
-#[cfg(target_arch = "x86_64")]
-fn reaching(upper: &[f32; PANEL], floor: f32) -> u32 {
-    use std::arch::x86_64::*;
-    // The compiler builds the mask bit by bit; SSE (part of x86-64) compares 4 at a time.
-    // SAFETY: 16 f32 are four 128-bit vectors, every bit pattern valid.
-    unsafe {
-        let floor = _mm_set1_ps(floor);
-        let quarters = std::mem::transmute::<[f32; PANEL], [__m128; 4]>(*upper);
-        quarters.iter().enumerate().fold(0, |mask, (i, &u)| {
-            // "Not less than": true for NaN.
-            mask | ((_mm_movemask_ps(_mm_cmpnlt_ps(u, floor)) as u32) << (4 * i))
-        })
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn reaching(upper: &[f32; PANEL], floor: f32) -> u32 {
-    upper.iter().enumerate().fold(0, |mask, (j, &u)| {
-        mask | (u32::from(u >= floor || u.is_nan()) << j)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,19 +193,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn reaching_marks_bounds_at_or_above_the_floor_and_nan() {
-        let mut upper = [0.0f32; PANEL];
-        upper[1] = 1.0;
-        upper[2] = 2.0;
-        upper[5] = f32::NAN;
-        upper[15] = f32::INFINITY;
-        upper[9] = f32::NEG_INFINITY;
-        assert_eq!(reaching(&upper, 1.0), 0b1000_0000_0010_0110);
-        assert_eq!(reaching(&upper, f32::NEG_INFINITY), 0xffff);
-        assert_eq!(reaching(&upper, f32::INFINITY), 0b1000_0000_0010_0000);
-    }
-
     /// The bounds decide what is scored: given bounds that (falsely) rule a document out, it is
     /// never scored, however good it is; the exact pass stops at the first bound below the k-th
     /// exact score, and an excluded document is never kept.
@@ -242,10 +204,7 @@ mod tests {
             data: &data,
             dim: 1,
         };
-        let mut bounds = Bounds {
-            lower: [f32::NEG_INFINITY; PANEL],
-            upper: [f32::NEG_INFINITY; PANEL],
-        };
+        let mut bounds = [(f32::NEG_INFINITY, f32::NEG_INFINITY); PANEL];
         // k = 2: after docs 0 and 1 the k-th best lower bound is 3.5. Doc 2's upper bound (1)
         // is below it: never kept. Doc 3's (3.9) is kept, but below the k-th exact score (4)
         // once docs 0 and 1 are scored: the exact pass stops before it. Doc 4 is excluded.
@@ -253,10 +212,11 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            (bounds.lower[j], bounds.upper[j]) = (l, u);
+            bounds[j] = (l, u);
         }
         let mut kept = Candidates::new(2, Some(4));
-        kept.admit(0, 5, &bounds);
+        // Every document offered, as if the screen passed them all: the bounds still decide.
+        kept.admit(0, 5, u32::MAX, |j| bounds[j]);
         let hits = kept.into_hits(&[1.0], docs, &[0, 1, 2, 3, 4]);
         assert_eq!(
             hits,

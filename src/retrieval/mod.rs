@@ -7,15 +7,18 @@
 
 mod candidates;
 mod kernel;
+mod phases;
 mod quantize;
 mod topk;
 
 use std::cmp::Ordering;
+use std::sync::RwLock;
 
 pub use kernel::dot;
 pub(crate) use topk::TopK;
 
 use candidates::Candidates;
+use phases::Phases;
 use kernel::{GROUP, Kernel, PanelQuad, ROWS};
 use quantize::{PANEL, QuantizedDocs, QuantizedQuery};
 
@@ -36,8 +39,12 @@ impl Vectors<'_> {
 pub struct SearchOptions {
     pub k: usize,
     pub threads: usize,
-    /// Queries scored together (rounded up to the kernel's 4 rows).
+    /// Queries searched together in one pass over the corpus (the corpus is quantized once per
+    /// pass, and the pass's candidates, a few k per query, are held together).
     pub query_block: usize,
+    /// Documents quantized at a time, shared by the threads (0: about 4 MiB of bytes). The
+    /// quantized corpus never exists whole.
+    pub chunk_docs: usize,
 }
 
 impl Default for SearchOptions {
@@ -45,7 +52,8 @@ impl Default for SearchOptions {
         SearchOptions {
             k: 100,
             threads: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-            query_block: 128,
+            query_block: 4096,
+            chunk_docs: 0,
         }
     }
 }
@@ -122,35 +130,63 @@ pub(crate) fn search_with_progress(
     }
     let nq = queries.rows();
     let kernel = Kernel::detect();
+    let threads = options.threads.clamp(1, nq.max(1));
+    let quads = docs.dim.div_ceil(4);
+    // Each thread quantizes one part of every chunk: whole groups of panels.
+    let chunk_panels = match options.chunk_docs {
+        0 => (CHUNK_BYTES / (quads.max(1) * 4 * PANEL)).max(1),
+        docs => docs.div_ceil(PANEL),
+    };
+    let part_panels = chunk_panels.div_ceil(threads).div_ceil(GROUP) * GROUP;
     let corpus = Corpus {
         vectors: docs,
-        quantized: &QuantizedDocs::new(docs, kernel, options.threads),
         id_rank,
         kernel,
+        parts: &(0..threads)
+            .map(|_| RwLock::new(QuantizedDocs::new(kernel, docs.dim)))
+            .collect::<Vec<_>>(),
+        part_panels,
+        phases: &Phases::new(threads),
     };
-    let threads = options.threads.clamp(1, nq.max(1));
-    let per_thread = nq.div_ceil(threads).max(1);
     let mut results: Vec<Vec<Hit>> = vec![Vec::new(); nq];
+    // Every thread takes part in every pass (with no queries, if need be): all quantize.
+    let per_pass = options.query_block.max(1);
+    let mut shares: Vec<Vec<(usize, &mut [Vec<Hit>])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (pass, out) in results.chunks_mut(per_pass).enumerate() {
+        let per_thread = out.len().div_ceil(threads);
+        let mut slices = out.chunks_mut(per_thread);
+        for (t, share) in shares.iter_mut().enumerate() {
+            let first = pass * per_pass + t * per_thread;
+            share.push((first, slices.next().unwrap_or_default()));
+        }
+    }
     std::thread::scope(|scope| {
-        for (chunk, out) in results.chunks_mut(per_thread).enumerate() {
-            let start = chunk * per_thread;
+        for (thread, passes) in shares.into_iter().enumerate() {
+            let corpus = &corpus;
             scope.spawn(move || {
-                let rows = Vectors {
-                    data: &queries.data[start * queries.dim..(start + out.len()) * queries.dim],
-                    dim: queries.dim,
-                };
-                let exclude = exclude_slice(exclude, start, out.len());
-                // Compiled for the kernel's instruction set: the bounds and the quantizer go
-                // wider.
-                kernel.vectorized(
-                    #[inline(always)]
-                    || search_block(rows, &corpus, &exclude, options, out, done),
-                );
+                // A failed thread releases the others from their wait.
+                let _guard = corpus.phases.guard();
+                for (first, out) in passes {
+                    let rows = Vectors {
+                        data: &queries.data[first * queries.dim..(first + out.len()) * queries.dim],
+                        dim: queries.dim,
+                    };
+                    let exclude = exclude_slice(exclude, first, out.len());
+                    // Compiled for the kernel's instruction set: the bounds and the query
+                    // quantizer go wider.
+                    kernel.vectorized(
+                        #[inline(always)]
+                        || search_pass(thread, rows, corpus, &exclude, options, out, done),
+                    );
+                }
             });
         }
     });
     Ok(results)
 }
+
+/// Bytes of quantized documents per chunk of the corpus: 2 to 3 MiB per thread stay in L3.
+const CHUNK_BYTES: usize = 4 << 20;
 
 fn exclude_slice(exclude: &[Option<u32>], start: usize, len: usize) -> Vec<Option<u32>> {
     (start..start + len)
@@ -158,12 +194,14 @@ fn exclude_slice(exclude: &[Option<u32>], start: usize, len: usize) -> Vec<Optio
         .collect()
 }
 
-/// One thread's share: its queries against all documents, a block of queries at a time. The
-/// integer pass scores every pair and keeps, per query, the documents whose upper bound
-/// reaches the k-th best lower bound so far; those alone are scored exactly. Inlined into the
-/// code compiled for the corpus's kernel.
+/// One thread's queries of a pass against all documents. The corpus goes by in chunks: the
+/// threads quantize a part of each and then all read every part. The integer pass scores
+/// every pair and keeps, per query, the documents whose upper bound reaches the k-th best
+/// lower bound so far; those alone are scored exactly. Inlined into the code compiled for the
+/// corpus's kernel.
 #[inline(always)]
-fn search_block(
+fn search_pass(
+    thread: usize,
     queries: Vectors<'_>,
     corpus: &Corpus<'_>,
     exclude: &[Option<u32>],
@@ -173,70 +211,117 @@ fn search_block(
 ) {
     let Corpus {
         vectors: docs,
-        quantized,
         id_rank,
         kernel,
+        parts,
+        part_panels,
+        phases,
     } = *corpus;
-    let levels = kernel.query_levels();
-    let (dim, quads) = (queries.dim, quantized.quads);
+    let (dim, quads) = (queries.dim, docs.dim.div_ceil(4));
     let (nq, nd) = (queries.rows(), docs.rows());
-    let query_block = options.query_block.max(1).div_ceil(ROWS) * ROWS;
-    // Rows past the last query of a block keep stale bytes: their scores are never read.
-    let mut bytes = vec![[0u8; 4]; query_block * quads];
+    let query = |i: usize| &queries.data[i * dim..(i + 1) * dim];
+    // Rows past the last query keep zero bytes: their scores are never read.
+    let mut bytes = vec![[0u8; 4]; nq.div_ceil(ROWS) * ROWS * quads];
     let mut scratch = Vec::new();
-    for q0 in (0..nq).step_by(query_block) {
-        let qn = query_block.min(nq - q0);
-        let query = |i: usize| &queries.data[(q0 + i) * dim..(q0 + i + 1) * dim];
-        let terms: Vec<QuantizedQuery> = bytes
-            .chunks_exact_mut(quads)
-            .take(qn)
-            .enumerate()
-            .map(|(i, row)| QuantizedQuery::new(query(i), levels, row, &mut scratch))
-            .collect();
-        let groups = &bytes[..qn.div_ceil(ROWS) * ROWS * quads];
-        let mut candidates: Vec<Candidates> = (0..qn)
-            .map(|i| Candidates::new(options.k, exclude[q0 + i]))
-            .collect();
-        // A group of panels at a time: its documents stay in L1 while every query meets them.
-        let panels: Vec<&[PanelQuad]> = quantized.panels.chunks_exact(quads).collect();
-        for (first_panel, group) in (0..panels.len()).step_by(GROUP).zip(panels.chunks(GROUP)) {
-            for (g, queries) in groups.chunks_exact(ROWS * quads).enumerate() {
-                let rows = std::array::from_fn(|r| &queries[r * quads..(r + 1) * quads]);
-                let mut products = [[[0; PANEL]; ROWS]; GROUP];
-                match <[&[PanelQuad]; GROUP]>::try_from(group) {
-                    Ok(whole) => products = kernel.panels(rows, whole),
-                    Err(_) => {
-                        for (out, panel) in products.iter_mut().zip(group) {
-                            *out = kernel.panel(rows, panel);
-                        }
+    let terms: Vec<QuantizedQuery> = bytes
+        .chunks_exact_mut(quads)
+        .take(nq)
+        .enumerate()
+        .map(|(i, row)| QuantizedQuery::new(query(i), kernel.query_levels(), row, &mut scratch))
+        .collect();
+    let mut candidates: Vec<Candidates> = (0..nq)
+        .map(|i| Candidates::new(options.k, exclude[i]))
+        .collect();
+    let total_panels = nd.div_ceil(PANEL);
+    let chunk_panels = part_panels * parts.len();
+    let chunks = total_panels.div_ceil(chunk_panels);
+    let mut reported = 0;
+    for chunk in 0..chunks {
+        let start = (chunk * chunk_panels + thread * part_panels).min(total_panels);
+        let end = (start + part_panels).min(total_panels);
+        parts[thread]
+            .write()
+            .expect("a search thread failed")
+            .fill(docs, start..end);
+        phases.wait();
+        for part in parts {
+            let part = part.read().expect("a search thread failed");
+            scan(&part, &bytes, &terms, &mut candidates, kernel, nd);
+        }
+        phases.wait();
+        // Progress by the share of the corpus passed; the last share after the exact pass.
+        if chunk + 1 < chunks {
+            let passed = nq * (chunk + 1) / chunks;
+            done(passed - reported);
+            reported = passed;
+        }
+    }
+    for (i, kept) in candidates.into_iter().enumerate() {
+        out[i] = kept.into_hits(query(i), docs, id_rank);
+    }
+    done(nq - reported);
+}
+
+/// Offers the documents of `part` to every query: a group of panels at a time, its documents
+/// staying in L1 while every query meets them.
+#[inline(always)]
+fn scan(
+    part: &QuantizedDocs,
+    bytes: &[[u8; 4]],
+    terms: &[QuantizedQuery],
+    candidates: &mut [Candidates],
+    kernel: Kernel,
+    nd: usize,
+) {
+    let (quads, nq) = (part.quads, terms.len());
+    let panels: Vec<&[PanelQuad]> = part.panels.chunks_exact(quads).collect();
+    for (first_panel, group) in (0..panels.len()).step_by(GROUP).zip(panels.chunks(GROUP)) {
+        for (g, queries) in bytes.chunks_exact(ROWS * quads).enumerate() {
+            let rows = std::array::from_fn(|r| &queries[r * quads..(r + 1) * quads]);
+            let mut products = [[[0; PANEL]; ROWS]; GROUP];
+            match <[&[PanelQuad]; GROUP]>::try_from(group) {
+                Ok(whole) => products = kernel.panels(rows, whole),
+                Err(_) => {
+                    for (out, panel) in products.iter_mut().zip(group) {
+                        *out = kernel.panel(rows, panel);
                     }
                 }
-                for (p, integer) in (first_panel..).zip(&products[..group.len()]) {
-                    let first_doc = p * PANEL;
-                    // Rows past the last query (stale bytes) have no candidates: never read.
-                    let rows = candidates[g * ROWS..].iter_mut().zip(&terms[g * ROWS..]);
-                    for ((kept, terms), integer) in rows.zip(integer) {
-                        let bounds = quantized.bounds(p, terms, integer);
-                        kept.admit(first_doc, nd - first_doc, &bounds);
+            }
+            // The bound's query terms and floors of this group's rows; rows past the last
+            // query get no floor to reach.
+            let mut floors = [f32::INFINITY; ROWS];
+            let mut row_terms = [QuantizedQuery::default(); ROWS];
+            for r in 0..ROWS.min(nq - g * ROWS) {
+                floors[r] = candidates[g * ROWS + r].floor();
+                row_terms[r] = terms[g * ROWS + r];
+            }
+            let products = &products[..group.len()];
+            let masks = part.screen(first_panel, &row_terms, &floors, products);
+            for (p, (integer, masks)) in (first_panel..).zip(products.iter().zip(&masks)) {
+                let first_doc = (part.first + p) * PANEL;
+                let rows = candidates[g * ROWS..].iter_mut().zip(&row_terms);
+                for (r, (kept, query)) in rows.enumerate() {
+                    if masks[r] != 0 {
+                        kept.admit(first_doc, nd - first_doc, masks[r], |j| {
+                            part.bounds(p, j, query, integer[r][j])
+                        });
                     }
                 }
             }
         }
-        for (i, kept) in candidates.into_iter().enumerate() {
-            out[q0 + i] = kept.into_hits(query(i), docs, id_rank);
-        }
-        done(qn);
     }
 }
 
-/// The documents of a search: their vectors, quantized copies, id ranks, and the kernel the
-/// copies are scored with.
+/// The documents of a search: their vectors, id ranks, the kernel they are scored with, and
+/// the parts of the chunk being searched (one per thread, `part_panels` each).
 #[derive(Clone, Copy)]
 struct Corpus<'a> {
     vectors: Vectors<'a>,
-    quantized: &'a QuantizedDocs,
     id_rank: &'a [u32],
     kernel: Kernel,
+    parts: &'a [RwLock<QuantizedDocs>],
+    part_panels: usize,
+    phases: &'a Phases,
 }
 
 /// trec_eval's order of two hits: higher score first, then larger id.

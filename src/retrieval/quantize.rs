@@ -15,7 +15,7 @@
 //! upper bound falls below k other documents' lower bounds cannot enter the top k.
 
 use super::Vectors;
-use super::kernel::{Kernel, PanelQuad};
+use super::kernel::{GROUP, Kernel, PanelQuad, ROWS};
 
 /// Documents per panel: the kernel's column count.
 pub(crate) const PANEL: usize = 16;
@@ -48,12 +48,7 @@ const LANES: usize = 32;
 /// component is rounded and its three squared terms summed lane by lane.
 #[inline(always)]
 fn quantize(x: &[f32], levels: f32, out: &mut [i32]) -> Quantized {
-    let max = max_abs(x);
-    let (scale, inverse) = if max > 0.0 && max.is_finite() {
-        (max / levels, levels / max)
-    } else {
-        (0.0, 0.0)
-    };
+    let (scale, inverse) = scale_of(max_abs(x), levels);
     let [mut norm, mut residual, mut stored] = [[0f32; LANES]; 3];
     let mut lane = |l: usize, v: f32, o: &mut i32| {
         // `max`/`min` ignore NaN (a vector that is not finite), so the value is an integer in
@@ -82,6 +77,19 @@ fn quantize(x: &[f32], levels: f32, out: &mut [i32]) -> Quantized {
         norm: norm_of(norm),
         residual_norm: norm_of(residual),
         stored_norm: norm_of(stored),
+    }
+}
+
+/// The scale s = max / levels and its inverse; (0, 0) where there is nothing to scale or the
+/// inverse would overflow (a subnormal maximum): every component then rounds to 0 and the
+/// residual is the vector itself, so the bound still holds.
+#[inline(always)]
+fn scale_of(max: f32, levels: f32) -> (f32, f32) {
+    let inverse = levels / max;
+    if max > 0.0 && max.is_finite() && inverse.is_finite() {
+        (max / levels, inverse)
+    } else {
+        (0.0, 0.0)
     }
 }
 
@@ -114,159 +122,340 @@ fn max_abs(x: &[f32]) -> f32 {
     lanes.into_iter().fold(0.0, f32::max)
 }
 
-/// The documents of a search, quantized and packed in panels of [`PANEL`].
+/// Documents quantized and packed in panels of [`PANEL`]: a run of the corpus's panels,
+/// refilled as the search moves through the corpus, so the corpus is never copied whole.
 pub(crate) struct QuantizedDocs {
+    kernel: Kernel,
     /// Groups of 4 components per vector (the dimension rounded up to a multiple of 4).
     pub quads: usize,
-    /// `[panel][quad]`; the last panel is padded with zero documents.
+    /// The corpus panel held first.
+    pub first: usize,
+    /// `[panel][quad]`; a panel past the last document holds zero documents.
     pub panels: Vec<PanelQuad>,
-    /// Per document, padded to whole panels like `panels`.
-    scale: Vec<f32>,
-    /// `Σ d̂ᵢ`: the query's offset times this is taken out of the kernel's sums.
-    sum: Vec<i32>,
+    /// Per panel, the document side of the bound.
+    terms: Vec<PanelTerms>,
+}
+
+/// The document side of the bound for the [`PANEL`] documents of a panel (zero for padding),
+/// one 64-byte line per term so a panel's terms load as four vectors.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+pub(crate) struct PanelTerms {
+    scale: [f32; PANEL],
+    /// `(levels + 1)·Σ d̂ᵢ`: the query bytes' offset times the components' sum, taken out of
+    /// the kernel's sums. |levels + 1| ≤ 128 and |Σ| ≤ 127 · dim: inside i32 to `MAX_DIM`.
+    offset_sum: [i32; PANEL],
     /// `‖r_d‖ + γ‖d‖`, multiplied by ‖q‖ in the bound; infinite for a vector that is not finite
     /// (always rescored).
-    slack_per_query_norm: Vec<f32>,
+    slack_norm: [f32; PANEL],
     /// `‖s_d d̂‖`, multiplied by ‖r_q‖ in the bound.
-    slack_per_query_residual: Vec<f32>,
+    slack_residual: [f32; PANEL],
+}
+
+impl PanelTerms {
+    /// Document j's upper bound against `query` given their integer product, its lower bound
+    /// (NaN where a vector is not finite). [`QuantizedDocs::screen`] computes the same upper
+    /// bound, with the same operations in the same order, 16 documents at a time.
+    #[inline(always)]
+    fn bounds(&self, j: usize, query: &QuantizedQuery, integer: i32) -> (f32, f32) {
+        // Exact in i32: both sums are below 255 · 127 · dim (`super::MAX_DIM`).
+        let products = integer.wrapping_sub(self.offset_sum[j]);
+        let approx = products as f32 * (query.scale * self.scale[j]);
+        let slack = query.norm * self.slack_norm[j] + query.residual_norm * self.slack_residual[j];
+        (approx - slack, approx + slack)
+    }
 }
 
 impl QuantizedDocs {
-    pub fn new(docs: Vectors<'_>, kernel: Kernel, threads: usize) -> QuantizedDocs {
-        let (dim, rows) = (docs.dim, docs.rows());
-        let quads = dim.div_ceil(4);
-        let panels = rows.div_ceil(PANEL);
-        let mut out = QuantizedDocs {
-            quads,
-            panels: vec![[0; 4 * PANEL]; panels * quads],
-            scale: vec![0.0; panels * PANEL],
-            sum: vec![0; panels * PANEL],
-            slack_per_query_norm: vec![0.0; panels * PANEL],
-            slack_per_query_residual: vec![0.0; panels * PANEL],
-        };
-        let per_thread = panels.div_ceil(threads.max(1)).max(1);
-        std::thread::scope(|scope| {
-            let chunks = out
-                .panels
-                .chunks_mut(per_thread * quads)
-                .zip(out.scale.chunks_mut(per_thread * PANEL))
-                .zip(out.sum.chunks_mut(per_thread * PANEL))
-                .zip(out.slack_per_query_norm.chunks_mut(per_thread * PANEL))
-                .zip(out.slack_per_query_residual.chunks_mut(per_thread * PANEL));
-            for (chunk, ((((panels, scale), sum), slack_norm), slack_residual)) in
-                chunks.enumerate()
-            {
-                let share = Share {
-                    first: chunk * per_thread * PANEL,
-                    panels,
-                    scale,
-                    sum,
-                    slack_norm,
-                    slack_residual,
-                };
-                // Compiled for the kernel's instruction set: the quantizer's loops go wider.
-                scope.spawn(move || {
-                    kernel.vectorized(
-                        #[inline(always)]
-                        || share.fill(docs),
-                    );
-                });
-            }
-        });
-        out
+    /// Empty, for documents of `dim` components scored with `kernel`.
+    pub fn new(kernel: Kernel, dim: usize) -> QuantizedDocs {
+        QuantizedDocs {
+            kernel,
+            quads: dim.div_ceil(4),
+            first: 0,
+            panels: Vec::new(),
+            terms: Vec::new(),
+        }
     }
 
-    /// The bounds on the exact scores of one panel's documents against one query, given their
-    /// integer products (NaN where a vector is not finite).
+    /// Quantizes the corpus panels `range` of `docs` in place of those held (reusing the
+    /// memory: the search refills it for every run of panels).
+    pub fn fill(&mut self, docs: Vectors<'_>, range: std::ops::Range<usize>) {
+        debug_assert_eq!(docs.dim.div_ceil(4), self.quads);
+        self.first = range.start;
+        self.panels.resize(range.len() * self.quads, [0; 4 * PANEL]);
+        self.terms.resize(range.len(), PanelTerms::default());
+        let kernel = self.kernel;
+        let share = Share {
+            first: range.start * PANEL,
+            panels: &mut self.panels,
+            terms: &mut self.terms,
+        };
+        // Compiled for the kernel's instruction set: the quantizer's loops go wider.
+        kernel.vectorized(
+            #[inline(always)]
+            || share.fill(docs, kernel),
+        );
+    }
+
+    /// Document j of held panel `panel`'s bounds on its exact score against `query`, given
+    /// their integer product: (lower, upper), NaN where a vector is not finite.
     #[inline(always)]
     pub(crate) fn bounds(
         &self,
         panel: usize,
+        j: usize,
         query: &QuantizedQuery,
-        integer: &[i32; PANEL],
-    ) -> Bounds {
-        let docs = panel * PANEL..(panel + 1) * PANEL;
-        let per_doc = |v: &[f32]| -> [f32; PANEL] { v[docs.clone()].try_into().expect("a panel") };
-        let (scale, slack_norm, slack_residual) = (
-            per_doc(&self.scale),
-            per_doc(&self.slack_per_query_norm),
-            per_doc(&self.slack_per_query_residual),
-        );
-        let sum: [i32; PANEL] = self.sum[docs].try_into().expect("a panel");
-        // Plain loops over the lanes, not `array::from_fn`: that one is not inlined in the
-        // dev profile, and a call per bound costs more than the arithmetic.
-        let mut bounds = Bounds {
-            lower: [0.0; PANEL],
-            upper: [0.0; PANEL],
-        };
-        for j in 0..PANEL {
-            // Exact in i32: both sums are below 255 · 127 · dim (`super::MAX_DIM`).
-            let products = integer[j].wrapping_sub(query.offset.wrapping_mul(sum[j]));
-            let approx = products as f32 * (query.scale * scale[j]);
-            let slack = query.norm * slack_norm[j] + query.residual_norm * slack_residual[j];
-            bounds.lower[j] = approx - slack;
-            bounds.upper[j] = approx + slack;
+        integer: i32,
+    ) -> (f32, f32) {
+        self.terms[panel].bounds(j, query, integer)
+    }
+
+    /// Which documents of the held panels from `first` (one per element of `products`, at most
+    /// [`GROUP`]) may reach each query's floor: bit j of `[g][r]` is set where the upper bound
+    /// of document j of panel `first + g` against query r is at least `floors[r]`, or NaN.
+    /// Under AVX-512 a whole group is screened in vector registers, the lower bounds left for
+    /// the few documents that pass.
+    #[inline(always)]
+    pub(crate) fn screen(
+        &self,
+        first: usize,
+        queries: &[QuantizedQuery; ROWS],
+        floors: &[f32; ROWS],
+        products: &[[[i32; PANEL]; ROWS]],
+    ) -> [[u32; ROWS]; GROUP] {
+        let terms = &self.terms[first..first + products.len()];
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == Kernel::Avx512Vnni
+            && let (Ok(terms), Ok(products)) = (terms.try_into(), products.try_into())
+        {
+            // SAFETY: the kernel's features (AVX-512F among them) were detected at run time.
+            return unsafe { screen_avx512(terms, queries, floors, products) };
         }
-        bounds
+        let mut masks = [[0; ROWS]; GROUP];
+        for ((masks, terms), products) in masks.iter_mut().zip(terms).zip(products) {
+            for r in 0..ROWS {
+                let mut upper = [0.0; PANEL];
+                for (j, upper) in upper.iter_mut().enumerate() {
+                    *upper = terms.bounds(j, &queries[r], products[r][j]).1;
+                }
+                masks[r] = reaching(&upper, floors[r]);
+            }
+        }
+        masks
     }
 }
 
-/// One thread's share of [`QuantizedDocs`]: whole panels, from document `first`.
+/// [`QuantizedDocs::screen`] for a whole group, 16 documents per vector: the operations of
+/// [`PanelTerms::bounds`]'s upper bound, lane by lane, so the mask is the scalar one's.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn screen_avx512(
+    terms: &[PanelTerms; GROUP],
+    queries: &[QuantizedQuery; ROWS],
+    floors: &[f32; ROWS],
+    products: &[[[i32; PANEL]; ROWS]; GROUP],
+) -> [[u32; ROWS]; GROUP] {
+    use std::arch::x86_64::*;
+    // SAFETY (the transmutes): 16 lanes of 4 bytes are one 512-bit vector, every bit pattern
+    // valid.
+    let floats = |v: &[f32; PANEL]| unsafe { std::mem::transmute::<[f32; PANEL], __m512>(*v) };
+    let ints = |v: &[i32; PANEL]| unsafe { std::mem::transmute::<[i32; PANEL], __m512i>(*v) };
+    let mut masks = [[0; ROWS]; GROUP];
+    for g in 0..GROUP {
+        let t = &terms[g];
+        let (scale, offset_sum) = (floats(&t.scale), ints(&t.offset_sum));
+        let (slack_norm, slack_residual) = (floats(&t.slack_norm), floats(&t.slack_residual));
+        for r in 0..ROWS {
+            let q = &queries[r];
+            let products = _mm512_cvtepi32_ps(_mm512_sub_epi32(ints(&products[g][r]), offset_sum));
+            let approx = _mm512_mul_ps(products, _mm512_mul_ps(_mm512_set1_ps(q.scale), scale));
+            let slack = _mm512_add_ps(
+                _mm512_mul_ps(_mm512_set1_ps(q.norm), slack_norm),
+                _mm512_mul_ps(_mm512_set1_ps(q.residual_norm), slack_residual),
+            );
+            let upper = _mm512_add_ps(approx, slack);
+            // "Not less than", unordered: true for NaN.
+            masks[g][r] = u32::from(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(
+                upper,
+                _mm512_set1_ps(floors[r]),
+            ));
+        }
+    }
+    masks
+}
+
+/// Bit j is set where `upper[j]` reaches `floor` or is NaN. Most panels have none.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn reaching(upper: &[f32; PANEL], floor: f32) -> u32 {
+    use std::arch::x86_64::*;
+    // The compiler builds the mask bit by bit; SSE (part of x86-64) compares 4 at a time.
+    // SAFETY: 16 f32 are four 128-bit vectors, every bit pattern valid.
+    unsafe {
+        let floor = _mm_set1_ps(floor);
+        let quarters = std::mem::transmute::<[f32; PANEL], [__m128; 4]>(*upper);
+        quarters.iter().enumerate().fold(0, |mask, (i, &u)| {
+            // "Not less than": true for NaN.
+            mask | ((_mm_movemask_ps(_mm_cmpnlt_ps(u, floor)) as u32) << (4 * i))
+        })
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+fn reaching(upper: &[f32; PANEL], floor: f32) -> u32 {
+    upper.iter().enumerate().fold(0, |mask, (j, &u)| {
+        mask | (u32::from(u >= floor || u.is_nan()) << j)
+    })
+}
+
+/// The panels being filled, from document `first`.
 struct Share<'a> {
     first: usize,
     panels: &'a mut [PanelQuad],
-    scale: &'a mut [f32],
-    sum: &'a mut [i32],
-    slack_norm: &'a mut [f32],
-    slack_residual: &'a mut [f32],
+    terms: &'a mut [PanelTerms],
 }
 
 impl Share<'_> {
+    /// Quantizes every column of the panels: a document's, or zero past the last document.
     #[inline(always)]
-    fn fill(self, docs: Vectors<'_>) {
+    fn fill(self, docs: Vectors<'_>, kernel: Kernel) {
         let (dim, rows) = (docs.dim, docs.rows());
         let quads = dim.div_ceil(4);
-        let mut q = vec![0i32; dim];
-        let last = (self.first + self.scale.len()).min(rows);
-        for (i, row) in (self.first..last).enumerate() {
-            let x = &docs.data[row * dim..(row + 1) * dim];
+        // The query bytes' offset, taken out of the kernel's sums with the document's sum.
+        let offset = i32::from(kernel.query_levels()) + 1;
+        let mut scratch = vec![0i32; dim];
+        for i in 0..self.terms.len() * PANEL {
             let (panel, col) = (i / PANEL, i % PANEL);
-            let v = quantize(x, DOC_LEVELS, &mut q);
-            if !v.norm.is_finite() {
-                // Never skipped: its exact score decides (NaN is never kept).
-                self.slack_norm[i] = f32::INFINITY;
-                continue;
-            }
             let quads = &mut self.panels[panel * quads..(panel + 1) * quads];
-            for (quad, values) in quads.iter_mut().zip(q.chunks(4)) {
-                for (byte, &value) in quad[col * 4..col * 4 + 4].iter_mut().zip(values) {
-                    *byte = value as i8;
+            let terms = &mut self.terms[panel];
+            let row = self.first + i;
+            let quantized = (row < rows).then(|| {
+                let x = &docs.data[row * dim..(row + 1) * dim];
+                match kernel {
+                    // SAFETY: the kernel's features (AVX-512F among them) were detected at run
+                    // time.
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Vnni => unsafe { quantize_document_avx512(x, quads, col) },
+                    _ => quantize_document(x, quads, col, &mut scratch),
+                }
+            });
+            match quantized {
+                Some((v, sum)) if v.norm.is_finite() => {
+                    terms.scale[col] = v.scale;
+                    terms.offset_sum[col] = offset.wrapping_mul(sum);
+                    terms.slack_norm[col] = v.residual_norm + rounding_allowance(dim) * v.norm;
+                    terms.slack_residual[col] = v.stored_norm;
+                }
+                not_finite_or_padding => {
+                    for quad in quads {
+                        quad[col * 4..col * 4 + 4].fill(0);
+                    }
+                    terms.scale[col] = 0.0;
+                    terms.offset_sum[col] = 0;
+                    terms.slack_residual[col] = 0.0;
+                    // A vector that is not finite is never skipped: its exact score decides
+                    // (NaN is never kept). Padding is masked out by the search.
+                    terms.slack_norm[col] = match not_finite_or_padding {
+                        Some(_) => f32::INFINITY,
+                        None => 0.0,
+                    };
                 }
             }
-            self.scale[i] = v.scale;
-            // |Σ| ≤ 127 · dim: no overflow.
-            self.sum[i] = q.iter().fold(0i32, |a, &v| a.wrapping_add(v));
-            self.slack_norm[i] = v.residual_norm + rounding_allowance(dim) * v.norm;
-            self.slack_residual[i] = v.stored_norm;
         }
     }
 }
 
-/// Bounds on the exact scores of one query against the [`PANEL`] documents of a panel.
-pub(crate) struct Bounds {
-    pub lower: [f32; PANEL],
-    pub upper: [f32; PANEL],
+/// Quantizes document `x` into column `col` of its panel's `quads`; returns its terms and the
+/// sum of its components (|Σ| ≤ 127 · dim: no overflow). A vector that is not finite leaves
+/// its column undefined (`norm` says so).
+#[inline(always)]
+fn quantize_document(
+    x: &[f32],
+    quads: &mut [PanelQuad],
+    col: usize,
+    scratch: &mut [i32],
+) -> (Quantized, i32) {
+    let v = quantize(x, DOC_LEVELS, scratch);
+    for (quad, values) in quads.iter_mut().zip(scratch.chunks(4)) {
+        for (byte, &value) in quad[col * 4..col * 4 + 4].iter_mut().zip(values) {
+            *byte = value as i8;
+        }
+    }
+    (v, scratch.iter().fold(0i32, |a, &v| a.wrapping_add(v)))
+}
+
+/// [`quantize_document`] 16 components per vector: the same integers (rounding to nearest,
+/// ties to even, needs no clamp: |xᵢ|·127/max ≤ 127 rounds to at most 127), norms summed in
+/// another order (the bound's allowance covers any). The corpus is read once here; the
+/// portable loops took twice as long as the products of a thousand queries' first pass.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_document_avx512(
+    x: &[f32],
+    quads: &mut [PanelQuad],
+    col: usize,
+) -> (Quantized, i32) {
+    use std::arch::x86_64::*;
+    let (chunks, tail) = x.as_chunks::<16>();
+    let tail_mask: __mmask16 = (1 << tail.len()) - 1;
+    // SAFETY: 16 f32 as one 512-bit vector; the tail's masked load reads its own elements only.
+    let load = |i: usize| unsafe {
+        match chunks.get(i) {
+            Some(chunk) => std::mem::transmute::<[f32; 16], __m512>(*chunk),
+            None => _mm512_maskz_loadu_ps(tail_mask, tail.as_ptr()),
+        }
+    };
+    let vectors = chunks.len() + usize::from(!tail.is_empty());
+    let mut largest = _mm512_setzero_ps();
+    for i in 0..vectors {
+        largest = _mm512_max_ps(largest, _mm512_abs_ps(load(i)));
+    }
+    let (scale, inverse) = scale_of(_mm512_reduce_max_ps(largest), DOC_LEVELS);
+    let (scale_v, inverse_v) = (_mm512_set1_ps(scale), _mm512_set1_ps(inverse));
+    let [mut norm, mut residual, mut stored] = [_mm512_setzero_ps(); 3];
+    let mut sum = _mm512_setzero_si512();
+    for i in 0..vectors {
+        let v = load(i);
+        // Rounds to nearest, ties to even (the default rounding mode).
+        let q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inverse_v));
+        let kept = _mm512_mul_ps(_mm512_cvtepi32_ps(q), scale_v);
+        let r = _mm512_sub_ps(v, kept);
+        norm = _mm512_fmadd_ps(v, v, norm);
+        residual = _mm512_fmadd_ps(r, r, residual);
+        stored = _mm512_fmadd_ps(kept, kept, stored);
+        sum = _mm512_add_epi32(sum, q);
+        // SAFETY: 16 bytes as four 4-byte quads, every bit pattern valid.
+        let bytes = unsafe { std::mem::transmute::<__m128i, [[i8; 4]; 4]>(_mm512_cvtepi32_epi8(q)) };
+        for (quad, bytes) in quads[4 * i..].iter_mut().zip(bytes) {
+            let column: &mut [i8; 4] = (&mut quad[col * 4..col * 4 + 4]).try_into().expect("4");
+            *column = bytes;
+        }
+    }
+    let quantized = Quantized {
+        scale,
+        norm: _mm512_reduce_add_ps(norm).sqrt(),
+        residual_norm: _mm512_reduce_add_ps(residual).sqrt(),
+        stored_norm: _mm512_reduce_add_ps(stored).sqrt(),
+    };
+    (quantized, _mm512_reduce_add_epi32(sum))
 }
 
 /// One query, quantized: unsigned bytes for the kernel and the terms of its side of the bound.
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct QuantizedQuery {
-    /// Added to each component to store it as an unsigned byte.
-    offset: i32,
-    pub scale: f32,
+    scale: f32,
     /// ‖q‖: infinite or NaN for a vector that is not finite (every document is then rescored).
-    pub norm: f32,
+    norm: f32,
     /// ‖r_q‖
-    pub residual_norm: f32,
+    residual_norm: f32,
 }
 
 impl QuantizedQuery {
@@ -289,7 +478,6 @@ impl QuantizedQuery {
             *b = (q + offset) as u8;
         }
         QuantizedQuery {
-            offset,
             scale: v.scale,
             norm: v.norm,
             residual_norm: v.residual_norm,
@@ -302,23 +490,20 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::retrieval::kernel::{ROWS, dot};
+    use crate::retrieval::kernel::dot;
 
     /// The lower and upper bounds the search derives for one pair with `kernel`.
     fn bounds_of(kernel: Kernel, q: &[f32], d: &[f32]) -> (f32, f32) {
-        let docs = QuantizedDocs::new(
-            Vectors {
-                data: d,
-                dim: d.len(),
-            },
-            kernel,
-            1,
-        );
+        let mut docs = QuantizedDocs::new(kernel, d.len());
+        let vectors = Vectors {
+            data: d,
+            dim: d.len(),
+        };
+        docs.fill(vectors, 0..1);
         let mut bytes = vec![[0u8; 4]; docs.quads];
         let query = QuantizedQuery::new(q, kernel.query_levels(), &mut bytes, &mut Vec::new());
         let integer = kernel.panel([bytes.as_slice(); ROWS], &docs.panels[..docs.quads]);
-        let bounds = docs.bounds(0, &query, &integer[0]);
-        (bounds.lower[0], bounds.upper[0])
+        docs.bounds(0, 0, &query, integer[0][0])
     }
 
     /// The bound holds for random and for adversarial pairs, with every kernel's query code,
@@ -368,6 +553,76 @@ mod tests {
                 }
             }
             assert!(tightest > 0.9, "{kernel:?}: closest approach {tightest}");
+        }
+    }
+
+    #[test]
+    fn reaching_marks_bounds_at_or_above_the_floor_and_nan() {
+        let mut upper = [0.0f32; PANEL];
+        upper[1] = 1.0;
+        upper[2] = 2.0;
+        upper[5] = f32::NAN;
+        upper[15] = f32::INFINITY;
+        upper[9] = f32::NEG_INFINITY;
+        assert_eq!(reaching(&upper, 1.0), 0b1000_0000_0010_0110);
+        assert_eq!(reaching(&upper, f32::NEG_INFINITY), 0xffff);
+        assert_eq!(reaching(&upper, f32::INFINITY), 0b1000_0000_0010_0000);
+    }
+
+    /// The screen marks exactly the documents whose scalar upper bound reaches each query's
+    /// floor (NaN included), with every kernel, whole groups and a short one, floors set to
+    /// bounds themselves (the equality edge) and around them.
+    #[test]
+    fn screen_marks_what_the_scalar_bounds_let_through() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let dim = 40;
+        let rows = GROUP * PANEL;
+        let mut data: Vec<f32> = (0..rows * dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+        data[7 * dim + 3] = f32::NAN;
+        data[21 * dim] = f32::INFINITY;
+        let docs = Vectors { data: &data, dim };
+        for kernel in Kernel::available() {
+            let mut quantized = QuantizedDocs::new(kernel, dim);
+            quantized.fill(docs, 0..GROUP);
+            let mut bytes = vec![[0u8; 4]; ROWS * quantized.quads];
+            let mut queries = [QuantizedQuery::default(); ROWS];
+            for (query, row) in queries.iter_mut().zip(bytes.chunks_exact_mut(quantized.quads)) {
+                let x: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+                *query = QuantizedQuery::new(&x, kernel.query_levels(), row, &mut Vec::new());
+            }
+            let rows: [&[[u8; 4]]; ROWS] =
+                std::array::from_fn(|r| &bytes[r * quantized.quads..(r + 1) * quantized.quads]);
+            let products: Vec<[[i32; PANEL]; ROWS]> = quantized
+                .panels
+                .chunks_exact(quantized.quads)
+                .map(|panel| kernel.panel(rows, panel))
+                .collect();
+            for trial in 0..20 {
+                let floors: [f32; ROWS] = std::array::from_fn(|r| {
+                    let (p, j) = (rng.random_range(0..GROUP), rng.random_range(0..PANEL));
+                    let upper = quantized.bounds(p, j, &queries[r], products[p][r][j]).1;
+                    // A floor is never NaN (NaN lower bounds are not offered).
+                    let upper = if upper.is_nan() { 0.5 } else { upper };
+                    match trial % 3 {
+                        0 => upper,
+                        1 => upper + rng.random_range(-0.5..0.5),
+                        _ => f32::NEG_INFINITY,
+                    }
+                });
+                for panels in [GROUP, 1] {
+                    let masks = quantized.screen(0, &queries, &floors, &products[..panels]);
+                    for (p, masks) in masks.iter().enumerate().take(panels) {
+                        for (r, &mask) in masks.iter().enumerate() {
+                            let expected = (0..PANEL).fold(0, |m, j| {
+                                let upper =
+                                    quantized.bounds(p, j, &queries[r], products[p][r][j]).1;
+                                m | (u32::from(upper >= floors[r] || upper.is_nan()) << j)
+                            });
+                            assert_eq!(mask, expected, "{kernel:?}, panel {p}, query {r}");
+                        }
+                    }
+                }
+            }
         }
     }
 }
