@@ -7,6 +7,9 @@
 //! k-th score, so the exact pass scores little more than the documents whose bound reaches
 //! the final k-th score, instead of every document that beat a k-th score still rising.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
 use super::quantize::PANEL;
 use super::{Hit, TopK, Vectors, kernel};
 
@@ -18,6 +21,22 @@ struct Candidate {
     /// Its upper bound, +∞ for NaN (a vector that is not finite: always scored).
     upper: f32,
     doc: u32,
+}
+
+/// How a pass over part of the corpus treats the documents it offers. Early in a pass the
+/// floor is low and most documents' upper bounds reach it: a query keeps about
+/// 4.4·k·ln(n / k) of n documents, the gap between the bounds being about half a standard
+/// deviation of the scores. A sample read first for its lower bounds alone (those reach a
+/// floor of lower bounds about k·ln(n / k) times, and are cheap to offer) raises the floor
+/// before anything is kept; the sample is read again at the end to keep its own documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pass {
+    /// Lower bounds offered, nothing kept (screened on the lower bound).
+    Sample,
+    /// Lower bounds offered, documents kept (screened on the upper bound).
+    Whole,
+    /// The sample again: documents kept, their lower bounds already offered.
+    Resample,
 }
 
 pub(crate) struct Candidates {
@@ -42,11 +61,12 @@ impl Candidates {
     }
 
     /// Offers the documents of a panel, `first..` (at most `live` of them), marked in
-    /// `reaching` (by [`super::quantize::QuantizedDocs::screen`]); `bounds(j)` is document
-    /// j's (lower, upper) bound.
+    /// `reaching` by [`super::quantize::QuantizedDocs::screen`] (on the side `pass` says);
+    /// `bounds(j)` is document j's (lower, upper) bound.
     #[inline(always)]
     pub(crate) fn admit(
         &mut self,
+        pass: Pass,
         first: usize,
         live: usize,
         mut reaching: u32,
@@ -59,18 +79,19 @@ impl Candidates {
             let j = reaching.trailing_zeros() as usize;
             reaching &= reaching - 1;
             let doc = (first + j) as u32;
-            let (lower, upper) = bounds(j);
-            // The floor may have risen since the mask was taken.
-            if upper < self.floor() || self.exclude == Some(doc) {
+            if self.exclude == Some(doc) {
                 continue;
             }
-            self.lower.offer(lower);
+            let (lower, upper) = bounds(j);
+            if pass != Pass::Resample {
+                self.lower.offer(lower);
+            }
+            // The floor may have risen since the mask was taken.
+            if pass == Pass::Sample || upper < self.floor() {
+                continue;
+            }
             self.kept.push(Candidate {
-                upper: if upper.is_nan() {
-                    f32::INFINITY
-                } else {
-                    upper
-                },
+                upper: if upper.is_nan() { f32::INFINITY } else { upper },
                 doc,
             });
         }
@@ -83,7 +104,7 @@ impl Candidates {
         docs: Vectors<'_>,
         id_rank: &[u32],
     ) -> Vec<Hit> {
-        let floor = self.lower.cut();
+        let floor = self.lower.floor;
         self.kept.retain(|c| c.upper >= floor);
         self.kept
             .sort_unstable_by(|a, b| b.upper.total_cmp(&a.upper));
@@ -108,21 +129,39 @@ impl Candidates {
     }
 }
 
-/// The best lower bounds seen, kept loosely: new ones are appended, and at 2k the list is cut
-/// back to its k best by a linear-time selection (a heap of k costs a sift per bound, and
-/// thousands are offered per query). `floor` is the k-th best at the last cut: never above the
-/// k-th best of all offered, so a document it keeps may be useless but none it drops can count.
+/// The k best lower bounds offered, in a min-heap: `floor` is exactly the k-th best (−∞
+/// below k). Only a bound above the floor enters, a sift of log k steps: about k·ln(n / k) of
+/// n offered bounds do. (Cutting a loose list back to k every k entries let the floor lag far
+/// behind: it rose only after k more bounds had passed it.)
 struct LowerBounds {
     k: usize,
-    best: Vec<f32>,
+    best: BinaryHeap<Reverse<Bound>>,
     floor: f32,
+}
+
+/// A finite-or-infinite lower bound, ordered as a number (NaN never enters).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bound(f32);
+
+impl Eq for Bound {}
+
+impl Ord for Bound {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+impl PartialOrd for Bound {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl LowerBounds {
     fn new(k: usize) -> LowerBounds {
         LowerBounds {
             k,
-            best: Vec::with_capacity(2 * k),
+            best: BinaryHeap::with_capacity(k + 1),
             // Nothing reaches the top 0.
             floor: if k == 0 {
                 f32::INFINITY
@@ -132,27 +171,23 @@ impl LowerBounds {
         }
     }
 
+    #[inline]
     fn offer(&mut self, lower: f32) {
-        // NaN (a vector that is not finite) proves nothing.
-        if lower.is_nan() || lower < self.floor {
+        // NaN (a vector that is not finite) proves nothing; a bound at the floor adds nothing.
+        if lower.is_nan()
+            || lower < self.floor
+            || (self.best.len() == self.k && lower == self.floor)
+        {
             return;
         }
-        self.best.push(lower);
-        if self.best.len() >= 2 * self.k {
-            self.cut();
+        if self.best.len() < self.k {
+            self.best.push(Reverse(Bound(lower)));
+        } else {
+            *self.best.peek_mut().expect("full") = Reverse(Bound(lower));
         }
-    }
-
-    /// Cuts the list to its k best; returns the k-th best of all offered (−∞ below k).
-    fn cut(&mut self) -> f32 {
-        if self.k > 0 && self.best.len() >= self.k {
-            let (_, kth, _) = self
-                .best
-                .select_nth_unstable_by(self.k - 1, |a, b| b.total_cmp(a));
-            self.floor = *kth;
-            self.best.truncate(self.k);
+        if self.best.len() == self.k {
+            self.floor = self.best.peek().expect("full").0.0;
         }
-        self.floor
     }
 }
 
@@ -160,10 +195,10 @@ impl LowerBounds {
 mod tests {
     use super::*;
 
-    /// The floor never passes the k-th best lower bound offered so far, and a cut makes it
-    /// exactly that, for k of 0, 1, a few and more than are offered, NaN among them.
+    /// The floor is the k-th best lower bound offered so far after every offer, for k of 0, 1,
+    /// a few and more than are offered, NaN and ties among them.
     #[test]
-    fn lower_bounds_floor_is_the_kth_best_at_a_cut_and_never_above() {
+    fn lower_bounds_floor_is_the_kth_best_offered() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         for k in [0, 1, 3, 100, 5000] {
@@ -187,9 +222,8 @@ mod tests {
                 if !value.is_nan() {
                     offered.push(value);
                 }
-                assert!(lower.floor <= kth_best(&offered), "k {k}, after {n}");
+                assert_eq!(lower.floor, kth_best(&offered), "k {k}, after {n}");
             }
-            assert_eq!(lower.cut(), kth_best(&offered), "k {k}");
         }
     }
 
@@ -216,11 +250,37 @@ mod tests {
         }
         let mut kept = Candidates::new(2, Some(4));
         // Every document offered, as if the screen passed them all: the bounds still decide.
-        kept.admit(0, 5, u32::MAX, |j| bounds[j]);
+        kept.admit(Pass::Whole, 0, 5, u32::MAX, |j| bounds[j]);
         let hits = kept.into_hits(&[1.0], docs, &[0, 1, 2, 3, 4]);
         assert_eq!(
             hits,
             vec![Hit { doc: 0, score: 5.0 }, Hit { doc: 1, score: 4.0 }]
         );
+    }
+
+    /// A sample pass raises the floor and keeps nothing; the resample keeps what reaches the
+    /// floor and leaves the floor alone (its lower bounds were offered once already).
+    #[test]
+    fn a_sample_raises_the_floor_and_its_resample_keeps() {
+        let data = [1.0, 2.0, 3.0];
+        let docs = Vectors {
+            data: &data,
+            dim: 1,
+        };
+        let bounds = [(0.9, 1.1), (1.9, 2.1), (2.9, 3.1)];
+        let mut kept = Candidates::new(1, None);
+        kept.admit(Pass::Sample, 0, 3, 0b111, |j| bounds[j]);
+        assert!(kept.kept.is_empty());
+        assert_eq!(kept.lower.floor, 2.9);
+        // Offered again, these lower bounds would count twice toward k (with k = 2, the floor
+        // would become 2.9).
+        let mut two = Candidates::new(2, None);
+        two.admit(Pass::Sample, 0, 3, 0b111, |j| bounds[j]);
+        two.admit(Pass::Resample, 0, 3, 0b111, |j| bounds[j]);
+        assert_eq!(two.lower.floor, 1.9);
+        assert_eq!(two.kept.len(), 2);
+        kept.admit(Pass::Resample, 0, 3, 0b111, |j| bounds[j]);
+        let hits = kept.into_hits(&[1.0], docs, &[0, 1, 2]);
+        assert_eq!(hits, vec![Hit { doc: 2, score: 3.0 }]);
     }
 }

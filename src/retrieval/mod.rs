@@ -17,10 +17,10 @@ use std::sync::RwLock;
 pub use kernel::dot;
 pub(crate) use topk::TopK;
 
-use candidates::Candidates;
-use phases::Phases;
+use candidates::{Candidates, Pass};
 use kernel::{GROUP, Kernel, PanelQuad, ROWS};
-use quantize::{PANEL, QuantizedDocs, QuantizedQuery};
+use phases::Phases;
+use quantize::{PANEL, QuantizedDocs, QuantizedQuery, Side};
 
 /// Row-major vectors, `data.len() == rows * dim`.
 #[derive(Debug, Clone, Copy)]
@@ -235,8 +235,16 @@ fn search_pass(
     let total_panels = nd.div_ceil(PANEL);
     let chunk_panels = part_panels * parts.len();
     let chunks = total_panels.div_ceil(chunk_panels);
+    // The first chunk is the sample (`Pass`), read again last; a corpus of one chunk is read
+    // once.
+    let order = (0..chunks).map(|chunk| match chunk {
+        0 if chunks > 1 => (0, Pass::Sample),
+        _ => (chunk, Pass::Whole),
+    });
+    let order = order.chain((chunks > 1).then_some((0, Pass::Resample)));
+    let steps = chunks + usize::from(chunks > 1);
     let mut reported = 0;
-    for chunk in 0..chunks {
+    for (step, (chunk, pass)) in order.enumerate() {
         let start = (chunk * chunk_panels + thread * part_panels).min(total_panels);
         let end = (start + part_panels).min(total_panels);
         parts[thread]
@@ -246,12 +254,12 @@ fn search_pass(
         phases.wait();
         for part in parts {
             let part = part.read().expect("a search thread failed");
-            scan(&part, &bytes, &terms, &mut candidates, kernel, nd);
+            scan(&part, pass, &bytes, &terms, &mut candidates, kernel, nd);
         }
         phases.wait();
         // Progress by the share of the corpus passed; the last share after the exact pass.
-        if chunk + 1 < chunks {
-            let passed = nq * (chunk + 1) / chunks;
+        if step + 1 < steps {
+            let passed = nq * (step + 1) / steps;
             done(passed - reported);
             reported = passed;
         }
@@ -267,6 +275,7 @@ fn search_pass(
 #[inline(always)]
 fn scan(
     part: &QuantizedDocs,
+    pass: Pass,
     bytes: &[[u8; 4]],
     terms: &[QuantizedQuery],
     candidates: &mut [Candidates],
@@ -296,13 +305,17 @@ fn scan(
                 row_terms[r] = terms[g * ROWS + r];
             }
             let products = &products[..group.len()];
-            let masks = part.screen(first_panel, &row_terms, &floors, products);
+            let side = match pass {
+                Pass::Sample => Side::Lower,
+                Pass::Whole | Pass::Resample => Side::Upper,
+            };
+            let masks = part.screen(side, first_panel, &row_terms, &floors, products);
             for (p, (integer, masks)) in (first_panel..).zip(products.iter().zip(&masks)) {
                 let first_doc = (part.first + p) * PANEL;
                 let rows = candidates[g * ROWS..].iter_mut().zip(&row_terms);
                 for (r, (kept, query)) in rows.enumerate() {
                     if masks[r] != 0 {
-                        kept.admit(first_doc, nd - first_doc, masks[r], |j| {
+                        kept.admit(pass, first_doc, nd - first_doc, masks[r], |j| {
                             part.bounds(p, j, query, integer[r][j])
                         });
                     }

@@ -153,9 +153,9 @@ pub(crate) struct PanelTerms {
 }
 
 impl PanelTerms {
-    /// Document j's upper bound against `query` given their integer product, its lower bound
-    /// (NaN where a vector is not finite). [`QuantizedDocs::screen`] computes the same upper
-    /// bound, with the same operations in the same order, 16 documents at a time.
+    /// Document j's (lower, upper) bound against `query` given their integer product (NaN
+    /// where a vector is not finite). [`QuantizedDocs::screen`] computes the same bounds, with
+    /// the same operations in the same order, 16 documents at a time.
     #[inline(always)]
     fn bounds(&self, j: usize, query: &QuantizedQuery, integer: i32) -> (f32, f32) {
         // Exact in i32: both sums are below 255 · 127 · dim (`super::MAX_DIM`).
@@ -212,13 +212,14 @@ impl QuantizedDocs {
     }
 
     /// Which documents of the held panels from `first` (one per element of `products`, at most
-    /// [`GROUP`]) may reach each query's floor: bit j of `[g][r]` is set where the upper bound
-    /// of document j of panel `first + g` against query r is at least `floors[r]`, or NaN.
-    /// Under AVX-512 a whole group is screened in vector registers, the lower bounds left for
-    /// the few documents that pass.
+    /// [`GROUP`]) reach each query's floor: bit j of `[g][r]` is set where the `side` bound of
+    /// document j of panel `first + g` against query r is at least `floors[r]`, or NaN. Under
+    /// AVX-512 a whole group is screened in vector registers, the scalar bounds left for the
+    /// few documents that pass.
     #[inline(always)]
     pub(crate) fn screen(
         &self,
+        side: Side,
         first: usize,
         queries: &[QuantizedQuery; ROWS],
         floors: &[f32; ROWS],
@@ -230,30 +231,42 @@ impl QuantizedDocs {
             && let (Ok(terms), Ok(products)) = (terms.try_into(), products.try_into())
         {
             // SAFETY: the kernel's features (AVX-512F among them) were detected at run time.
-            return unsafe { screen_avx512(terms, queries, floors, products) };
+            return unsafe { screen_avx512(side, terms, queries, floors, products) };
         }
         let mut masks = [[0; ROWS]; GROUP];
         for ((masks, terms), products) in masks.iter_mut().zip(terms).zip(products) {
             for r in 0..ROWS {
-                let mut upper = [0.0; PANEL];
-                for (j, upper) in upper.iter_mut().enumerate() {
-                    *upper = terms.bounds(j, &queries[r], products[r][j]).1;
+                let mut bound = [0.0; PANEL];
+                for (j, bound) in bound.iter_mut().enumerate() {
+                    let (lower, upper) = terms.bounds(j, &queries[r], products[r][j]);
+                    *bound = match side {
+                        Side::Lower => lower,
+                        Side::Upper => upper,
+                    };
                 }
-                masks[r] = reaching(&upper, floors[r]);
+                masks[r] = reaching(&bound, floors[r]);
             }
         }
         masks
     }
 }
 
+/// Which bound [`QuantizedDocs::screen`] holds against the floor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Lower,
+    Upper,
+}
+
 /// [`QuantizedDocs::screen`] for a whole group, 16 documents per vector: the operations of
-/// [`PanelTerms::bounds`]'s upper bound, lane by lane, so the mask is the scalar one's.
+/// [`PanelTerms::bounds`], lane by lane, so the mask is the scalar one's.
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn screen_avx512(
+    side: Side,
     terms: &[PanelTerms; GROUP],
     queries: &[QuantizedQuery; ROWS],
     floors: &[f32; ROWS],
@@ -277,10 +290,13 @@ unsafe fn screen_avx512(
                 _mm512_mul_ps(_mm512_set1_ps(q.norm), slack_norm),
                 _mm512_mul_ps(_mm512_set1_ps(q.residual_norm), slack_residual),
             );
-            let upper = _mm512_add_ps(approx, slack);
+            let bound = match side {
+                Side::Lower => _mm512_sub_ps(approx, slack),
+                Side::Upper => _mm512_add_ps(approx, slack),
+            };
             // "Not less than", unordered: true for NaN.
             masks[g][r] = u32::from(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(
-                upper,
+                bound,
                 _mm512_set1_ps(floors[r]),
             ));
         }
@@ -288,16 +304,16 @@ unsafe fn screen_avx512(
     masks
 }
 
-/// Bit j is set where `upper[j]` reaches `floor` or is NaN. Most panels have none.
+/// Bit j is set where `bound[j]` reaches `floor` or is NaN. Most panels have none.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn reaching(upper: &[f32; PANEL], floor: f32) -> u32 {
+fn reaching(bound: &[f32; PANEL], floor: f32) -> u32 {
     use std::arch::x86_64::*;
     // The compiler builds the mask bit by bit; SSE (part of x86-64) compares 4 at a time.
     // SAFETY: 16 f32 are four 128-bit vectors, every bit pattern valid.
     unsafe {
         let floor = _mm_set1_ps(floor);
-        let quarters = std::mem::transmute::<[f32; PANEL], [__m128; 4]>(*upper);
+        let quarters = std::mem::transmute::<[f32; PANEL], [__m128; 4]>(*bound);
         quarters.iter().enumerate().fold(0, |mask, (i, &u)| {
             // "Not less than": true for NaN.
             mask | ((_mm_movemask_ps(_mm_cmpnlt_ps(u, floor)) as u32) << (4 * i))
@@ -307,8 +323,8 @@ fn reaching(upper: &[f32; PANEL], floor: f32) -> u32 {
 
 #[cfg(not(target_arch = "x86_64"))]
 #[inline(always)]
-fn reaching(upper: &[f32; PANEL], floor: f32) -> u32 {
-    upper.iter().enumerate().fold(0, |mask, (j, &u)| {
+fn reaching(bound: &[f32; PANEL], floor: f32) -> u32 {
+    bound.iter().enumerate().fold(0, |mask, (j, &u)| {
         mask | (u32::from(u >= floor || u.is_nan()) << j)
     })
 }
@@ -433,7 +449,8 @@ unsafe fn quantize_document_avx512(
         stored = _mm512_fmadd_ps(kept, kept, stored);
         sum = _mm512_add_epi32(sum, q);
         // SAFETY: 16 bytes as four 4-byte quads, every bit pattern valid.
-        let bytes = unsafe { std::mem::transmute::<__m128i, [[i8; 4]; 4]>(_mm512_cvtepi32_epi8(q)) };
+        let bytes =
+            unsafe { std::mem::transmute::<__m128i, [[i8; 4]; 4]>(_mm512_cvtepi32_epi8(q)) };
         for (quad, bytes) in quads[4 * i..].iter_mut().zip(bytes) {
             let column: &mut [i8; 4] = (&mut quad[col * 4..col * 4 + 4]).try_into().expect("4");
             *column = bytes;
@@ -569,15 +586,17 @@ mod tests {
         assert_eq!(reaching(&upper, f32::INFINITY), 0b1000_0000_0010_0000);
     }
 
-    /// The screen marks exactly the documents whose scalar upper bound reaches each query's
-    /// floor (NaN included), with every kernel, whole groups and a short one, floors set to
+    /// The screen marks exactly the documents whose scalar lower or upper bound reaches each
+    /// query's floor (NaN included), with every kernel, whole groups and a short one, floors set to
     /// bounds themselves (the equality edge) and around them.
     #[test]
     fn screen_marks_what_the_scalar_bounds_let_through() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
         let dim = 40;
         let rows = GROUP * PANEL;
-        let mut data: Vec<f32> = (0..rows * dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut data: Vec<f32> = (0..rows * dim)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         data[7 * dim + 3] = f32::NAN;
         data[21 * dim] = f32::INFINITY;
         let docs = Vectors { data: &data, dim };
@@ -586,7 +605,10 @@ mod tests {
             quantized.fill(docs, 0..GROUP);
             let mut bytes = vec![[0u8; 4]; ROWS * quantized.quads];
             let mut queries = [QuantizedQuery::default(); ROWS];
-            for (query, row) in queries.iter_mut().zip(bytes.chunks_exact_mut(quantized.quads)) {
+            for (query, row) in queries
+                .iter_mut()
+                .zip(bytes.chunks_exact_mut(quantized.quads))
+            {
                 let x: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0..1.0)).collect();
                 *query = QuantizedQuery::new(&x, kernel.query_levels(), row, &mut Vec::new());
             }
@@ -597,28 +619,33 @@ mod tests {
                 .chunks_exact(quantized.quads)
                 .map(|panel| kernel.panel(rows, panel))
                 .collect();
-            for trial in 0..20 {
+            let bound = |side: Side, p: usize, r: usize, j: usize| {
+                let (lower, upper) = quantized.bounds(p, j, &queries[r], products[p][r][j]);
+                if side == Side::Lower { lower } else { upper }
+            };
+            for trial in 0..40 {
+                let side = [Side::Lower, Side::Upper][trial % 2];
                 let floors: [f32; ROWS] = std::array::from_fn(|r| {
                     let (p, j) = (rng.random_range(0..GROUP), rng.random_range(0..PANEL));
-                    let upper = quantized.bounds(p, j, &queries[r], products[p][r][j]).1;
                     // A floor is never NaN (NaN lower bounds are not offered).
-                    let upper = if upper.is_nan() { 0.5 } else { upper };
-                    match trial % 3 {
-                        0 => upper,
-                        1 => upper + rng.random_range(-0.5..0.5),
+                    let at = Some(bound(side, p, r, j))
+                        .filter(|b| !b.is_nan())
+                        .unwrap_or(0.5);
+                    match trial / 2 % 3 {
+                        0 => at,
+                        1 => at + rng.random_range(-0.5..0.5),
                         _ => f32::NEG_INFINITY,
                     }
                 });
                 for panels in [GROUP, 1] {
-                    let masks = quantized.screen(0, &queries, &floors, &products[..panels]);
+                    let masks = quantized.screen(side, 0, &queries, &floors, &products[..panels]);
                     for (p, masks) in masks.iter().enumerate().take(panels) {
                         for (r, &mask) in masks.iter().enumerate() {
                             let expected = (0..PANEL).fold(0, |m, j| {
-                                let upper =
-                                    quantized.bounds(p, j, &queries[r], products[p][r][j]).1;
-                                m | (u32::from(upper >= floors[r] || upper.is_nan()) << j)
+                                let b = bound(side, p, r, j);
+                                m | (u32::from(b >= floors[r] || b.is_nan()) << j)
                             });
-                            assert_eq!(mask, expected, "{kernel:?}, panel {p}, query {r}");
+                            assert_eq!(mask, expected, "{kernel:?} {side:?}, panel {p}, query {r}");
                         }
                     }
                 }
