@@ -151,7 +151,7 @@ pub(crate) fn search_with_progress(
     let mut results: Vec<Vec<Hit>> = vec![Vec::new(); nq];
     // Every thread takes part in every pass (with no queries, if need be): all quantize.
     let per_pass = options.query_block.max(1);
-    let mut shares: Vec<Vec<(usize, &mut [Vec<Hit>])>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut shares: Vec<Vec<PassShare<'_>>> = (0..threads).map(|_| Vec::new()).collect();
     for (pass, out) in results.chunks_mut(per_pass).enumerate() {
         let per_thread = out.len().div_ceil(threads);
         let mut slices = out.chunks_mut(per_thread);
@@ -184,6 +184,9 @@ pub(crate) fn search_with_progress(
     });
     Ok(results)
 }
+
+/// A thread's queries in one pass: the index of the first, and where their hits go.
+type PassShare<'a> = (usize, &'a mut [Vec<Hit>]);
 
 /// Bytes of quantized documents per chunk of the corpus: 2 to 3 MiB per thread stay in L3.
 const CHUNK_BYTES: usize = 4 << 20;
