@@ -290,15 +290,17 @@ fn scan(
     for (first_panel, group) in (0..panels.len()).step_by(GROUP).zip(panels.chunks(GROUP)) {
         for (g, queries) in bytes.chunks_exact(ROWS * quads).enumerate() {
             let rows = std::array::from_fn(|r| &queries[r * quads..(r + 1) * quads]);
-            let mut products = [[[0; PANEL]; ROWS]; GROUP];
-            match <[&[PanelQuad]; GROUP]>::try_from(group) {
-                Ok(whole) => products = kernel.panels(rows, whole),
+            // Built in place (assigning a returned 1 KiB array into a variable copied it).
+            let products = match <[&[PanelQuad]; GROUP]>::try_from(group) {
+                Ok(whole) => kernel.panels(rows, whole),
                 Err(_) => {
+                    let mut products = [[[0; PANEL]; ROWS]; GROUP];
                     for (out, panel) in products.iter_mut().zip(group) {
                         *out = kernel.panel(rows, panel);
                     }
+                    products
                 }
-            }
+            };
             // The bound's query terms and floors of this group's rows; rows past the last
             // query get no floor to reach.
             let mut floors = [f32::INFINITY; ROWS];
