@@ -652,4 +652,53 @@ mod tests {
             }
         }
     }
+
+    /// Every kernel's document quantizer writes the portable one's bytes, scales and sums, and
+    /// its norms to within rounding, for dimensions on and off the vector width, non-finite
+    /// and subnormal vectors, and panels refilled over older contents.
+    #[test]
+    fn document_quantizers_agree() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        for dim in [7, 40, 384, 771] {
+            let rows = 3 * PANEL + 5;
+            let mut data: Vec<f32> = (0..rows * dim)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            data[3 * dim + 1] = f32::NAN;
+            data[9 * dim] = f32::NEG_INFINITY;
+            data[11 * dim..12 * dim]
+                .iter_mut()
+                .for_each(|v| *v *= 1e-39);
+            data[12 * dim..13 * dim].fill(0.0);
+            let docs = Vectors { data: &data, dim };
+            let panels = rows.div_ceil(PANEL);
+            let mut portable = QuantizedDocs::new(Kernel::Portable, dim);
+            portable.fill(docs, 0..panels);
+            for kernel in Kernel::available() {
+                let mut quantized = QuantizedDocs::new(kernel, dim);
+                // Older contents first: a refill must leave no trace of them.
+                quantized.fill(docs, 1..panels);
+                quantized.fill(docs, 0..panels);
+                assert_eq!(quantized.panels, portable.panels, "{kernel:?}, dim {dim}");
+                if kernel.query_levels() != Kernel::Portable.query_levels() {
+                    // Another query offset: other sums (the query code differs, not the
+                    // documents').
+                    continue;
+                }
+                for (a, b) in quantized.terms.iter().zip(&portable.terms) {
+                    assert_eq!(a.scale, b.scale, "{kernel:?}, dim {dim}");
+                    assert_eq!(a.offset_sum, b.offset_sum, "{kernel:?}, dim {dim}");
+                    for (x, y) in [
+                        (a.slack_norm, b.slack_norm),
+                        (a.slack_residual, b.slack_residual),
+                    ] {
+                        for (x, y) in x.iter().zip(y) {
+                            let close = x == &y || (x - y).abs() <= 1e-5 * y.abs();
+                            assert!(close, "{kernel:?}, dim {dim}: {x} vs {y}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
