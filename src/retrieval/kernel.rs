@@ -29,8 +29,29 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
+    /// The fastest kernel this CPU has, or the one `SYNTHRANK_SEARCH_KERNEL` names
+    /// (`portable`, `avx2`, `avx512-vnni`) where the CPU has it: a narrower class's code path
+    /// can then be measured on a wider CPU (BENCHMARKS.md). Results are the same either way.
     pub(crate) fn detect() -> Kernel {
-        Kernel::available().pop().expect("the portable kernel")
+        let mut available = Kernel::available();
+        let named = std::env::var("SYNTHRANK_SEARCH_KERNEL").ok();
+        match available
+            .iter()
+            .find(|k| Some(k.name()) == named.as_deref())
+        {
+            Some(&kernel) => kernel,
+            None => available.pop().expect("the portable kernel"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => "avx512-vnni",
+        }
     }
 
     /// Every kernel this CPU can run, slowest first.
