@@ -33,12 +33,13 @@ impl Kernel {
     /// (`portable`, `avx2`, `avx512-vnni`) where the CPU has it: a narrower class's code path
     /// can then be measured on a wider CPU (BENCHMARKS.md). Results are the same either way.
     pub(crate) fn detect() -> Kernel {
-        let mut available = Kernel::available();
         let named = std::env::var("SYNTHRANK_SEARCH_KERNEL").ok();
-        match available
-            .iter()
-            .find(|k| Some(k.name()) == named.as_deref())
-        {
+        Kernel::choose(Kernel::available(), named.as_deref())
+    }
+
+    /// The kernel called `name` among `available` (slowest first), else the fastest.
+    fn choose(mut available: Vec<Kernel>, name: Option<&str>) -> Kernel {
+        match available.iter().find(|k| Some(k.name()) == name) {
             Some(&kernel) => kernel,
             None => available.pop().expect("the portable kernel"),
         }
@@ -432,5 +433,21 @@ mod tests {
                 .sum();
             assert_eq!(portable[0][0], expected);
         }
+    }
+
+    /// A named kernel is chosen where the CPU has it; otherwise, or unnamed, the fastest.
+    #[test]
+    fn a_named_kernel_is_chosen_where_available() {
+        let all = Kernel::available();
+        let fastest = *all.last().unwrap();
+        for kernel in &all {
+            assert_eq!(Kernel::choose(all.clone(), Some(kernel.name())), *kernel);
+        }
+        assert_eq!(Kernel::choose(all.clone(), None), fastest);
+        assert_eq!(Kernel::choose(all.clone(), Some("sse9")), fastest);
+        assert_eq!(
+            Kernel::choose(vec![Kernel::Portable], Some("avx2")),
+            Kernel::Portable
+        );
     }
 }
