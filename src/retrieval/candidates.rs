@@ -10,7 +10,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use super::quantize::PANEL;
+use super::quantize::{PANEL, Side};
 use super::{Hit, TopK, Vectors, kernel};
 
 /// Rows fetched ahead of the exact pass's dot products (they are scattered over the corpus).
@@ -39,6 +39,16 @@ pub(crate) enum Pass {
     Resample,
 }
 
+impl Pass {
+    /// The bound a document's is screened on against the floor.
+    pub(crate) fn side(self) -> Side {
+        match self {
+            Pass::Sample => Side::Lower,
+            Pass::Whole | Pass::Resample => Side::Upper,
+        }
+    }
+}
+
 pub(crate) struct Candidates {
     /// The best lower bounds: `floor()` is a score k documents certainly reach.
     lower: LowerBounds,
@@ -61,7 +71,7 @@ impl Candidates {
     }
 
     /// Offers the documents of a panel, `first..` (at most `live` of them), marked in
-    /// `reaching` by [`super::quantize::QuantizedDocs::screen`] (on the side `pass` says);
+    /// `reaching` by [`super::quantize::QuantizedDocs::screen`] (on [`Pass::side`]);
     /// `bounds(j)` is document j's (lower, upper) bound.
     #[inline(always)]
     pub(crate) fn admit(

@@ -20,7 +20,7 @@ pub(crate) use topk::TopK;
 use candidates::{Candidates, Pass};
 use kernel::{GROUP, Kernel, PanelQuad, ROWS};
 use phases::Phases;
-use quantize::{PANEL, QuantizedDocs, QuantizedQuery, Side};
+use quantize::{PANEL, QuantizedDocs, QuantizedQuery};
 
 /// Row-major vectors, `data.len() == rows * dim`.
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +107,9 @@ pub fn search(
     search_with_progress(queries, docs, id_rank, exclude, options, &|_| {})
 }
 
-/// [`search`], calling `done(n)` as each block of `n` queries is finished (from any thread).
+/// [`search`], calling `done(n)` as work worth `n` queries is finished (from any thread): each
+/// thread reports its queries by the share of the corpus it has passed, the rest when they
+/// are done.
 pub(crate) fn search_with_progress(
     queries: Vectors<'_>,
     docs: Vectors<'_>,
@@ -188,7 +190,8 @@ pub(crate) fn search_with_progress(
 /// A thread's queries in one pass: the index of the first, and where their hits go.
 type PassShare<'a> = (usize, &'a mut [Vec<Hit>]);
 
-/// Bytes of quantized documents per chunk of the corpus: 2 to 3 MiB per thread stay in L3.
+/// Bytes of quantized documents per chunk of the corpus, all threads' parts together: small
+/// enough to stay in L3 while every thread reads it.
 const CHUNK_BYTES: usize = 4 << 20;
 
 fn exclude_slice(exclude: &[Option<u32>], start: usize, len: usize) -> Vec<Option<u32>> {
@@ -310,11 +313,7 @@ fn scan(
                 row_terms[r] = terms[g * ROWS + r];
             }
             let products = &products[..group.len()];
-            let side = match pass {
-                Pass::Sample => Side::Lower,
-                Pass::Whole | Pass::Resample => Side::Upper,
-            };
-            let masks = part.screen(side, first_panel, &row_terms, &floors, products);
+            let masks = part.screen(pass.side(), first_panel, &row_terms, &floors, products);
             for (p, (integer, masks)) in (first_panel..).zip(products.iter().zip(&masks)) {
                 let first_doc = (part.first + p) * PANEL;
                 let rows = candidates[g * ROWS..].iter_mut().zip(&row_terms);

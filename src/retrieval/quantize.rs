@@ -239,10 +239,7 @@ impl QuantizedDocs {
                 let mut bound = [0.0; PANEL];
                 for (j, bound) in bound.iter_mut().enumerate() {
                     let (lower, upper) = terms.bounds(j, &queries[r], products[r][j]);
-                    *bound = match side {
-                        Side::Lower => lower,
-                        Side::Upper => upper,
-                    };
+                    *bound = side.of(lower, upper);
                 }
                 masks[r] = reaching(&bound, floors[r]);
             }
@@ -256,6 +253,17 @@ impl QuantizedDocs {
 pub(crate) enum Side {
     Lower,
     Upper,
+}
+
+impl Side {
+    /// This side of a (lower, upper) pair, scalars or vectors.
+    #[inline(always)]
+    pub(crate) fn of<T>(self, lower: T, upper: T) -> T {
+        match self {
+            Side::Lower => lower,
+            Side::Upper => upper,
+        }
+    }
 }
 
 /// [`QuantizedDocs::screen`] for a whole group, 16 documents per vector: the operations of
@@ -290,10 +298,7 @@ unsafe fn screen_avx512(
                 _mm512_mul_ps(_mm512_set1_ps(q.norm), slack_norm),
                 _mm512_mul_ps(_mm512_set1_ps(q.residual_norm), slack_residual),
             );
-            let bound = match side {
-                Side::Lower => _mm512_sub_ps(approx, slack),
-                Side::Upper => _mm512_add_ps(approx, slack),
-            };
+            let bound = side.of(_mm512_sub_ps(approx, slack), _mm512_add_ps(approx, slack));
             // "Not less than", unordered: true for NaN.
             masks[g][r] = u32::from(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(
                 bound,
@@ -621,7 +626,7 @@ mod tests {
                 .collect();
             let bound = |side: Side, p: usize, r: usize, j: usize| {
                 let (lower, upper) = quantized.bounds(p, j, &queries[r], products[p][r][j]);
-                if side == Side::Lower { lower } else { upper }
+                side.of(lower, upper)
             };
             for trial in 0..40 {
                 let side = [Side::Lower, Side::Upper][trial % 2];
