@@ -5,6 +5,8 @@
 //! instruction, a whole panel of documents in one register. With AVX2 alone they run as
 //! `vpmaddubsw` + `vpmaddwd` + `vpaddd`: 32 multiply-adds per three instructions, and pairs of
 //! products sum in 16 bits, so queries get 7 bits instead of 8 ([`Kernel::query_levels`]).
+//! AVX2 CPUs with AVX-VNNI (Intel's since Alder Lake, among them the E-core Xeons without
+//! AVX-512) run the 256-bit `vpdpbusd`: 32 multiply-adds in one instruction, 8 query bits.
 //! Elsewhere a portable loop computes the same integers. The integers are exact and the bound
 //! covers any query code, so the search returns the same hits on any CPU.
 
@@ -25,12 +27,14 @@ pub(crate) enum Kernel {
     #[cfg(target_arch = "x86_64")]
     Avx2,
     #[cfg(target_arch = "x86_64")]
+    AvxVnni,
+    #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
 }
 
 impl Kernel {
     /// The fastest kernel this CPU has, or the one `SYNTHRANK_SEARCH_KERNEL` names
-    /// (`portable`, `avx2`, `avx512-vnni`) where the CPU has it: a narrower class's code path
+    /// (`portable`, `avx2`, `avx-vnni`, `avx512-vnni`) where the CPU has it: a narrower class's code path
     /// can then be measured on a wider CPU (BENCHMARKS.md). Results are the same either way.
     pub(crate) fn detect() -> Kernel {
         let named = std::env::var("SYNTHRANK_SEARCH_KERNEL").ok();
@@ -51,6 +55,8 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => "avx-vnni",
+            #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => "avx512-vnni",
         }
     }
@@ -63,6 +69,9 @@ impl Kernel {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx2") {
                 kernels.push(Kernel::Avx2);
+                if has!("avxvnni") {
+                    kernels.push(Kernel::AvxVnni);
+                }
             }
             if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
                 kernels.push(Kernel::Avx512Vnni);
@@ -93,7 +102,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => unsafe { with_avx512(work) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { with_avx2(work) },
+            Kernel::Avx2 | Kernel::AvxVnni => unsafe { with_avx2(work) },
             Kernel::Portable => work(),
         }
     }
@@ -105,14 +114,29 @@ impl Kernel {
         rows: [&[[u8; 4]]; ROWS],
         panel: &[PanelQuad],
     ) -> [[i32; PANEL]; ROWS] {
+        let mut out = [[0; PANEL]; ROWS];
+        self.panel_into(rows, panel, &mut out);
+        out
+    }
+
+    /// [`Kernel::panel`] written into `out`: the 256-bit kernels' results were copied (a
+    /// `memmove` per panel, 6% of the search) when returned and gathered by value.
+    fn panel_into(
+        self,
+        rows: [&[[u8; 4]]; ROWS],
+        panel: &[PanelQuad],
+        out: &mut [[i32; PANEL]; ROWS],
+    ) {
         assert!(rows.iter().all(|r| r.len() == panel.len()));
         match self {
             // SAFETY: the features were detected at run time (`available`).
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { panel_avx512_vnni(rows, panel) },
+            Kernel::Avx512Vnni => *out = unsafe { panel_avx512_vnni(rows, panel) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { panel_avx2(rows, panel) },
-            Kernel::Portable => panel_portable(rows, panel),
+            Kernel::AvxVnni => unsafe { panel_avx_vnni(rows, panel, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { panel_avx2(rows, panel, out) },
+            Kernel::Portable => *out = panel_portable(rows, panel),
         }
     }
 }
@@ -136,7 +160,13 @@ impl Kernel {
             // SAFETY: the features were detected at run time (`available`).
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => unsafe { panels_avx512_vnni(rows, panels) },
-            _ => panels.map(|panel| self.panel(rows, panel)),
+            _ => {
+                let mut out = [[[0; PANEL]; ROWS]; GROUP];
+                for (out, panel) in out.iter_mut().zip(panels) {
+                    self.panel_into(rows, panel, out);
+                }
+                out
+            }
         }
     }
 }
@@ -266,28 +296,79 @@ unsafe fn panel_avx512_vnni(rows: [&[[u8; 4]]; ROWS], panel: &[PanelQuad]) -> [[
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn panel_avx2(rows: [&[[u8; 4]]; ROWS], panel: &[PanelQuad]) -> [[i32; PANEL]; ROWS] {
+unsafe fn panel_avx2(
+    rows: [&[[u8; 4]]; ROWS],
+    panel: &[PanelQuad],
+    out: &mut [[i32; PANEL]; ROWS],
+) {
     use std::arch::x86_64::*;
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_si256(); 2]; ROWS];
+    // The byte products sum in pairs (16 bits, no saturation: 2·127·127 < 2¹⁵), then in
+    // pairs again into 32 bits.
+    let add_products =
+        |acc, x, b| _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, b), ones));
+    // SAFETY: the caller's CPU has AVX2.
+    unsafe { panel_256(rows, panel, out, add_products) }
+}
+
+/// # Safety
+/// The CPU must support AVX2 and AVX-VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn panel_avx_vnni(
+    rows: [&[[u8; 4]]; ROWS],
+    panel: &[PanelQuad],
+    out: &mut [[i32; PANEL]; ROWS],
+) {
+    use std::arch::x86_64::*;
+    // Summed into 32 bits with no intermediate rounding or saturation.
+    let add_products = |acc, x, b| _mm256_dpbusd_avx_epi32(acc, x, b);
+    // SAFETY: the caller's CPU has AVX2.
+    unsafe { panel_256(rows, panel, out, add_products) }
+}
+
+/// The 256-bit kernels' loop: each group of 4 components loads the panel as two registers of
+/// 8 documents, and `add_products(acc, x, b)` adds to `acc` the products of a query's 4 bytes
+/// `x` (broadcast) with each document's 4 bytes in `b`. Inlined into each kernel, compiled
+/// for its instructions.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn panel_256(
+    rows: [&[[u8; 4]]; ROWS],
+    panel: &[PanelQuad],
+    out: &mut [[i32; PANEL]; ROWS],
+    add_products: impl Fn(
+        std::arch::x86_64::__m256i,
+        std::arch::x86_64::__m256i,
+        std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i,
+) {
+    use std::arch::x86_64::*;
+    let n = panel.len();
+    // Sliced to one length, the loop needs no bounds checks.
+    let mut row_quads: [&[[u8; 4]]; ROWS] = [&[]; ROWS];
+    for (quads, row) in row_quads.iter_mut().zip(rows) {
+        *quads = &row[..n];
+    }
+    // SAFETY (here and below): the caller's CPU has AVX2; 64 bytes are two 256-bit vectors
+    // and 16 i32, every bit pattern valid.
+    let mut acc = [[unsafe { _mm256_setzero_si256() }; 2]; ROWS];
     // Plain loads through slices and `transmute`, no pointer reads: in the dev profile the
     // standard library's pointer-read checks would cost more than the arithmetic.
-    for (quad, docs) in panel.iter().enumerate() {
-        // SAFETY: 64 bytes as two 256-bit vectors, every bit pattern valid.
+    for (q, docs) in panel.iter().enumerate() {
         let [b0, b1] = unsafe { std::mem::transmute::<PanelQuad, [__m256i; 2]>(*docs) };
-        for (acc, row) in acc.iter_mut().zip(rows) {
-            // The query's 4 bytes against 4 bytes of each of 8 documents: the byte products
-            // sum in pairs (16 bits, no saturation: 2·127·127 < 2¹⁵), then in pairs again into
-            // 32 bits.
-            let x = _mm256_set1_epi32(i32::from_le_bytes(row[quad]));
-            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(x, b0), ones);
-            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(x, b1), ones);
-            acc[0] = _mm256_add_epi32(acc[0], p0);
-            acc[1] = _mm256_add_epi32(acc[1], p1);
+        for r in 0..ROWS {
+            let x = unsafe { _mm256_set1_epi32(i32::from_le_bytes(row_quads[r][q])) };
+            acc[r][0] = add_products(acc[r][0], x, b0);
+            acc[r][1] = add_products(acc[r][1], x, b1);
         }
     }
-    // SAFETY: two 256-bit vectors are 16 i32.
-    acc.map(|v| unsafe { std::mem::transmute::<[__m256i; 2], [i32; PANEL]>(v) })
+    for (out, acc) in out.iter_mut().zip(acc) {
+        *out = unsafe { std::mem::transmute::<[__m256i; 2], [i32; PANEL]>(acc) };
+    }
 }
 
 /// Asks the CPU to start loading `row` into cache (a hint; nothing on other architectures).

@@ -9,6 +9,8 @@ mod candidates;
 mod kernel;
 mod phases;
 mod quantize;
+#[cfg(test)]
+mod tests;
 mod topk;
 
 use std::cmp::Ordering;
@@ -118,6 +120,20 @@ pub(crate) fn search_with_progress(
     options: SearchOptions,
     done: &(dyn Fn(usize) + Sync),
 ) -> Result<Vec<Vec<Hit>>, SearchError> {
+    let kernel = Kernel::detect();
+    search_with_kernel(kernel, queries, docs, id_rank, exclude, options, done)
+}
+
+/// [`search_with_progress`] with the byte products on `kernel` (one of [`Kernel::available`]).
+fn search_with_kernel(
+    kernel: Kernel,
+    queries: Vectors<'_>,
+    docs: Vectors<'_>,
+    id_rank: &[u32],
+    exclude: &[Option<u32>],
+    options: SearchOptions,
+    done: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<Vec<Hit>>, SearchError> {
     if queries.dim != docs.dim {
         return Err(SearchError::Dimension {
             queries: queries.dim,
@@ -131,7 +147,6 @@ pub(crate) fn search_with_progress(
         return Err(SearchError::IdRanks(id_rank.len(), docs.rows()));
     }
     let nq = queries.rows();
-    let kernel = Kernel::detect();
     let threads = options.threads.clamp(1, nq.max(1));
     let quads = docs.dim.div_ceil(4);
     // Each thread quantizes one part of every chunk: whole groups of panels.
