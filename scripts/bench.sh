@@ -11,6 +11,12 @@
 # synthrank is rebuilt for that (a minute or two); a release build of the whole data stack would
 # be another hour of compiling on 2 cores.
 # Usage: scripts/bench.sh [BENCH...]  (default: search eval generate embed train)
+# SYNTHRANK_BENCH_CLASS=avx2 (or avx-vnni) measures that narrower class's code paths on a
+# wider CPU, both sides held to it: synthrank's search kernel (SYNTHRANK_SEARCH_KERNEL) and
+# GEMM (built without the `avx512-gemm` feature: the first such build recompiles the whole
+# stack, ~25 min, as a feature of bytemuck changes with it), PyTorch's ATen, oneDNN and MKL
+# kernels, OpenBLAS's core type. embed and generate are skipped there: ONNX Runtime and
+# llama.cpp choose their kernels from the CPU alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/synthrank/target}"
@@ -42,6 +48,23 @@ else
     class=baseline
     core=
 fi
+emulate=${SYNTHRANK_BENCH_CLASS:-}
+train_features=()
+if [[ -n $emulate ]]; then
+    case $emulate in
+        avx2) needs=avx2 isa=AVX2 ;;
+        avx-vnni) needs=avx_vnni isa=AVX2_VNNI ;;
+        *) echo "SYNTHRANK_BENCH_CLASS is avx2 or avx-vnni, not '$emulate'" >&2 && exit 2 ;;
+    esac
+    if ! { has avx2 && has fma && has $needs; }; then
+        echo "this CPU ($cpu) cannot run the $emulate class's code" >&2 && exit 2
+    fi
+    class="$emulate (emulated on $class)"
+    [[ $vendor == AuthenticAMD ]] && core=ZEN || core=HASWELL
+    export SYNTHRANK_SEARCH_KERNEL=$emulate
+    export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=$isa MKL_ENABLE_INSTRUCTIONS=AVX2
+    train_features=(--no-default-features)
+fi
 core=${PEER_OPENBLAS_CORETYPE:-$core}
 if [[ -n $core ]]; then export OPENBLAS_CORETYPE=$core; else unset OPENBLAS_CORETYPE; fi
 export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2
@@ -69,7 +92,14 @@ as_installed=(--config profile.dev.package.synthrank.opt-level=3
     --config profile.dev.package.synthrank.debug-assertions=false
     --config profile.dev.package.synthrank.overflow-checks=false)
 for b in "${benches[@]}"; do
-    cargo bench --locked --profile dev "${as_installed[@]}" --bench "$b" 2>/dev/null | stamp
+    if [[ -n $emulate && ($b == embed || $b == generate) ]]; then
+        echo "$b: not measured in an emulated class (its peer picks kernels from the CPU)" >&2
+        continue
+    fi
+    features=()
+    [[ $b == train ]] && features=("${train_features[@]}")
+    cargo bench --locked --profile dev "${as_installed[@]}" "${features[@]}" --bench "$b" \
+        2>/dev/null | stamp
     case "$b" in
         search | eval | embed) peer "$b" ;;
         train) peer train --max-len 128 --query-len 64 ;;
