@@ -14,7 +14,8 @@
 # SYNTHRANK_BENCH_CLASS=avx2 (or avx-vnni) measures that narrower class's code paths on a
 # wider CPU, both sides held to it: synthrank's search kernel (SYNTHRANK_SEARCH_KERNEL) and
 # GEMM (built without the `avx512-gemm` feature: the first such build recompiles the whole
-# stack, ~25 min, as a feature of bytemuck changes with it), PyTorch's ATen, oneDNN and MKL
+# stack, ~20 min, as a feature of bytemuck changes with it; a CARGO_TARGET_DIR of its own
+# keeps both builds), PyTorch's ATen, oneDNN and MKL
 # kernels, OpenBLAS's core type. embed and generate are skipped there: ONNX Runtime and
 # llama.cpp choose their kernels from the CPU alone.
 set -euo pipefail
@@ -49,7 +50,7 @@ else
     core=
 fi
 emulate=${SYNTHRANK_BENCH_CLASS:-}
-train_features=()
+features=()
 if [[ -n $emulate ]]; then
     case $emulate in
         avx2) needs=avx2 isa=AVX2 ;;
@@ -63,7 +64,8 @@ if [[ -n $emulate ]]; then
     [[ $vendor == AuthenticAMD ]] && core=ZEN || core=HASWELL
     export SYNTHRANK_SEARCH_KERNEL=$emulate
     export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=$isa MKL_ENABLE_INSTRUCTIONS=AVX2
-    train_features=(--no-default-features)
+    # One build for every bench (only training calls the GEMM).
+    features=(--no-default-features)
 fi
 core=${PEER_OPENBLAS_CORETYPE:-$core}
 if [[ -n $core ]]; then export OPENBLAS_CORETYPE=$core; else unset OPENBLAS_CORETYPE; fi
@@ -96,8 +98,6 @@ for b in "${benches[@]}"; do
         echo "$b: not measured in an emulated class (its peer picks kernels from the CPU)" >&2
         continue
     fi
-    features=()
-    [[ $b == train ]] && features=("${train_features[@]}")
     cargo bench --locked --profile dev "${as_installed[@]}" "${features[@]}" --bench "$b" \
         2>/dev/null | stamp
     case "$b" in
