@@ -149,7 +149,16 @@ impl Run {
                 let next = self.retrieved.len();
                 let index = *self.queries.entry(query.into()).or_insert(next);
                 if index == next {
-                    self.retrieved.push(Retrieved::default());
+                    // Sized as the previous query's: runs have one depth, mostly, and growing
+                    // from empty copied and first touched each buffer twice.
+                    let like = self
+                        .retrieved
+                        .last()
+                        .map_or((0, 0), |r| (r.entries.len(), r.ids.len()));
+                    self.retrieved.push(Retrieved {
+                        ids: String::with_capacity(like.1),
+                        entries: Vec::with_capacity(like.0),
+                    });
                 }
                 self.last = Some((query.into(), index));
                 index
