@@ -15,9 +15,8 @@
 # wider CPU, both sides held to it: synthrank's search kernel (SYNTHRANK_SEARCH_KERNEL) and
 # GEMM (built without the `avx512-gemm` feature: the first such build recompiles the whole
 # stack, ~20 min, as a feature of bytemuck changes with it; a CARGO_TARGET_DIR of its own
-# keeps both builds), PyTorch's ATen, oneDNN and MKL
-# kernels, OpenBLAS's core type. embed and generate are skipped there: ONNX Runtime and
-# llama.cpp choose their kernels from the CPU alone.
+# keeps both builds), PyTorch's ATen, oneDNN and MKL kernels, OpenBLAS's core type. embed and
+# generate are skipped there: ONNX Runtime and llama.cpp choose their kernels from the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/synthrank/target}"
@@ -31,6 +30,9 @@ field() { grep -m1 "^$1" /proc/cpuinfo | cut -d: -f2 | xargs; }
 cpu="$(field 'model name') ($(field vendor_id) family $(field 'cpu family') model $(field model))"
 flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
 has() { [[ $flags == *" $1 "* ]]; }
+# The flags any kernel here or in a peer dispatches on, as the CPU reports them.
+simd_flags=$(for f in avx2 fma avx_vnni avx512f avx512bw avx512vl avx512_vnni avx512_bf16 \
+    amx_tile amx_int8 amx_bf16; do if has $f; then printf '%s ' $f; fi; done | xargs)
 vendor=$(field vendor_id)
 # The class decides which kernels run (ours and the peers'). OpenBLAS (FAISS, numpy) reads
 # its core type from CPUID and mis-detects some virtual CPUs as generic ones, 3-5x slower:
@@ -44,6 +46,7 @@ if has avx512f && has avx512bw && has avx512vl; then
     core=SKYLAKEX
 elif has avx2 && has fma; then
     class=avx2
+    has avx_vnni && class=avx-vnni
     [[ $vendor == AuthenticAMD ]] && core=ZEN || core=HASWELL
 else
     class=baseline
@@ -76,10 +79,10 @@ import json, sys
 for line in sys.stdin:
     if line.startswith("{"):
         row = json.loads(line)
-        row.update(cpu=sys.argv[1], cpu_class=sys.argv[2])
+        row.update(cpu=sys.argv[1], cpu_class=sys.argv[2], cpu_flags=sys.argv[4])
         if "peer" in row:
             row.update(openblas_coretype=sys.argv[3] or "auto")
-        print(json.dumps(row), flush=True)' "$cpu" "$class" "${OPENBLAS_CORETYPE:-}"
+        print(json.dumps(row), flush=True)' "$cpu" "$class" "${OPENBLAS_CORETYPE:-}" "$simd_flags"
 }
 peer() {
     if [ -x "$py" ]; then
