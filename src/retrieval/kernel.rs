@@ -10,6 +10,7 @@
 //! Elsewhere a portable loop computes the same integers. The integers are exact and the bound
 //! covers any query code, so the search returns the same hits on any CPU.
 
+use super::SearchError;
 use super::quantize::PANEL;
 
 /// Queries per kernel call.
@@ -34,18 +35,30 @@ pub(crate) enum Kernel {
 
 impl Kernel {
     /// The fastest kernel this CPU has, or the one `SYNTHRANK_SEARCH_KERNEL` names
-    /// (`portable`, `avx2`, `avx-vnni`, `avx512-vnni`) where the CPU has it: a narrower class's code path
-    /// can then be measured on a wider CPU (BENCHMARKS.md). Results are the same either way.
-    pub(crate) fn detect() -> Kernel {
+    /// (`portable`, `avx2`, `avx-vnni`, `avx512-vnni`): a narrower class's code path can then be
+    /// measured on a wider CPU (BENCHMARKS.md). Results are the same either way. A name this
+    /// CPU cannot run is an error, not a silent fallback that would mislabel a measurement.
+    pub(crate) fn detect() -> Result<Kernel, SearchError> {
         let named = std::env::var("SYNTHRANK_SEARCH_KERNEL").ok();
         Kernel::choose(Kernel::available(), named.as_deref())
     }
 
-    /// The kernel called `name` among `available` (slowest first), else the fastest.
-    fn choose(mut available: Vec<Kernel>, name: Option<&str>) -> Kernel {
-        match available.iter().find(|k| Some(k.name()) == name) {
-            Some(&kernel) => kernel,
-            None => available.pop().expect("the portable kernel"),
+    /// The kernel called `name` among `available` (slowest first), or the fastest unnamed.
+    fn choose(available: Vec<Kernel>, name: Option<&str>) -> Result<Kernel, SearchError> {
+        match name {
+            None => Ok(*available.last().expect("the portable kernel")),
+            Some(name) => available
+                .iter()
+                .find(|k| k.name() == name)
+                .copied()
+                .ok_or_else(|| SearchError::Kernel {
+                    name: name.to_string(),
+                    available: available
+                        .iter()
+                        .map(|k| k.name())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }),
         }
     }
 
@@ -516,19 +529,24 @@ mod tests {
         }
     }
 
-    /// A named kernel is chosen where the CPU has it; otherwise, or unnamed, the fastest.
+    /// A named kernel is chosen where the CPU has it, any other name is an error; unnamed, the
+    /// fastest.
     #[test]
     fn a_named_kernel_is_chosen_where_available() {
         let all = Kernel::available();
         let fastest = *all.last().unwrap();
         for kernel in &all {
-            assert_eq!(Kernel::choose(all.clone(), Some(kernel.name())), *kernel);
+            assert_eq!(
+                Kernel::choose(all.clone(), Some(kernel.name())),
+                Ok(*kernel)
+            );
         }
-        assert_eq!(Kernel::choose(all.clone(), None), fastest);
-        assert_eq!(Kernel::choose(all.clone(), Some("sse9")), fastest);
+        assert_eq!(Kernel::choose(all.clone(), None), Ok(fastest));
+        assert!(Kernel::choose(all.clone(), Some("sse9")).is_err());
+        let missing = Kernel::choose(vec![Kernel::Portable], Some("avx2")).unwrap_err();
         assert_eq!(
-            Kernel::choose(vec![Kernel::Portable], Some("avx2")),
-            Kernel::Portable
+            missing.to_string(),
+            "SYNTHRANK_SEARCH_KERNEL=avx2: not a kernel this CPU runs (it runs portable)"
         );
     }
 }

@@ -75,6 +75,8 @@ pub enum SearchError {
     IdRanks(usize, usize),
     #[error("dimension {0} is beyond the {MAX_DIM} whose byte products sum exactly in 32 bits")]
     TooManyDimensions(usize),
+    #[error("SYNTHRANK_SEARCH_KERNEL={name}: not a kernel this CPU runs (it runs {available})")]
+    Kernel { name: String, available: String },
 }
 
 /// The largest dimension searched: sums of `dim` products of a byte (≤ 255) and a signed byte
@@ -120,7 +122,7 @@ pub(crate) fn search_with_progress(
     options: SearchOptions,
     done: &(dyn Fn(usize) + Sync),
 ) -> Result<Vec<Vec<Hit>>, SearchError> {
-    let kernel = Kernel::detect();
+    let kernel = Kernel::detect()?;
     search_with_kernel(kernel, queries, docs, id_rank, exclude, options, done)
 }
 
