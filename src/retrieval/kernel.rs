@@ -40,11 +40,11 @@ impl Kernel {
     /// CPU cannot run is an error, not a silent fallback that would mislabel a measurement.
     pub(crate) fn detect() -> Result<Kernel, SearchError> {
         let named = std::env::var("SYNTHRANK_SEARCH_KERNEL").ok();
-        Kernel::choose(Kernel::available(), named.as_deref())
+        Kernel::choose(&Kernel::available(), named.as_deref())
     }
 
     /// The kernel called `name` among `available` (slowest first), or the fastest unnamed.
-    fn choose(available: Vec<Kernel>, name: Option<&str>) -> Result<Kernel, SearchError> {
+    fn choose(available: &[Kernel], name: Option<&str>) -> Result<Kernel, SearchError> {
         match name {
             None => Ok(*available.last().expect("the portable kernel")),
             Some(name) => available
@@ -536,14 +536,11 @@ mod tests {
         let all = Kernel::available();
         let fastest = *all.last().unwrap();
         for kernel in &all {
-            assert_eq!(
-                Kernel::choose(all.clone(), Some(kernel.name())),
-                Ok(*kernel)
-            );
+            assert_eq!(Kernel::choose(&all, Some(kernel.name())), Ok(*kernel));
         }
-        assert_eq!(Kernel::choose(all.clone(), None), Ok(fastest));
-        assert!(Kernel::choose(all.clone(), Some("sse9")).is_err());
-        let missing = Kernel::choose(vec![Kernel::Portable], Some("avx2")).unwrap_err();
+        assert_eq!(Kernel::choose(&all, None), Ok(fastest));
+        assert!(Kernel::choose(&all, Some("sse9")).is_err());
+        let missing = Kernel::choose(&[Kernel::Portable], Some("avx2")).unwrap_err();
         assert_eq!(
             missing.to_string(),
             "SYNTHRANK_SEARCH_KERNEL=avx2: not a kernel this CPU runs (it runs portable)"
