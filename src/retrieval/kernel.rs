@@ -3,8 +3,9 @@
 //!
 //! On x86-64 with AVX-512 VNNI the byte products run as `vpdpbusd`: 64 multiply-adds in one
 //! instruction, a whole panel of documents in one register. With AVX2 alone they run as
-//! `vpmaddubsw` + `vpmaddwd` + `vpaddd`: 32 multiply-adds per three instructions, and pairs of
-//! products sum in 16 bits, so queries get 7 bits instead of 8 ([`Kernel::query_levels`]).
+//! `vpmaddubsw` + `vpmaddwd` + `vpaddd`, and pairs of products sum in 16 bits, so queries get 7
+//! bits instead of 8 ([`Kernel::query_levels`]); two groups' pair sums add in 16 bits too
+//! before `vpmaddwd` (documents are quantized to allow it), three multiplies per 64 products.
 //! AVX2 CPUs with AVX-VNNI (Intel's since Alder Lake, among them the E-core Xeons without
 //! AVX-512) run the 256-bit `vpdpbusd`: 32 multiply-adds in one instruction, 8 query bits.
 //! Elsewhere a portable loop computes the same integers. The integers are exact and the bound
@@ -102,6 +103,16 @@ impl Kernel {
             Kernel::Avx2 => 63,
             _ => 127,
         }
+    }
+
+    /// Whether the kernel adds two groups' byte-pair sums in one 16-bit lane (AVX2), so its
+    /// documents are quantized within the groups' limit (`quantize::document_max`).
+    pub(crate) fn lane_groups(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx2 {
+            return true;
+        }
+        false
     }
 
     /// Runs `work` inside a function compiled for this kernel's instruction set, so that what
@@ -316,12 +327,46 @@ unsafe fn panel_avx2(
 ) {
     use std::arch::x86_64::*;
     let ones = _mm256_set1_epi16(1);
-    // The byte products sum in pairs (16 bits, no saturation: 2·127·127 < 2¹⁵), then in
-    // pairs again into 32 bits.
-    let add_products =
-        |acc, x, b| _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, b), ones));
-    // SAFETY: the caller's CPU has AVX2.
-    unsafe { panel_256(rows, panel, out, add_products) }
+    let broadcast = |quad: [u8; 4]| _mm256_set1_epi32(i32::from_le_bytes(quad));
+    let (pairs, last) = panel.as_chunks::<2>();
+    let n = pairs.len();
+    // Sliced to the length of `pairs`, the rows need no bounds checks inside the loop.
+    let mut row_pairs: [&[[[u8; 4]; 2]]; ROWS] = [&[]; ROWS];
+    for (pairs, row) in row_pairs.iter_mut().zip(rows) {
+        *pairs = &row.as_chunks::<2>().0[..n];
+    }
+    let mut acc = [[_mm256_setzero_si256(); 2]; ROWS];
+    // Plain loads through slices and `transmute`, no pointer reads: in the dev profile the
+    // standard library's pointer-read checks would cost more than the arithmetic.
+    for (p, docs) in pairs.iter().enumerate() {
+        // SAFETY: 64 bytes as two 256-bit vectors, every bit pattern valid.
+        let [b0, b1] = unsafe { std::mem::transmute::<PanelQuad, [__m256i; 2]>(docs[0]) };
+        let [c0, c1] = unsafe { std::mem::transmute::<PanelQuad, [__m256i; 2]>(docs[1]) };
+        for (acc, row) in acc.iter_mut().zip(&row_pairs) {
+            let (x, y) = (broadcast(row[p][0]), broadcast(row[p][1]));
+            // The byte products sum in pairs (`vpmaddubsw`, 16 bits, no saturation), two
+            // groups of 4 components add in one 16-bit lane (within i16 by the documents'
+            // quantization, `quantize::document_max`), then pairs of lanes sum into 32 bits:
+            // three multiplies per 64 products where one group at a time took four.
+            let low = _mm256_add_epi16(_mm256_maddubs_epi16(x, b0), _mm256_maddubs_epi16(y, c0));
+            let high = _mm256_add_epi16(_mm256_maddubs_epi16(x, b1), _mm256_maddubs_epi16(y, c1));
+            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(low, ones));
+            acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(high, ones));
+        }
+    }
+    if let [docs] = last {
+        // SAFETY: as above.
+        let [b0, b1] = unsafe { std::mem::transmute::<PanelQuad, [__m256i; 2]>(*docs) };
+        for (acc, row) in acc.iter_mut().zip(rows) {
+            let x = broadcast(row[2 * n]);
+            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b0), ones));
+            acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b1), ones));
+        }
+    }
+    for (out, acc) in out.iter_mut().zip(acc) {
+        // SAFETY: two 256-bit vectors are 16 i32.
+        *out = unsafe { std::mem::transmute::<[__m256i; 2], [i32; PANEL]>(acc) };
+    }
 }
 
 /// # Safety
@@ -334,52 +379,26 @@ unsafe fn panel_avx_vnni(
     out: &mut [[i32; PANEL]; ROWS],
 ) {
     use std::arch::x86_64::*;
-    // Summed into 32 bits with no intermediate rounding or saturation.
-    let add_products = |acc, x, b| _mm256_dpbusd_avx_epi32(acc, x, b);
-    // SAFETY: the caller's CPU has AVX2.
-    unsafe { panel_256(rows, panel, out, add_products) }
-}
-
-/// The 256-bit kernels' loop: each group of 4 components loads the panel as two registers of
-/// 8 documents, and `add_products(acc, x, b)` adds to `acc` the products of a query's 4 bytes
-/// `x` (broadcast) with each document's 4 bytes in `b`. Inlined into each kernel, compiled
-/// for its instructions.
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn panel_256(
-    rows: [&[[u8; 4]]; ROWS],
-    panel: &[PanelQuad],
-    out: &mut [[i32; PANEL]; ROWS],
-    add_products: impl Fn(
-        std::arch::x86_64::__m256i,
-        std::arch::x86_64::__m256i,
-        std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i,
-) {
-    use std::arch::x86_64::*;
     let n = panel.len();
     // Sliced to one length, the loop needs no bounds checks.
     let mut row_quads: [&[[u8; 4]]; ROWS] = [&[]; ROWS];
     for (quads, row) in row_quads.iter_mut().zip(rows) {
         *quads = &row[..n];
     }
-    // SAFETY (here and below): the caller's CPU has AVX2; 64 bytes are two 256-bit vectors
-    // and 16 i32, every bit pattern valid.
-    let mut acc = [[unsafe { _mm256_setzero_si256() }; 2]; ROWS];
-    // Plain loads through slices and `transmute`, no pointer reads: in the dev profile the
-    // standard library's pointer-read checks would cost more than the arithmetic.
+    let mut acc = [[_mm256_setzero_si256(); 2]; ROWS];
     for (q, docs) in panel.iter().enumerate() {
+        // SAFETY: 64 bytes as two 256-bit vectors, every bit pattern valid.
         let [b0, b1] = unsafe { std::mem::transmute::<PanelQuad, [__m256i; 2]>(*docs) };
-        for r in 0..ROWS {
-            let x = unsafe { _mm256_set1_epi32(i32::from_le_bytes(row_quads[r][q])) };
-            acc[r][0] = add_products(acc[r][0], x, b0);
-            acc[r][1] = add_products(acc[r][1], x, b1);
+        for (acc, row) in acc.iter_mut().zip(&row_quads) {
+            // The query's 4 bytes against each of 8 documents' 4, summed into 32 bits with
+            // no intermediate rounding or saturation.
+            let x = _mm256_set1_epi32(i32::from_le_bytes(row[q]));
+            acc[0] = _mm256_dpbusd_avx_epi32(acc[0], x, b0);
+            acc[1] = _mm256_dpbusd_avx_epi32(acc[1], x, b1);
         }
     }
     for (out, acc) in out.iter_mut().zip(acc) {
+        // SAFETY: two 256-bit vectors are 16 i32.
         *out = unsafe { std::mem::transmute::<[__m256i; 2], [i32; PANEL]>(acc) };
     }
 }
@@ -474,8 +493,24 @@ mod tests {
         }
     }
 
+    /// A panel's bytes as the document quantizer writes them: every lane group (components
+    /// {0, 1, 4, 5} and {2, 3, 6, 7} of each 8) at most 258 in magnitude, and documents 0 and 1
+    /// at that limit (127, 127, 2, 2), positive and negative.
+    fn documents(rng: &mut impl Rng, quads: usize) -> Vec<PanelQuad> {
+        let mut panel: Vec<PanelQuad> = (0..quads)
+            .map(|_| [0; 4 * PANEL].map(|_| rng.random_range(-64..=64)))
+            .collect();
+        for (q, quad) in panel.iter_mut().enumerate() {
+            let extreme = if q % 2 == 0 { 127 } else { 2 };
+            quad[..2].fill(extreme);
+            quad[4..6].fill(-extreme);
+        }
+        panel
+    }
+
     /// Every kernel this CPU has computes the same integers as the portable loop over its own
-    /// query range, at the extremes of both operands' ranges too.
+    /// query range, at the extremes of both operands' ranges too (the AVX2 kernel's 16-bit
+    /// lanes at 127 · 258, one short of overflowing).
     #[test]
     fn kernels_agree() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
@@ -499,9 +534,7 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let panel: Vec<PanelQuad> = (0..quads)
-                .map(|_| [0; 4 * PANEL].map(|_| rng.random_range(-127..=127)))
-                .collect();
+            let panel = documents(&mut rng, quads);
             let rows = std::array::from_fn(|r| rows[r].as_slice());
             let portable = Kernel::Portable.panel(rows, &panel);
             assert_eq!(
@@ -509,13 +542,8 @@ mod tests {
                 portable,
                 "{kernel:?}, quads {quads}"
             );
-            let others: Vec<Vec<PanelQuad>> = (0..GROUP)
-                .map(|_| {
-                    (0..quads)
-                        .map(|_| [0; 4 * PANEL].map(|_| rng.random_range(-127..=127)))
-                        .collect()
-                })
-                .collect();
+            let others: Vec<Vec<PanelQuad>> =
+                (0..GROUP).map(|_| documents(&mut rng, quads)).collect();
             let group = std::array::from_fn(|g| others[g].as_slice());
             assert_eq!(
                 kernel.panels(rows, group),
