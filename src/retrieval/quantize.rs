@@ -88,19 +88,25 @@ fn quantize(x: &[f32], max: f32, levels: f32, out: &mut [i32]) -> Quantized {
 /// {0, 1, 4, 5} and {2, 3, 6, 7} of every 8); scaled so that each group's |xᵢ| sum to at most
 /// [`GROUP_L1`] · s, their rounded bytes sum to at most 258 in magnitude, and against query
 /// bytes of at most 127 the lane stays within i16 (127 · 258 < 2¹⁵). `groups` is the largest
-/// group sum ([`group_sums`]). Only for that kernel ([`Kernel::lane_groups`]): on Gaussian
-/// vectors the groups decide for many documents, and applied under every kernel the coarser
-/// scales made the AVX-512 search 3% slower.
+/// group sum ([`group_sums`]), given only for that kernel ([`Kernel::lane_groups`]): on
+/// Gaussian vectors the groups decide for many documents, and applied under every kernel the
+/// coarser scales made the AVX-512 search 3% slower.
 #[inline(always)]
-fn document_max(largest: f32, groups: f32) -> f32 {
-    let needed = groups * (DOC_LEVELS / GROUP_L1);
+fn document_max(largest: f32, groups: Option<f32>) -> f32 {
+    let needed = groups.map_or(0.0, |g| g * (DOC_LEVELS / GROUP_L1));
     // A comparison: NaN (a vector that is not finite, zeroed anyway) never wins it.
     if needed > largest { needed } else { largest }
 }
 
-/// The lane groups' sums of |xᵢ| for one block of 8 components (zero past the end), at
-/// positions 0 and 2 of the result: `(a₀ + a₁) + (a₄ + a₅)` and `(a₂ + a₃) + (a₆ + a₇)`, in
-/// the order the vector quantizers add them.
+/// [`document_max`] of `x`, lane groups counted where `grouped`.
+#[inline(always)]
+fn document_range(x: &[f32], grouped: bool) -> f32 {
+    document_max(max_abs(x), grouped.then(|| largest_group(x)))
+}
+
+/// The lane groups' sums of |xᵢ| for one block of 8 components (zero past the end):
+/// `(a₀ + a₁) + (a₄ + a₅)` and `(a₂ + a₃) + (a₆ + a₇)`, in the order the vector quantizers add
+/// them.
 #[inline(always)]
 fn group_sums(block: &[f32; 8]) -> [f32; 2] {
     let a = block.map(f32::abs);
@@ -451,11 +457,7 @@ fn quantize_document(
     scratch: &mut [i32],
     grouped: bool,
 ) -> (Quantized, i32) {
-    let max = match grouped {
-        true => document_max(max_abs(x), largest_group(x)),
-        false => max_abs(x),
-    };
-    let v = quantize(x, max, DOC_LEVELS, scratch);
+    let v = quantize(x, document_range(x, grouped), DOC_LEVELS, scratch);
     let (whole, tail) = scratch.as_chunks::<4>();
     // A whole quad's bytes as one store (byte by byte, the loop stayed scalar).
     for (quad, values) in quads.iter_mut().zip(whole) {
@@ -567,11 +569,8 @@ unsafe fn quantize_document_avx2(
     }
     // SAFETY: a 256-bit vector is 8 f32.
     let lanes = |v: __m256| unsafe { std::mem::transmute::<__m256, [f32; 8]>(v) };
-    let largest = lanes(largest).into_iter().fold(0.0, f32::max);
-    let max = match grouped {
-        true => document_max(largest, lanes(groups).into_iter().fold(0.0, f32::max)),
-        false => largest,
-    };
+    let reduce = |v: __m256| lanes(v).into_iter().fold(0.0, f32::max);
+    let max = document_max(reduce(largest), grouped.then(|| reduce(groups)));
     let (scale, inverse) = scale_of(max, DOC_LEVELS);
     let (scale_v, inverse_v) = (_mm256_set1_ps(scale), _mm256_set1_ps(inverse));
     let [mut norm, mut residual, mut stored] = [_mm256_setzero_ps(); 3];
@@ -688,10 +687,7 @@ mod tests {
                 let mut residual_norm = 0.0;
                 if adversarial {
                     let mut ints = vec![0; dim];
-                    let max = match kernel.lane_groups() {
-                        true => document_max(max_abs(&d), largest_group(&d)),
-                        false => max_abs(&d),
-                    };
+                    let max = document_range(&d, kernel.lane_groups());
                     let v = quantize(&d, max, DOC_LEVELS, &mut ints);
                     residual_norm = v.residual_norm;
                     // Integers of magnitude up to the query levels: the query's own rounding
