@@ -8,7 +8,8 @@
 //! two) and hands them out again, so a steady-state training step touches no new pages. It
 //! holds at most half the machine's memory (a MiniLM training step of the benchmark peaks at
 //! 9.6 GB); beyond that, freed blocks go back to the system. Small blocks go straight to the
-//! system allocator. Binaries opt in with `#[global_allocator]`.
+//! system allocator. Fresh large blocks ask for huge pages (`advise_huge_pages`). Binaries opt
+//! in with `#[global_allocator]`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr;
@@ -93,7 +94,9 @@ unsafe impl GlobalAlloc for TensorAllocator {
             Some((index, block)) => match self.reuse(index, block) {
                 Some(p) => p,
                 None => unsafe {
-                    System.alloc(Layout::from_size_align_unchecked(block, MAX_ALIGN))
+                    let p = System.alloc(Layout::from_size_align_unchecked(block, MAX_ALIGN));
+                    advise_huge_pages(p, block);
+                    p
                 },
             },
         }
@@ -108,7 +111,10 @@ unsafe impl GlobalAlloc for TensorAllocator {
                     p
                 }
                 None => unsafe {
-                    System.alloc_zeroed(Layout::from_size_align_unchecked(block, MAX_ALIGN))
+                    let p =
+                        System.alloc_zeroed(Layout::from_size_align_unchecked(block, MAX_ALIGN));
+                    advise_huge_pages(p, block);
+                    p
                 },
             },
         }
@@ -147,6 +153,30 @@ unsafe impl GlobalAlloc for TensorAllocator {
     }
 }
 
+/// Asks Linux to back the 2 MiB-aligned inside of a fresh block with huge pages: transparent
+/// huge pages in `madvise` mode, as many distributions ship them, serve only the memory that
+/// asks. The search's exact pass reads corpus rows scattered over hundreds of MiB, and with 4
+/// KiB pages nearly every row missed the TLB (measured: the AVX-512 search went from 0.171 to
+/// 0.157 s). numpy asks the same for its arrays, so the peers had them already.
+fn advise_huge_pages(p: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let (start, end) = (
+            (p as usize).next_multiple_of(HUGE),
+            (p as usize + len) / HUGE * HUGE,
+        );
+        if !p.is_null() && end > start {
+            // SAFETY: the range lies inside the block just allocated; the advice changes how
+            // its pages are backed, never their contents. A refusal (no THP in the kernel)
+            // leaves ordinary pages.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (p, len);
+}
+
 /// Bytes of physical memory (4 GiB where the system does not say).
 fn physical_memory() -> usize {
     #[cfg(unix)]
@@ -180,6 +210,38 @@ pub fn keep_freed_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh large block is advised for huge pages: its mapping carries the `hg` flag in
+    /// /proc/self/smaps (the kernel's record of MADV_HUGEPAGE).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn large_blocks_ask_for_huge_pages() {
+        let allocator = TensorAllocator::new();
+        let layout = Layout::from_size_align(64 << 20, 8).unwrap();
+        // SAFETY: a valid layout; the block is freed with it below.
+        let p = unsafe { allocator.alloc(layout) } as usize;
+        assert_ne!(p, 0);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        let mut flags = None;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((start, end)) = range.split_once('-')
+                && let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                )
+            {
+                inside = start <= p + (4 << 20) && p + (4 << 20) < end;
+            } else if inside && let Some(f) = line.strip_prefix("VmFlags:") {
+                flags = Some(f.split_whitespace().map(str::to_string).collect::<Vec<_>>());
+            }
+        }
+        // SAFETY: allocated above with this layout.
+        unsafe { allocator.dealloc(p as *mut u8, layout) };
+        let flags = flags.expect("the block's mapping in /proc/self/smaps");
+        assert!(flags.iter().any(|f| f == "hg"), "VmFlags {flags:?}");
+    }
 
     #[test]
     fn classes_cover_each_size_with_at_most_an_eighth_to_spare() {

@@ -133,7 +133,7 @@ impl Candidates {
             if let Some(ahead) = self.kept.get(n + PREFETCH) {
                 kernel::prefetch(row(ahead));
             }
-            top.offer(kernel::dot(query, row(c)), id_rank[c.doc as usize], c.doc);
+            top.offer(kernel::dot(query, row(c)), c.doc, id_rank);
         }
         top.into_sorted()
     }

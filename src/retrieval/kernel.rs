@@ -3,9 +3,10 @@
 //!
 //! On x86-64 with AVX-512 VNNI the byte products run as `vpdpbusd`: 64 multiply-adds in one
 //! instruction, a whole panel of documents in one register. With AVX2 alone they run as
-//! `vpmaddubsw` + `vpmaddwd` + `vpaddd`, and pairs of products sum in 16 bits, so queries get 7
-//! bits instead of 8 ([`Kernel::query_levels`]); two groups' pair sums add in 16 bits too
-//! before `vpmaddwd` (documents are quantized to allow it), three multiplies per 64 products.
+//! `vpmaddubsw` + `vpmaddwd` + `vpaddd`, and pairs of products sum in 16 bits, so queries get
+//! fewer levels than 8 bits hold ([`Kernel::query_levels`]); three groups' pair sums add in 16
+//! bits too before `vpmaddwd` (documents are quantized to allow it), four multiplies per 96
+//! products.
 //! AVX2 CPUs with AVX-VNNI (Intel's since Alder Lake, among them the E-core Xeons without
 //! AVX-512) run the 256-bit `vpdpbusd`: 32 multiply-adds in one instruction, 8 query bits.
 //! Elsewhere a portable loop computes the same integers. The integers are exact and the bound
@@ -16,6 +17,18 @@ use super::quantize::PANEL;
 
 /// Queries per kernel call.
 pub(crate) const ROWS: usize = 4;
+/// Groups of 4 components whose byte-pair sums the AVX2 kernel adds in one 16-bit lane before
+/// widening them (`vpmaddwd`): components {0, 1} of each, and {2, 3}, share a lane.
+pub(crate) const LANE_QUADS: usize = 3;
+/// The AVX2 kernel's query levels ([`Kernel::query_levels`]): its bytes reach 2·75 + 1 = 151,
+/// so that a lane of 16 bits holds them against document bytes summing to [`LANE_BYTES`] in
+/// magnitude. The documents are quantized within that (`quantize::document_max`); 75
+/// balances the query's rounding against theirs (their bound is narrowest there).
+pub(crate) const AVX2_QUERY_LEVELS: u8 = 75;
+/// The magnitudes of the document bytes that meet in one of the AVX2 kernel's 16-bit lanes sum
+/// to at most this (217): against query bytes of at most 2·[`AVX2_QUERY_LEVELS`] + 1 the lane
+/// holds (151 · 217 = 32,767).
+pub(crate) const LANE_BYTES: i32 = i16::MAX as i32 / (2 * AVX2_QUERY_LEVELS as i32 + 1);
 /// Panels of documents per [`Kernel::panels`] call.
 pub(crate) const GROUP: usize = 4;
 
@@ -95,12 +108,12 @@ impl Kernel {
     }
 
     /// Query components are quantized to [-levels, levels] and stored as unsigned bytes in
-    /// [1, 2·levels + 1]. `vpmaddubsw` sums pairs of byte products in 16 bits with saturation,
-    /// so under AVX2 a byte is at most 127 (2·127·127 < 2¹⁵); the others take the whole byte.
+    /// [1, 2·levels + 1]. `vpmaddubsw` sums pairs of byte products in 16 bits, so under AVX2
+    /// the bytes are held to [`AVX2_QUERY_LEVELS`]; the others take the whole byte.
     pub(crate) fn query_levels(self) -> u8 {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => 63,
+            Kernel::Avx2 => AVX2_QUERY_LEVELS,
             _ => 127,
         }
     }
@@ -328,37 +341,46 @@ unsafe fn panel_avx2(
     use std::arch::x86_64::*;
     let ones = _mm256_set1_epi16(1);
     let broadcast = |quad: [u8; 4]| _mm256_set1_epi32(i32::from_le_bytes(quad));
-    let (pairs, last) = panel.as_chunks::<2>();
-    let n = pairs.len();
-    // Sliced to the length of `pairs`, the rows need no bounds checks inside the loop.
-    let mut row_pairs: [&[[[u8; 4]; 2]]; ROWS] = [&[]; ROWS];
-    for (pairs, row) in row_pairs.iter_mut().zip(rows) {
-        *pairs = &row.as_chunks::<2>().0[..n];
+    let (lanes, last) = panel.as_chunks::<LANE_QUADS>();
+    let n = lanes.len();
+    // Sliced to the length of `lanes`, the rows need no bounds checks inside the loop.
+    let mut row_lanes: [&[[[u8; 4]; LANE_QUADS]]; ROWS] = [&[]; ROWS];
+    for (lanes, row) in row_lanes.iter_mut().zip(rows) {
+        *lanes = &row.as_chunks::<LANE_QUADS>().0[..n];
     }
     let mut acc = [[_mm256_setzero_si256(); 2]; ROWS];
     // Plain loads through slices and `transmute`, no pointer reads: in the dev profile the
     // standard library's pointer-read checks would cost more than the arithmetic.
-    for (p, docs) in pairs.iter().enumerate() {
-        // SAFETY: 64 bytes as two 256-bit vectors, every bit pattern valid.
-        let [b0, b1] = unsafe { std::mem::transmute::<PanelQuad, [__m256i; 2]>(docs[0]) };
-        let [c0, c1] = unsafe { std::mem::transmute::<PanelQuad, [__m256i; 2]>(docs[1]) };
-        for (acc, row) in acc.iter_mut().zip(&row_pairs) {
-            let (x, y) = (broadcast(row[p][0]), broadcast(row[p][1]));
-            // The byte products sum in pairs (`vpmaddubsw`, 16 bits, no saturation), two
-            // groups of 4 components add in one 16-bit lane (within i16 by the documents'
-            // quantization, `quantize::document_max`), then pairs of lanes sum into 32 bits:
-            // three multiplies per 64 products where one group at a time took four.
-            let low = _mm256_add_epi16(_mm256_maddubs_epi16(x, b0), _mm256_maddubs_epi16(y, c0));
-            let high = _mm256_add_epi16(_mm256_maddubs_epi16(x, b1), _mm256_maddubs_epi16(y, c1));
+    for (p, docs) in lanes.iter().enumerate() {
+        let mut d = [[_mm256_setzero_si256(); 2]; LANE_QUADS];
+        for i in 0..LANE_QUADS {
+            // SAFETY: 64 bytes as two 256-bit vectors, every bit pattern valid.
+            d[i] = unsafe { std::mem::transmute::<PanelQuad, [__m256i; 2]>(docs[i]) };
+        }
+        for (acc, row) in acc.iter_mut().zip(&row_lanes) {
+            // The byte products sum in pairs (`vpmaddubsw`, 16 bits, no saturation), the
+            // pair sums of `LANE_QUADS` groups of 4 components add in one 16-bit lane (within
+            // i16 by the documents' quantization, `quantize::document_max`), then pairs of
+            // lanes sum into 32 bits: 4 multiplies per 96 products where one group at a time
+            // took 6.
+            // Index loops: iterator adapters stayed calls here in the dev profile.
+            let x = broadcast(row[p][0]);
+            let mut low = _mm256_maddubs_epi16(x, d[0][0]);
+            let mut high = _mm256_maddubs_epi16(x, d[0][1]);
+            for i in 1..LANE_QUADS {
+                let x = broadcast(row[p][i]);
+                low = _mm256_add_epi16(low, _mm256_maddubs_epi16(x, d[i][0]));
+                high = _mm256_add_epi16(high, _mm256_maddubs_epi16(x, d[i][1]));
+            }
             acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(low, ones));
             acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(high, ones));
         }
     }
-    if let [docs] = last {
+    for (i, docs) in last.iter().enumerate() {
         // SAFETY: as above.
         let [b0, b1] = unsafe { std::mem::transmute::<PanelQuad, [__m256i; 2]>(*docs) };
         for (acc, row) in acc.iter_mut().zip(rows) {
-            let x = broadcast(row[2 * n]);
+            let x = broadcast(row[LANE_QUADS * n + i]);
             acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b0), ones));
             acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b1), ones));
         }
@@ -401,6 +423,61 @@ unsafe fn panel_avx_vnni(
         // SAFETY: two 256-bit vectors are 16 i32.
         *out = unsafe { std::mem::transmute::<[__m256i; 2], [i32; PANEL]>(acc) };
     }
+}
+
+impl Kernel {
+    /// The product of a document's bytes (`row`) with a query's fine code
+    /// ([`super::quantize::FineQuery`], of the same length, a multiple of 32): exact in i32,
+    /// the code's levels being chosen so.
+    pub(crate) fn fine_product(self, row: &[i8], codes: &[i16]) -> i32 {
+        assert!(row.len() == codes.len() && row.len().is_multiple_of(32));
+        match self {
+            Kernel::Portable => fine_product_portable(row, codes),
+            // SAFETY: every other kernel's features include AVX2 (AVX-512F implies it).
+            #[cfg(target_arch = "x86_64")]
+            _ => unsafe { fine_product_avx2(row, codes) },
+        }
+    }
+}
+
+fn fine_product_portable(row: &[i8], codes: &[i16]) -> i32 {
+    row.iter()
+        .zip(codes)
+        .map(|(&d, &c)| i32::from(d) * i32::from(c))
+        .sum()
+}
+
+/// [`fine_product_portable`] 32 components at a time: the bytes widen to 16 bits and
+/// multiply-add with the code in pairs (`vpmaddwd`).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fine_product_avx2(row: &[i8], codes: &[i16]) -> i32 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm256_setzero_si256();
+    for (bytes, code) in row
+        .as_chunks::<32>()
+        .0
+        .iter()
+        .zip(codes.as_chunks::<32>().0)
+    {
+        // SAFETY: 32 bytes as one 256-bit vector, 32 i16 as two, every bit pattern valid.
+        let (bytes, [low, high]) = unsafe {
+            (
+                std::mem::transmute::<[i8; 32], __m256i>(*bytes),
+                std::mem::transmute::<[i16; 32], [__m256i; 2]>(*code),
+            )
+        };
+        let docs_low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
+        let docs_high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(bytes));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(docs_low, low));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(docs_high, high));
+    }
+    // SAFETY: a 256-bit vector is 8 i32.
+    let lanes = unsafe { std::mem::transmute::<__m256i, [i32; 8]>(acc) };
+    lanes.iter().sum()
 }
 
 /// Asks the CPU to start loading `row` into cache (a hint; nothing on other architectures).
@@ -494,29 +571,32 @@ mod tests {
     }
 
     /// A panel's bytes as the document quantizer writes them: every lane group (components
-    /// {0, 1, 4, 5} and {2, 3, 6, 7} of each 8) at most 258 in magnitude, and documents 0 and 1
-    /// at that limit (127, 127, 2, 2), positive and negative.
+    /// {0, 1} of [`LANE_QUADS`] consecutive groups of 4, and {2, 3}) at most [`LANE_BYTES`] in
+    /// magnitude, and documents 0 and 1 at that limit (127 and 90, then zeros), positive and
+    /// negative.
     fn documents(rng: &mut impl Rng, quads: usize) -> Vec<PanelQuad> {
+        let most = (LANE_BYTES / (2 * LANE_QUADS as i32)) as i8;
         let mut panel: Vec<PanelQuad> = (0..quads)
-            .map(|_| [0; 4 * PANEL].map(|_| rng.random_range(-64..=64)))
+            .map(|_| [0; 4 * PANEL].map(|_| rng.random_range(-most..=most)))
             .collect();
+        let limit = [127, (LANE_BYTES - 127) as i8];
         for (q, quad) in panel.iter_mut().enumerate() {
-            let extreme = if q % 2 == 0 { 127 } else { 2 };
-            quad[..2].fill(extreme);
-            quad[4..6].fill(-extreme);
+            let [a, b] = if q % LANE_QUADS == 0 { limit } else { [0, 0] };
+            quad[..2].copy_from_slice(&[a, b]);
+            quad[4..6].copy_from_slice(&[-a, -b]);
         }
         panel
     }
 
     /// Every kernel this CPU has computes the same integers as the portable loop over its own
     /// query range, at the extremes of both operands' ranges too (the AVX2 kernel's 16-bit
-    /// lanes at 127 · 258, one short of overflowing).
+    /// lanes at 151 · 217 = 32,767, the most they hold), whole lane groups and partial ones.
     #[test]
     fn kernels_agree() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let cases = Kernel::available()
             .into_iter()
-            .flat_map(|k| [(k, 1), (k, 3), (k, 96)]);
+            .flat_map(|k| [(k, 1), (k, 3), (k, 5), (k, 96)]);
         for (kernel, quads) in cases {
             let top = 2 * kernel.query_levels() + 1;
             let rows: Vec<Vec<[u8; 4]>> = (0..ROWS)
@@ -554,6 +634,48 @@ mod tests {
                 .map(|i| i32::from(top) * i32::from(panel[i / 4][i % 4]))
                 .sum();
             assert_eq!(portable[0][0], expected);
+        }
+    }
+
+    /// Every kernel's fine products equal the portable loop's and the exact sum, at the extremes
+    /// of the fine code's levels and the bytes' range ([`super::super::quantize::FineQuery`]).
+    #[test]
+    fn fine_products_agree() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+        for kernel in Kernel::available() {
+            for len in [32, 384, 800] {
+                let levels = (i32::MAX as usize / (127 * len)).min(i16::MAX as usize) as i16;
+                for extreme in [false, true] {
+                    let row: Vec<i8> = (0..len)
+                        .map(|_| {
+                            if extreme {
+                                -127
+                            } else {
+                                rng.random_range(-127..=127)
+                            }
+                        })
+                        .collect();
+                    let codes: Vec<i16> = (0..len)
+                        .map(|_| {
+                            if extreme {
+                                levels
+                            } else {
+                                rng.random_range(-levels..=levels)
+                            }
+                        })
+                        .collect();
+                    let exact: i64 = row
+                        .iter()
+                        .zip(&codes)
+                        .map(|(&d, &c)| i64::from(d) * i64::from(c))
+                        .sum();
+                    assert_eq!(
+                        i64::from(kernel.fine_product(&row, &codes)),
+                        exact,
+                        "{kernel:?}, {len}"
+                    );
+                }
+            }
         }
     }
 

@@ -22,7 +22,7 @@ pub(crate) use topk::TopK;
 use candidates::{Candidates, Pass};
 use kernel::{GROUP, Kernel, PanelQuad, ROWS};
 use phases::Phases;
-use quantize::{PANEL, QuantizedDocs, QuantizedQuery};
+use quantize::{FineQuery, PANEL, QuantizedDocs, QuantizedQuery};
 
 /// Row-major vectors, `data.len() == rows * dim`.
 #[derive(Debug, Clone, Copy)]
@@ -219,9 +219,10 @@ fn exclude_slice(exclude: &[Option<u32>], start: usize, len: usize) -> Vec<Optio
 
 /// One thread's queries of a pass against all documents. The corpus goes by in chunks: the
 /// threads quantize a part of each and then all read every part. The integer pass scores
-/// every pair and keeps, per query, the documents whose upper bound reaches the k-th best
-/// lower bound so far; those alone are scored exactly. Inlined into the code compiled for the
-/// corpus's kernel.
+/// every pair on 8-bit codes; the few whose coarse upper bound reaches the k-th best lower
+/// bound so far get fine bounds (a 16-bit query code against the document's bytes), and the
+/// query keeps those whose fine upper bound still reaches it: those alone are scored exactly.
+/// Inlined into the code compiled for the corpus's kernel.
 #[inline(always)]
 fn search_pass(
     thread: usize,
@@ -252,6 +253,13 @@ fn search_pass(
         .enumerate()
         .map(|(i, row)| QuantizedQuery::new(query(i), kernel.query_levels(), row, &mut scratch))
         .collect();
+    let mut codes = vec![0i16; nq * FineQuery::len(dim)];
+    let fine: Vec<FineQuery> = codes
+        .chunks_exact_mut(FineQuery::len(dim).max(1))
+        .take(nq)
+        .enumerate()
+        .map(|(i, codes)| FineQuery::new(query(i), codes, &mut scratch))
+        .collect();
     let mut candidates: Vec<Candidates> = (0..nq)
         .map(|i| Candidates::new(options.k, exclude[i]))
         .collect();
@@ -277,7 +285,12 @@ fn search_pass(
         phases.wait();
         for part in parts {
             let part = part.read().expect("a search thread failed");
-            scan(&part, pass, &bytes, &terms, &mut candidates, kernel, nd);
+            let coded = Coded {
+                bytes: &bytes,
+                terms: &terms,
+                fine: &fine,
+            };
+            scan(&part, pass, &coded, &mut candidates, kernel, nd);
         }
         phases.wait();
         // Progress by the share of the corpus passed; the last share after the exact pass.
@@ -293,18 +306,26 @@ fn search_pass(
     done(nq - reported);
 }
 
+/// A thread's queries in one pass, coded: their bytes for the kernel ([`ROWS`] rows at a time,
+/// zero rows past the last query), their side of the coarse bound, and their fine codes.
+struct Coded<'a> {
+    bytes: &'a [[u8; 4]],
+    terms: &'a [QuantizedQuery],
+    fine: &'a [FineQuery<'a>],
+}
+
 /// Offers the documents of `part` to every query: a group of panels at a time, its documents
 /// staying in L1 while every query meets them.
 #[inline(always)]
 fn scan(
     part: &QuantizedDocs,
     pass: Pass,
-    bytes: &[[u8; 4]],
-    terms: &[QuantizedQuery],
+    queries: &Coded<'_>,
     candidates: &mut [Candidates],
     kernel: Kernel,
     nd: usize,
 ) {
+    let Coded { bytes, terms, fine } = *queries;
     let (quads, nq) = (part.quads, terms.len());
     let panels: Vec<&[PanelQuad]> = part.panels.chunks_exact(quads).collect();
     for (first_panel, group) in (0..panels.len()).step_by(GROUP).zip(panels.chunks(GROUP)) {
@@ -331,13 +352,14 @@ fn scan(
             }
             let products = &products[..group.len()];
             let masks = part.screen(pass.side(), first_panel, &row_terms, &floors, products);
-            for (p, (integer, masks)) in (first_panel..).zip(products.iter().zip(&masks)) {
+            // What passes the screen is admitted on its fine bounds (`fine_bounds`).
+            for (p, masks) in (first_panel..).zip(&masks[..group.len()]) {
                 let first_doc = (part.first + p) * PANEL;
-                let rows = candidates[g * ROWS..].iter_mut().zip(&row_terms);
-                for (r, (kept, query)) in rows.enumerate() {
-                    if masks[r] != 0 {
-                        kept.admit(pass, first_doc, nd - first_doc, masks[r], |j| {
-                            part.bounds(p, j, query, integer[r][j])
+                let rows = candidates[g * ROWS..].iter_mut().zip(&fine[g * ROWS..]);
+                for ((kept, query), &mask) in rows.zip(masks) {
+                    if mask != 0 {
+                        kept.admit(pass, first_doc, nd - first_doc, mask, |j| {
+                            part.fine_bounds(p, j, query)
                         });
                     }
                 }

@@ -13,17 +13,22 @@
 //! any summation order over `dim` terms plus the rounding of the bound's own arithmetic. So
 //! the approximate score minus and plus that bound enclose the exact score: a document whose
 //! upper bound falls below k other documents' lower bounds cannot enter the top k.
+//!
+//! The same bound holds for any query code. The kernels' 8-bit code (7 bits under AVX2)
+//! screens every pair; a document that passes is bounded again with a 16-bit query code
+//! ([`FineQuery`]) against its bytes, kept in a row of their own: ‖r_q‖ then all but
+//! vanishes, and the fine bound is the document's rounding alone, a third to a half as wide.
 
 use super::Vectors;
-use super::kernel::{GROUP, Kernel, PanelQuad, ROWS};
+use super::kernel::{GROUP, Kernel, LANE_BYTES, LANE_QUADS, PanelQuad, ROWS};
 
 /// Documents per panel: the kernel's column count.
 pub(crate) const PANEL: usize = 16;
 /// Document components lie in [-127, 127] (never -128: the bound stays symmetric).
 const DOC_LEVELS: f32 = 127.0;
-/// The sum of |xᵢ| / s over each of a document's lane groups is at most this (then the bytes'
-/// magnitudes sum to at most 258 after rounding): see [`document_max`].
-const GROUP_L1: f32 = 256.0;
+/// The sum of |xᵢ| / s over each lane group is at most this: rounding adds at most ½ to each
+/// of its 2·[`LANE_QUADS`] components, so the bytes sum to at most [`LANE_BYTES`].
+const GROUP_L1: f32 = (LANE_BYTES - LANE_QUADS as i32) as f32;
 
 /// The relative allowance γ in the bound's γ‖q‖‖d‖ term: (dim + 16)·ε covers the rounding of
 /// the exact f32 score in any summation order and of the approximate score; the bound's own
@@ -84,13 +89,13 @@ fn quantize(x: &[f32], max: f32, levels: f32, out: &mut [i32]) -> Quantized {
 }
 
 /// What a document is quantized against: its largest |xᵢ|, or more where a lane group needs
-/// it. The AVX2 kernel adds in one 16-bit lane the byte products of 4 components (positions
-/// {0, 1, 4, 5} and {2, 3, 6, 7} of every 8); scaled so that each group's |xᵢ| sum to at most
-/// [`GROUP_L1`] · s, their rounded bytes sum to at most 258 in magnitude, and against query
-/// bytes of at most 127 the lane stays within i16 (127 · 258 < 2¹⁵). `groups` is the largest
-/// group sum ([`group_sums`]), given only for that kernel ([`Kernel::lane_groups`]): on
-/// Gaussian vectors the groups decide for many documents, and applied under every kernel the
-/// coarser scales made the AVX-512 search 3% slower.
+/// it. The AVX2 kernel adds in one 16-bit lane the byte products of 2·[`LANE_QUADS`]
+/// components (components {0, 1} of [`LANE_QUADS`] consecutive groups of 4, and {2, 3});
+/// scaled so that each such group's |xᵢ| sum to at most [`GROUP_L1`] · s, their rounded bytes
+/// sum to at most [`LANE_BYTES`] in magnitude and the lane stays within i16. `groups` is the
+/// largest group sum ([`LaneGroups`]), given only for that kernel ([`Kernel::lane_groups`]):
+/// on Gaussian vectors the groups decide for most documents, and applied under every kernel
+/// such coarser scales made the AVX-512 search 3% slower.
 #[inline(always)]
 fn document_max(largest: f32, groups: Option<f32>) -> f32 {
     let needed = groups.map_or(0.0, |g| g * (DOC_LEVELS / GROUP_L1));
@@ -104,28 +109,58 @@ fn document_range(x: &[f32], grouped: bool) -> f32 {
     document_max(max_abs(x), grouped.then(|| largest_group(x)))
 }
 
-/// The lane groups' sums of |xᵢ| for one block of 8 components (zero past the end):
-/// `(a₀ + a₁) + (a₄ + a₅)` and `(a₂ + a₃) + (a₆ + a₇)`, in the order the vector quantizers add
-/// them.
-#[inline(always)]
-fn group_sums(block: &[f32; 8]) -> [f32; 2] {
-    let a = block.map(f32::abs);
-    [(a[0] + a[1]) + (a[4] + a[5]), (a[2] + a[3]) + (a[6] + a[7])]
+/// The lane groups' sums of |xᵢ| as a vector goes by: each group of 4 components adds its
+/// pairs `[|x₀| + |x₁|, |x₂| + |x₃|]` (in that order, as the vector quantizer does), and every
+/// [`LANE_QUADS`] groups close a lane group.
+#[derive(Default)]
+struct LaneGroups {
+    sums: [f32; 2],
+    filled: usize,
+    largest: f32,
 }
 
-/// The largest lane-group sum of `x` ([`document_max`]), a block of 8 at a time.
-#[inline(always)]
-fn largest_group(x: &[f32]) -> f32 {
-    let (blocks, tail) = x.as_chunks::<8>();
-    let mut last = [0f32; 8];
-    last[..tail.len()].copy_from_slice(tail);
-    let mut largest = 0f32;
-    for block in blocks.iter().chain((!tail.is_empty()).then_some(&last)) {
-        for sum in group_sums(block) {
-            largest = if sum > largest { sum } else { largest };
+impl LaneGroups {
+    #[inline(always)]
+    fn add(&mut self, pairs: [f32; 2]) {
+        self.sums[0] += pairs[0];
+        self.sums[1] += pairs[1];
+        self.filled += 1;
+        if self.filled == LANE_QUADS {
+            self.close();
         }
     }
-    largest
+
+    #[inline(always)]
+    fn close(&mut self) {
+        for sum in self.sums {
+            // A comparison: NaN (a vector that is not finite) never wins it.
+            self.largest = if sum > self.largest {
+                sum
+            } else {
+                self.largest
+            };
+        }
+        (self.sums, self.filled) = ([0.0; 2], 0);
+    }
+
+    /// The largest lane-group sum, the last group closed as it is (its missing components
+    /// are zero).
+    #[inline(always)]
+    fn largest(mut self) -> f32 {
+        self.close();
+        self.largest
+    }
+}
+
+/// The largest lane-group sum of `x` ([`document_max`]).
+#[inline(always)]
+fn largest_group(x: &[f32]) -> f32 {
+    let mut groups = LaneGroups::default();
+    for quad in x.chunks(4) {
+        let a = |i: usize| quad.get(i).map_or(0.0, |v| v.abs());
+        groups.add([a(0) + a(1), a(2) + a(3)]);
+    }
+    groups.largest()
 }
 
 /// The scale s = max / levels and its inverse; (0, 0) where there is nothing to scale or the
@@ -177,6 +212,9 @@ pub(crate) struct QuantizedDocs {
     pub panels: Vec<PanelQuad>,
     /// Per panel, the document side of the bound.
     terms: Vec<PanelTerms>,
+    /// Each held document's bytes again, in a row of [`FineQuery::len`] (zero-padded), for
+    /// its fine bounds: a column of a panel is scattered over as many cache lines as groups.
+    rows: Vec<i8>,
     /// Documents quantized within the lane groups' limit ([`Kernel::lane_groups`]).
     grouped: bool,
 }
@@ -204,7 +242,12 @@ impl PanelTerms {
     #[inline(always)]
     fn bounds(&self, j: usize, query: &QuantizedQuery, integer: i32) -> (f32, f32) {
         // Exact in i32: both sums are below 255 · 127 · dim (`super::MAX_DIM`).
-        let products = integer.wrapping_sub(self.offset_sum[j]);
+        self.bounds_of_products(j, query, integer.wrapping_sub(self.offset_sum[j]))
+    }
+
+    /// The bounds given q̂·d̂ itself (no query offset in it).
+    #[inline(always)]
+    fn bounds_of_products(&self, j: usize, query: &QuantizedQuery, products: i32) -> (f32, f32) {
         let approx = products as f32 * (query.scale * self.scale[j]);
         let slack = query.norm * self.slack_norm[j] + query.residual_norm * self.slack_residual[j];
         (approx - slack, approx + slack)
@@ -220,6 +263,7 @@ impl QuantizedDocs {
             first: 0,
             panels: Vec::new(),
             terms: Vec::new(),
+            rows: Vec::new(),
             grouped: kernel.lane_groups(),
         }
     }
@@ -231,10 +275,13 @@ impl QuantizedDocs {
         self.first = range.start;
         self.panels.resize(range.len() * self.quads, [0; 4 * PANEL]);
         self.terms.resize(range.len(), PanelTerms::default());
+        self.rows
+            .resize(range.len() * PANEL * FineQuery::len(docs.dim), 0);
         let (kernel, grouped) = (self.kernel, self.grouped);
         let share = Share {
             first: range.start * PANEL,
             panels: &mut self.panels,
+            rows: &mut self.rows,
             terms: &mut self.terms,
         };
         // Compiled for the kernel's instruction set: the quantizer's loops go wider.
@@ -245,8 +292,9 @@ impl QuantizedDocs {
     }
 
     /// Document j of held panel `panel`'s bounds on its exact score against `query`, given
-    /// their integer product: (lower, upper), NaN where a vector is not finite.
-    #[inline(always)]
+    /// their integer product: (lower, upper), NaN where a vector is not finite (the screen's
+    /// bounds, one at a time).
+    #[cfg(test)]
     pub(crate) fn bounds(
         &self,
         panel: usize,
@@ -255,6 +303,20 @@ impl QuantizedDocs {
         integer: i32,
     ) -> (f32, f32) {
         self.terms[panel].bounds(j, query, integer)
+    }
+
+    /// Document j of held panel `panel`'s bounds against a query's fine code (its product
+    /// with the document's row): the query's rounding all but leaves the bound. The screen
+    /// lets through the documents whose coarse bound reaches the floor; these bounds decide
+    /// which are kept, and raise the floor.
+    #[inline(always)]
+    pub(crate) fn fine_bounds(&self, panel: usize, j: usize, query: &FineQuery<'_>) -> (f32, f32) {
+        let len = query.codes.len();
+        let row = (panel * PANEL + j) * len;
+        let products = self
+            .kernel
+            .fine_product(&self.rows[row..row + len], query.codes);
+        self.terms[panel].bounds_of_products(j, &query.terms, products)
     }
 
     /// Which documents of the held panels from `first` (one per element of `products`, at most
@@ -385,6 +447,7 @@ struct Share<'a> {
     first: usize,
     panels: &'a mut [PanelQuad],
     terms: &'a mut [PanelTerms],
+    rows: &'a mut [i8],
 }
 
 impl Share<'_> {
@@ -398,7 +461,12 @@ impl Share<'_> {
         let mut scratch = vec![0i32; dim];
         for i in 0..self.terms.len() * PANEL {
             let (panel, col) = (i / PANEL, i % PANEL);
-            let quads = &mut self.panels[panel * quads..(panel + 1) * quads];
+            let row_len = FineQuery::len(dim);
+            let mut out = DocumentBytes {
+                quads: &mut self.panels[panel * quads..(panel + 1) * quads],
+                col,
+                row: &mut self.rows[i * row_len..(i + 1) * row_len],
+            };
             let terms = &mut self.terms[panel];
             let row = self.first + i;
             // An `if`, not `bool::then`: that one's closure stayed a call, compiled for the
@@ -409,13 +477,13 @@ impl Share<'_> {
                     // SAFETY: the kernel's features (AVX-512F among them) were detected at run
                     // time.
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512Vnni => unsafe { quantize_document_avx512(x, quads, col) },
+                    Kernel::Avx512Vnni => unsafe { quantize_document_avx512(x, &mut out) },
                     // SAFETY: as above, AVX2.
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx2 | Kernel::AvxVnni => unsafe {
-                        quantize_document_avx2(x, quads, col, grouped)
+                        quantize_document_avx2(x, &mut out, grouped)
                     },
-                    _ => quantize_document(x, quads, col, &mut scratch, grouped),
+                    _ => quantize_document(x, &mut out, &mut scratch, grouped),
                 })
             } else {
                 None
@@ -428,8 +496,8 @@ impl Share<'_> {
                     terms.slack_residual[col] = v.stored_norm;
                 }
                 not_finite_or_padding => {
-                    for quad in quads {
-                        quad[col * 4..col * 4 + 4].fill(0);
+                    for quad in 0..quads {
+                        out.put(quad, [0; 4]);
                     }
                     terms.scale[col] = 0.0;
                     terms.offset_sum[col] = 0;
@@ -446,31 +514,45 @@ impl Share<'_> {
     }
 }
 
-/// Quantizes document `x` into column `col` of its panel's `quads`; returns its terms and the
-/// sum of its components (|Σ| ≤ 127 · dim: no overflow). A vector that is not finite leaves
-/// its column undefined (`norm` says so).
+/// Where a document's bytes go: column `col` of its panel's groups of 4, and its row.
+struct DocumentBytes<'a> {
+    quads: &'a mut [PanelQuad],
+    col: usize,
+    row: &'a mut [i8],
+}
+
+impl DocumentBytes<'_> {
+    /// Writes group `quad`'s 4 bytes (nothing past the last group), each copy as one store
+    /// (byte by byte, the loops stayed scalar).
+    #[inline(always)]
+    fn put(&mut self, quad: usize, bytes: [i8; 4]) {
+        if let Some(panel) = self.quads.get_mut(quad) {
+            panel[self.col * 4..self.col * 4 + 4].copy_from_slice(&bytes);
+            self.row[4 * quad..4 * quad + 4].copy_from_slice(&bytes);
+        }
+    }
+}
+
+/// Quantizes document `x` into `out`; returns its terms and the sum of its components
+/// (|Σ| ≤ 127 · dim: no overflow). A vector that is not finite leaves its bytes undefined
+/// (`norm` says so).
 #[inline(always)]
 fn quantize_document(
     x: &[f32],
-    quads: &mut [PanelQuad],
-    col: usize,
+    out: &mut DocumentBytes<'_>,
     scratch: &mut [i32],
     grouped: bool,
 ) -> (Quantized, i32) {
     let v = quantize(x, document_range(x, grouped), DOC_LEVELS, scratch);
     let (whole, tail) = scratch.as_chunks::<4>();
-    // A whole quad's bytes as one store (byte by byte, the loop stayed scalar).
-    for (quad, values) in quads.iter_mut().zip(whole) {
-        let column: &mut [i8; 4] = (&mut quad[col * 4..col * 4 + 4]).try_into().expect("4");
-        *column = values.map(|v| v as i8);
+    for (quad, values) in whole.iter().enumerate() {
+        out.put(quad, values.map(|v| v as i8));
     }
-    if let Some(quad) = quads.get_mut(whole.len()) {
-        let mut column = [0i8; 4];
-        for (byte, &value) in column.iter_mut().zip(tail) {
-            *byte = value as i8;
-        }
-        quad[col * 4..col * 4 + 4].copy_from_slice(&column);
+    let mut last = [0i8; 4];
+    for (byte, &value) in last.iter_mut().zip(tail) {
+        *byte = value as i8;
     }
+    out.put(whole.len(), last);
     (v, scratch.iter().fold(0i32, |a, &v| a.wrapping_add(v)))
 }
 
@@ -483,11 +565,7 @@ fn quantize_document(
 /// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn quantize_document_avx512(
-    x: &[f32],
-    quads: &mut [PanelQuad],
-    col: usize,
-) -> (Quantized, i32) {
+unsafe fn quantize_document_avx512(x: &[f32], out: &mut DocumentBytes<'_>) -> (Quantized, i32) {
     use std::arch::x86_64::*;
     let (chunks, tail) = x.as_chunks::<16>();
     let tail_mask: __mmask16 = (1 << tail.len()) - 1;
@@ -520,9 +598,8 @@ unsafe fn quantize_document_avx512(
         // SAFETY: 16 bytes as four 4-byte quads, every bit pattern valid.
         let bytes =
             unsafe { std::mem::transmute::<__m128i, [[i8; 4]; 4]>(_mm512_cvtepi32_epi8(q)) };
-        for (quad, bytes) in quads[4 * i..].iter_mut().zip(bytes) {
-            let column: &mut [i8; 4] = (&mut quad[col * 4..col * 4 + 4]).try_into().expect("4");
-            *column = bytes;
+        for (k, bytes) in bytes.into_iter().enumerate() {
+            out.put(4 * i + k, bytes);
         }
     }
     let quantized = Quantized {
@@ -543,8 +620,7 @@ unsafe fn quantize_document_avx512(
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_document_avx2(
     x: &[f32],
-    quads: &mut [PanelQuad],
-    col: usize,
+    out: &mut DocumentBytes<'_>,
     grouped: bool,
 ) -> (Quantized, i32) {
     use std::arch::x86_64::*;
@@ -558,19 +634,24 @@ unsafe fn quantize_document_avx2(
     };
     let vectors = chunks.len() + usize::from(!tail.is_empty());
     let sign = _mm256_set1_ps(-0.0);
-    let (mut largest, mut groups) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    // |x|, zero past the end.
+    let abs = |i: usize| {
+        if i < vectors {
+            _mm256_andnot_ps(sign, load(i))
+        } else {
+            _mm256_setzero_ps()
+        }
+    };
+    let mut largest = _mm256_setzero_ps();
     for i in 0..vectors {
-        let a = _mm256_andnot_ps(sign, load(i));
-        largest = _mm256_max_ps(largest, a);
-        // Lane groups (`group_sums`): adjacent pairs, then the pairs 4 apart.
-        let pairs = _mm256_add_ps(a, _mm256_permute_ps::<0b10_11_00_01>(a));
-        let sums = _mm256_add_ps(pairs, _mm256_permute2f128_ps::<1>(pairs, pairs));
-        groups = _mm256_max_ps(groups, sums);
+        largest = _mm256_max_ps(largest, abs(i));
     }
     // SAFETY: a 256-bit vector is 8 f32.
     let lanes = |v: __m256| unsafe { std::mem::transmute::<__m256, [f32; 8]>(v) };
-    let reduce = |v: __m256| lanes(v).into_iter().fold(0.0, f32::max);
-    let max = document_max(reduce(largest), grouped.then(|| reduce(groups)));
+    let largest = lanes(largest).into_iter().fold(0.0, f32::max);
+    // SAFETY: as this function, AVX2.
+    let groups = grouped.then(|| unsafe { largest_group_avx2(abs, vectors) });
+    let max = document_max(largest, groups);
     let (scale, inverse) = scale_of(max, DOC_LEVELS);
     let (scale_v, inverse_v) = (_mm256_set1_ps(scale), _mm256_set1_ps(inverse));
     let [mut norm, mut residual, mut stored] = [_mm256_setzero_ps(); 3];
@@ -593,8 +674,8 @@ unsafe fn quantize_document_avx2(
             _mm256_extract_epi32::<0>(packed),
             _mm256_extract_epi32::<4>(packed),
         ];
-        for (quad, bytes) in quads[2 * i..].iter_mut().zip(bytes) {
-            quad[col * 4..col * 4 + 4].copy_from_slice(&bytes.to_le_bytes().map(|b| b as i8));
+        for (k, bytes) in bytes.into_iter().enumerate() {
+            out.put(2 * i + k, bytes.to_le_bytes().map(|b| b as i8));
         }
     }
     let total = |v: __m256| lanes(v).iter().sum::<f32>().sqrt();
@@ -609,6 +690,47 @@ unsafe fn quantize_document_avx2(
     (quantized, sums.iter().fold(0i32, |a, &v| a.wrapping_add(v)))
 }
 
+/// [`largest_group`] 24 components at a time, `abs(i)` being |x| of the i-th 8 (zero past
+/// `vectors`): two lane groups of 3 groups of 4, summed in the same order, so the same sums.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn largest_group_avx2(
+    abs: impl Fn(usize) -> std::arch::x86_64::__m256,
+    vectors: usize,
+) -> f32 {
+    use std::arch::x86_64::*;
+    const {
+        assert!(
+            LANE_QUADS == 3,
+            "three groups of 4 per lane group: 24 components"
+        );
+    }
+    // Adjacent pairs: lanes 0-3 hold the pairs of one group of 4 ([p₀, p₀, p₁, p₁]), lanes
+    // 4-7 the next's.
+    let pairs = |i: usize| {
+        let a = abs(i);
+        _mm256_add_ps(a, _mm256_permute_ps::<0b10_11_00_01>(a))
+    };
+    let swap = |v: __m256| _mm256_permute2f128_ps::<1>(v, v);
+    let mut largest = _mm_setzero_ps();
+    for first in (0..vectors).step_by(3) {
+        // Groups A..F of 4 in three vectors [A B] [C D] [E F]: the low halves get (A + B) + C
+        // and (D + E) + F.
+        let [ab, cd, ef] = [pairs(first), pairs(first + 1), pairs(first + 2)];
+        let abc = _mm256_add_ps(_mm256_add_ps(ab, swap(ab)), cd);
+        let def = _mm256_add_ps(_mm256_add_ps(swap(cd), ef), swap(ef));
+        let sums = _mm_max_ps(_mm256_castps256_ps128(abc), _mm256_castps256_ps128(def));
+        largest = _mm_max_ps(largest, sums);
+    }
+    // SAFETY: a 128-bit vector is 4 f32.
+    let lanes = unsafe { std::mem::transmute::<__m128, [f32; 4]>(largest) };
+    lanes.into_iter().fold(0.0, f32::max)
+}
+
 /// One query, quantized: unsigned bytes for the kernel and the terms of its side of the bound.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct QuantizedQuery {
@@ -617,6 +739,48 @@ pub(crate) struct QuantizedQuery {
     norm: f32,
     /// ‖r_q‖
     residual_norm: f32,
+}
+
+/// A query's fine code: components in [-levels, levels] as i16 (levels up to 32,767, fewer
+/// where `dim` would overflow i32: [`fine_levels`]), zero-padded to [`FineQuery::len`], with
+/// its side of the bound.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FineQuery<'a> {
+    terms: QuantizedQuery,
+    codes: &'a [i16],
+}
+
+/// Levels of a fine query code: |q̂ᵢ·d̂ᵢ| ≤ levels · 127 summed over `dim` stays in i32.
+fn fine_levels(dim: usize) -> f32 {
+    (i32::MAX as usize / (127 * dim.max(1))).min(i16::MAX as usize) as f32
+}
+
+impl<'a> FineQuery<'a> {
+    /// Codes per query for documents of `dim` components, and bytes per document row: `dim`
+    /// rounded up to 32 (the vector fine products read 32 at a time).
+    pub fn len(dim: usize) -> usize {
+        dim.div_ceil(32) * 32
+    }
+
+    /// Quantizes `x` into `codes` ([`FineQuery::len`] long).
+    #[inline(always)]
+    pub fn new(x: &[f32], codes: &'a mut [i16], scratch: &mut Vec<i32>) -> FineQuery<'a> {
+        scratch.resize(x.len(), 0);
+        let v = quantize(x, max_abs(x), fine_levels(x.len()), scratch);
+        codes.fill(0);
+        for (c, &q) in codes.iter_mut().zip(scratch.iter()) {
+            // Within [-32767, 32767] (`fine_levels`).
+            *c = q as i16;
+        }
+        FineQuery {
+            terms: QuantizedQuery {
+                scale: v.scale,
+                norm: v.norm,
+                residual_norm: v.residual_norm,
+            },
+            codes,
+        }
+    }
 }
 
 impl QuantizedQuery {
@@ -654,7 +818,8 @@ mod tests {
     use crate::retrieval::kernel::dot;
 
     /// The lower and upper bounds the search derives for one pair with `kernel`.
-    fn bounds_of(kernel: Kernel, q: &[f32], d: &[f32]) -> (f32, f32) {
+    /// The coarse (kernel) and the fine bounds the search derives for one pair with `kernel`.
+    fn bounds_of(kernel: Kernel, q: &[f32], d: &[f32]) -> [(f32, f32); 2] {
         let mut docs = QuantizedDocs::new(kernel, d.len());
         let vectors = Vectors {
             data: d,
@@ -664,18 +829,25 @@ mod tests {
         let mut bytes = vec![[0u8; 4]; docs.quads];
         let query = QuantizedQuery::new(q, kernel.query_levels(), &mut bytes, &mut Vec::new());
         let integer = kernel.panel([bytes.as_slice(); ROWS], &docs.panels[..docs.quads]);
-        docs.bounds(0, 0, &query, integer[0][0])
+        let mut codes = vec![0i16; FineQuery::len(d.len())];
+        let fine = FineQuery::new(q, &mut codes, &mut Vec::new());
+        [
+            docs.bounds(0, 0, &query, integer[0][0]),
+            docs.fine_bounds(0, 0, &fine),
+        ]
     }
 
-    /// The bound holds for random and for adversarial pairs, with every kernel's query code,
-    /// and the adversarial ones (an exactly quantized query along the document's rounding
-    /// residual) come within 10% of the document term, so that term cannot be made smaller.
+    /// The coarse and the fine bounds hold for random and for adversarial pairs, with every
+    /// kernel's query code; the adversarial ones (an exactly quantized query along the
+    /// document's rounding residual) come within 10% of the document term, so that term cannot
+    /// be made smaller; on random pairs the fine bound is at most 0.6 of the coarse one's width.
     #[test]
     fn bounds_hold_and_the_document_term_is_reached() {
         for kernel in Kernel::available() {
             let levels = f32::from(kernel.query_levels());
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
             let mut tightest = 0f32;
+            let (mut coarse_width, mut fine_width) = (0f64, 0f64);
             for trial in 0..3000 {
                 let dim = [384, 7, 768][trial % 3];
                 let scale = 10f32.powi(rng.random_range(-4..5));
@@ -703,11 +875,17 @@ mod tests {
                     }
                 }
                 let exact = dot(&q, &d);
-                let (lower, upper) = bounds_of(kernel, &q, &d);
-                assert!(
-                    lower <= exact && exact <= upper,
-                    "{kernel:?}, trial {trial}: {lower} {exact} {upper}"
-                );
+                let [(lower, upper), fine] = bounds_of(kernel, &q, &d);
+                for (lower, upper) in [(lower, upper), fine] {
+                    assert!(
+                        lower <= exact && exact <= upper,
+                        "{kernel:?}, trial {trial}: {lower} {exact} {upper}"
+                    );
+                }
+                if !adversarial {
+                    coarse_width += f64::from((upper - lower) / (scale * dim as f32));
+                    fine_width += f64::from((fine.1 - fine.0) / (scale * dim as f32));
+                }
                 if adversarial && residual_norm > 0.0 && max_abs(&q) > 0.0 {
                     let approx = (lower + upper) / 2.0;
                     let doc_term = dot(&q, &q).sqrt() * residual_norm;
@@ -715,6 +893,11 @@ mod tests {
                 }
             }
             assert!(tightest > 0.9, "{kernel:?}: closest approach {tightest}");
+            let ratio = fine_width / coarse_width;
+            assert!(
+                ratio < 0.6,
+                "{kernel:?}: fine bounds {ratio} of the coarse width"
+            );
         }
     }
 
@@ -798,36 +981,56 @@ mod tests {
         }
     }
 
-    /// Whether every document's lane groups (components {0, 1, 4, 5} and {2, 3, 6, 7} of each
-    /// 8, which the AVX2 kernel adds in one 16-bit lane) are at most 258 in magnitude, and some
-    /// reach more than 254 (a group at the limit is tested, not only typical vectors).
+    /// Whether every document's lane groups (components {0, 1} of [`LANE_QUADS`] consecutive
+    /// groups of 4, and {2, 3}, which the AVX2 kernel adds in one 16-bit lane) are at most
+    /// [`LANE_BYTES`] in magnitude, and some come within 4 of it (a group at the limit is
+    /// tested, not only typical vectors).
     fn lane_groups_fit(docs: &QuantizedDocs) -> bool {
         let mut largest = 0;
         for panel in docs.panels.chunks_exact(docs.quads) {
             for doc in 0..PANEL {
-                let component = |c: usize| {
-                    let quad = panel.get(c / 4).map_or([0; 4 * PANEL], |q| *q);
-                    i32::from(quad[doc * 4 + c % 4]).abs()
-                };
-                for block in (0..docs.quads * 4).step_by(8) {
-                    for group in [[0, 1, 4, 5], [2, 3, 6, 7]] {
-                        let sum: i32 = group.iter().map(|&c| component(block + c)).sum();
-                        largest = largest.max(sum);
+                for lane in panel.chunks(LANE_QUADS) {
+                    for pair in [0, 2] {
+                        let bytes = lane
+                            .iter()
+                            .flat_map(|q| &q[doc * 4 + pair..doc * 4 + pair + 2]);
+                        largest = largest.max(bytes.map(|&b| i32::from(b).abs()).sum());
                     }
                 }
             }
         }
-        (255..=258).contains(&largest)
+        (LANE_BYTES - 4..=LANE_BYTES).contains(&largest)
+    }
+
+    /// Each document's row holds its panel column's bytes, zeros past them.
+    fn rows_match_panels(docs: &QuantizedDocs) -> bool {
+        let len = FineQuery::len(docs.quads * 4);
+        docs.panels
+            .chunks_exact(docs.quads)
+            .enumerate()
+            .all(|(p, panel)| {
+                (0..PANEL).all(|j| {
+                    let row = &docs.rows[(p * PANEL + j) * len..(p * PANEL + j + 1) * len];
+                    let column = panel.iter().flat_map(|q| &q[j * 4..j * 4 + 4]);
+                    let column: Vec<i8> = column
+                        .copied()
+                        .chain(std::iter::repeat(0))
+                        .take(len)
+                        .collect();
+                    row == column
+                })
+            })
     }
 
     /// Every kernel's document quantizer writes the portable one's bytes, scales and sums, and
     /// its norms to within rounding, for dimensions on and off the vector width, non-finite
     /// and subnormal vectors, vectors whose lane groups decide the scale, and panels refilled
-    /// over older contents; no lane group exceeds what the AVX2 kernel's 16-bit sums hold.
+    /// over older contents; no lane group exceeds what the AVX2 kernel's 16-bit sums hold;
+    /// the rows hold the panels' bytes.
     #[test]
     fn document_quantizers_agree() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
-        for dim in [7, 40, 384, 771] {
+        for dim in [7, 40, 100, 384, 771] {
             let rows = 3 * PANEL + 5;
             let mut data: Vec<f32> = (0..rows * dim)
                 .map(|_| rng.random_range(-2.0..2.0))
@@ -858,6 +1061,7 @@ mod tests {
                 quantized.fill(docs, 1..panels);
                 quantized.fill(docs, 0..panels);
                 assert_eq!(quantized.panels, portable.panels, "{kernel:?}, dim {dim}");
+                assert!(rows_match_panels(&quantized), "{kernel:?}, dim {dim}");
                 if kernel.lane_groups() {
                     assert!(lane_groups_fit(&quantized), "{kernel:?}, dim {dim}");
                 }

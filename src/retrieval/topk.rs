@@ -43,8 +43,10 @@ impl TopK {
         }
     }
 
+    /// Offers document `doc` (`id_ranks` holds every document's id rank: it is read only for
+    /// a score that reaches the floor, most candidates sparing that scattered load).
     #[inline]
-    pub(crate) fn offer(&mut self, score: f32, id_rank: u32, doc: u32) {
+    pub(crate) fn offer(&mut self, score: f32, doc: u32, id_ranks: &[u32]) {
         // -0.0 and 0.0 are one score (trec_eval compares with `>`), not two.
         let score = score + 0.0;
         if self.k == 0 || (self.heap.len() == self.k && score < self.floor) || score.is_nan() {
@@ -52,7 +54,7 @@ impl TopK {
         }
         let key = Key {
             score,
-            id_rank,
+            id_rank: id_ranks[doc as usize],
             doc,
         };
         if self.heap.len() < self.k {
