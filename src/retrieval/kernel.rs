@@ -118,7 +118,7 @@ impl Kernel {
         }
     }
 
-    /// Whether the kernel adds two groups' byte-pair sums in one 16-bit lane (AVX2), so its
+    /// Whether the kernel adds several groups' byte-pair sums in one 16-bit lane (AVX2), so its
     /// documents are quantized within the groups' limit (`quantize::document_max`).
     pub(crate) fn lane_groups(self) -> bool {
         #[cfg(target_arch = "x86_64")]

@@ -14,7 +14,7 @@
 //! the approximate score minus and plus that bound enclose the exact score: a document whose
 //! upper bound falls below k other documents' lower bounds cannot enter the top k.
 //!
-//! The same bound holds for any query code. The kernels' 8-bit code (7 bits under AVX2)
+//! The same bound holds for any query code. The kernels' 8-bit code (151 levels under AVX2)
 //! screens every pair; a document that passes is bounded again with a 16-bit query code
 //! ([`FineQuery`]) against its bytes, kept in a row of their own: ‖r_q‖ then all but
 //! vanishes, and the fine bound is the document's rounding alone, a third to a half as wide.
