@@ -260,6 +260,11 @@ fn search_pass(
         .enumerate()
         .map(|(i, codes)| FineQuery::new(query(i), codes, &mut scratch))
         .collect();
+    let coded = Coded {
+        bytes: &bytes,
+        terms: &terms,
+        fine: &fine,
+    };
     let mut candidates: Vec<Candidates> = (0..nq)
         .map(|i| Candidates::new(options.k, exclude[i]))
         .collect();
@@ -285,11 +290,6 @@ fn search_pass(
         phases.wait();
         for part in parts {
             let part = part.read().expect("a search thread failed");
-            let coded = Coded {
-                bytes: &bytes,
-                terms: &terms,
-                fine: &fine,
-            };
             scan(&part, pass, &coded, &mut candidates, kernel, nd);
         }
         phases.wait();
