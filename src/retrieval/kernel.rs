@@ -385,9 +385,16 @@ unsafe fn panel_avx2(
             acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b1), ones));
         }
     }
+    store_rows(acc, out);
+}
+
+/// Writes the 256-bit kernels' accumulators, two vectors per row, into `out`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn store_rows(acc: [[std::arch::x86_64::__m256i; 2]; ROWS], out: &mut [[i32; PANEL]; ROWS]) {
     for (out, acc) in out.iter_mut().zip(acc) {
-        // SAFETY: two 256-bit vectors are 16 i32.
-        *out = unsafe { std::mem::transmute::<[__m256i; 2], [i32; PANEL]>(acc) };
+        // SAFETY: two 256-bit vectors are 16 i32, every bit pattern valid.
+        *out = unsafe { std::mem::transmute::<[std::arch::x86_64::__m256i; 2], [i32; PANEL]>(acc) };
     }
 }
 
@@ -419,10 +426,7 @@ unsafe fn panel_avx_vnni(
             acc[1] = _mm256_dpbusd_avx_epi32(acc[1], x, b1);
         }
     }
-    for (out, acc) in out.iter_mut().zip(acc) {
-        // SAFETY: two 256-bit vectors are 16 i32.
-        *out = unsafe { std::mem::transmute::<[__m256i; 2], [i32; PANEL]>(acc) };
-    }
+    store_rows(acc, out);
 }
 
 impl Kernel {
@@ -644,7 +648,7 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
         for kernel in Kernel::available() {
             for len in [32, 384, 800] {
-                let levels = (i32::MAX as usize / (127 * len)).min(i16::MAX as usize) as i16;
+                let levels = super::super::quantize::fine_levels(len) as i16;
                 for extreme in [false, true] {
                     let row: Vec<i8> = (0..len)
                         .map(|_| {

@@ -93,7 +93,7 @@ fn quantize(x: &[f32], max: f32, levels: f32, out: &mut [i32]) -> Quantized {
 /// components (components {0, 1} of [`LANE_QUADS`] consecutive groups of 4, and {2, 3});
 /// scaled so that each such group's |xᵢ| sum to at most [`GROUP_L1`] · s, their rounded bytes
 /// sum to at most [`LANE_BYTES`] in magnitude and the lane stays within i16. `groups` is the
-/// largest group sum ([`LaneGroups`]), given only for that kernel ([`Kernel::lane_groups`]):
+/// largest group sum ([`largest_group`]), given only for that kernel ([`Kernel::lane_groups`]):
 /// on Gaussian vectors the groups decide for most documents, and applied under every kernel
 /// such coarser scales made the AVX-512 search 3% slower.
 #[inline(always)]
@@ -109,58 +109,25 @@ fn document_range(x: &[f32], grouped: bool) -> f32 {
     document_max(max_abs(x), grouped.then(|| largest_group(x)))
 }
 
-/// The lane groups' sums of |xᵢ| as a vector goes by: each group of 4 components adds its
-/// pairs `[|x₀| + |x₁|, |x₂| + |x₃|]` (in that order, as the vector quantizer does), and every
-/// [`LANE_QUADS`] groups close a lane group.
-#[derive(Default)]
-struct LaneGroups {
-    sums: [f32; 2],
-    filled: usize,
-    largest: f32,
-}
-
-impl LaneGroups {
-    #[inline(always)]
-    fn add(&mut self, pairs: [f32; 2]) {
-        self.sums[0] += pairs[0];
-        self.sums[1] += pairs[1];
-        self.filled += 1;
-        if self.filled == LANE_QUADS {
-            self.close();
-        }
-    }
-
-    #[inline(always)]
-    fn close(&mut self) {
-        for sum in self.sums {
-            // A comparison: NaN (a vector that is not finite) never wins it.
-            self.largest = if sum > self.largest {
-                sum
-            } else {
-                self.largest
-            };
-        }
-        (self.sums, self.filled) = ([0.0; 2], 0);
-    }
-
-    /// The largest lane-group sum, the last group closed as it is (its missing components
-    /// are zero).
-    #[inline(always)]
-    fn largest(mut self) -> f32 {
-        self.close();
-        self.largest
-    }
-}
-
-/// The largest lane-group sum of `x` ([`document_max`]).
+/// The largest lane-group sum of `x` ([`document_max`]): each group of 4 components adds its
+/// pairs `[|x₀| + |x₁|, |x₂| + |x₃|]` to its lane group's two sums, in that order, as the vector
+/// quantizer does (`largest_group_avx2`).
 #[inline(always)]
 fn largest_group(x: &[f32]) -> f32 {
-    let mut groups = LaneGroups::default();
-    for quad in x.chunks(4) {
-        let a = |i: usize| quad.get(i).map_or(0.0, |v| v.abs());
-        groups.add([a(0) + a(1), a(2) + a(3)]);
+    let mut largest = 0f32;
+    for lane in x.chunks(4 * LANE_QUADS) {
+        let mut sums = [0f32; 2];
+        for quad in lane.chunks(4) {
+            let a = |i: usize| quad.get(i).map_or(0.0, |v| v.abs());
+            sums[0] += a(0) + a(1);
+            sums[1] += a(2) + a(3);
+        }
+        for sum in sums {
+            // A comparison: NaN (a vector that is not finite) never wins it.
+            largest = if sum > largest { sum } else { largest };
+        }
     }
-    groups.largest()
+    largest
 }
 
 /// The scale s = max / levels and its inverse; (0, 0) where there is nothing to scale or the
@@ -459,9 +426,9 @@ impl Share<'_> {
         // The query bytes' offset, taken out of the kernel's sums with the document's sum.
         let offset = i32::from(kernel.query_levels()) + 1;
         let mut scratch = vec![0i32; dim];
+        let row_len = FineQuery::len(dim);
         for i in 0..self.terms.len() * PANEL {
             let (panel, col) = (i / PANEL, i % PANEL);
-            let row_len = FineQuery::len(dim);
             let mut out = DocumentBytes {
                 quads: &mut self.panels[panel * quads..(panel + 1) * quads],
                 col,
@@ -751,7 +718,7 @@ pub(crate) struct FineQuery<'a> {
 }
 
 /// Levels of a fine query code: |q̂ᵢ·d̂ᵢ| ≤ levels · 127 summed over `dim` stays in i32.
-fn fine_levels(dim: usize) -> f32 {
+pub(crate) fn fine_levels(dim: usize) -> f32 {
     (i32::MAX as usize / (127 * dim.max(1))).min(i16::MAX as usize) as f32
 }
 
@@ -765,21 +732,13 @@ impl<'a> FineQuery<'a> {
     /// Quantizes `x` into `codes` ([`FineQuery::len`] long).
     #[inline(always)]
     pub fn new(x: &[f32], codes: &'a mut [i16], scratch: &mut Vec<i32>) -> FineQuery<'a> {
-        scratch.resize(x.len(), 0);
-        let v = quantize(x, max_abs(x), fine_levels(x.len()), scratch);
+        let terms = QuantizedQuery::code(x, fine_levels(x.len()), scratch);
         codes.fill(0);
         for (c, &q) in codes.iter_mut().zip(scratch.iter()) {
             // Within [-32767, 32767] (`fine_levels`).
             *c = q as i16;
         }
-        FineQuery {
-            terms: QuantizedQuery {
-                scale: v.scale,
-                norm: v.norm,
-                residual_norm: v.residual_norm,
-            },
-            codes,
-        }
+        FineQuery { terms, codes }
     }
 }
 
@@ -796,12 +755,20 @@ impl QuantizedQuery {
     ) -> QuantizedQuery {
         assert!(levels <= 127, "query levels {levels} exceed a byte");
         let offset = i32::from(levels) + 1;
-        scratch.resize(x.len(), 0);
-        let v = quantize(x, max_abs(x), f32::from(levels), scratch);
+        let terms = QuantizedQuery::code(x, f32::from(levels), scratch);
         bytes.fill([offset as u8; 4]);
         for (b, &q) in bytes.as_flattened_mut().iter_mut().zip(scratch.iter()) {
             *b = (q + offset) as u8;
         }
+        terms
+    }
+
+    /// Quantizes `x` to `levels` against its largest component, the integers into `scratch`;
+    /// returns the query's side of the bound.
+    #[inline(always)]
+    fn code(x: &[f32], levels: f32, scratch: &mut Vec<i32>) -> QuantizedQuery {
+        scratch.resize(x.len(), 0);
+        let v = quantize(x, max_abs(x), levels, scratch);
         QuantizedQuery {
             scale: v.scale,
             norm: v.norm,
