@@ -227,6 +227,8 @@ fn sigkill_in_every_stage_kind_and_a_full_disk_lose_nothing() {
                 Some(_) => format!("{stage}@{at:.2}s (finished first)"),
             });
             recover(&spec, &work, &server, &expected, prompts);
+            // Each trial's workdir holds a model and its ONNX exports: bound the disk used.
+            std::fs::remove_dir_all(&work).unwrap();
         }
     }
     eprintln!("killed in: {}", killed_in.join(", "));
@@ -258,5 +260,6 @@ fn sigkill_in_every_stage_kind_and_a_full_disk_lose_nothing() {
             common::stderr(&out)
         );
         recover(&spec, &work, &server, &expected, prompts);
+        std::fs::remove_dir_all(&work).unwrap();
     }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn run_to_end(spec: &Path, workdir: &Path) {
@@ -44,29 +44,27 @@ fn log(workdir: &Path) -> String {
     common::success(&out)
 }
 
-#[test]
-fn killed_training_resumes_to_the_same_result() {
-    common::demo_model("all-MiniLM-L6-v2");
-    let spec = common::repo().join("tests/pipelines/training.yaml");
-    let straight = tempfile::tempdir().unwrap();
-    run_to_end(&spec, straight.path());
+/// The training run's checkpoints directory.
+fn checkpoints(workdir: &Path) -> PathBuf {
+    workdir.join(".state/train/checkpoints")
+}
 
-    let crashed = tempfile::tempdir().unwrap();
+/// Starts the pipeline and kills it with SIGKILL as soon as the first checkpoint is complete
+/// (step 1 of 6), before the model is written.
+fn kill_at_first_checkpoint(spec: &Path, workdir: &Path) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_synthrank"))
         .args([
             "run",
             spec.to_str().unwrap(),
             "--workdir",
-            crashed.path().to_str().unwrap(),
+            workdir.to_str().unwrap(),
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Kill as soon as the first checkpoint exists (step 1 of 6).
-    let checkpoints = crashed.path().join(".state/train/checkpoints");
     let complete = || {
-        std::fs::read_dir(&checkpoints).is_ok_and(|entries| {
+        std::fs::read_dir(checkpoints(workdir)).is_ok_and(|entries| {
             entries
                 .flatten()
                 .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
@@ -87,27 +85,67 @@ fn killed_training_resumes_to_the_same_result() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
-        !crashed.path().join("train/model").exists(),
+        !workdir.join("train/model").exists(),
         "training finished before the kill: the test proves nothing"
     );
+}
+
+/// The newest complete checkpoint's directory.
+fn newest_checkpoint(workdir: &Path) -> PathBuf {
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(checkpoints(workdir))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
+        .collect();
+    steps.sort();
+    steps.pop().expect("a complete checkpoint")
+}
+
+fn resumed_from(workdir: &Path) -> u64 {
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(workdir.join("train/_manifest.json")).unwrap(),
+    )
+    .unwrap();
+    manifest["stats"]["resumed_from_step"].as_u64().unwrap()
+}
+
+#[test]
+fn killed_training_resumes_to_the_same_result() {
+    common::demo_model("all-MiniLM-L6-v2");
+    let spec = common::repo().join("tests/pipelines/training.yaml");
+    let straight = tempfile::tempdir().unwrap();
+    run_to_end(&spec, straight.path());
+
+    let crashed = tempfile::tempdir().unwrap();
+    kill_at_first_checkpoint(&spec, crashed.path());
     // A checkpoint being written when a kill came (here: a later one, half written) is not
     // mistaken for a complete one.
-    let partial = checkpoints.join(".step-0000000099.partial");
+    let partial = checkpoints(crashed.path()).join(".step-0000000099.partial");
     std::fs::create_dir_all(&partial).unwrap();
     std::fs::write(partial.join("model.safetensors"), b"half a file").unwrap();
     run_to_end(&spec, crashed.path());
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(crashed.path().join("train/_manifest.json")).unwrap(),
-    )
-    .unwrap();
-    let resumed = manifest["stats"]["resumed_from_step"].as_u64().unwrap();
-    assert!(resumed >= 1, "the rerun did not resume: {manifest}");
+    let resumed = resumed_from(crashed.path());
+    assert!(resumed >= 1, "the rerun did not resume");
     assert_eq!(log(crashed.path()), log(straight.path()));
     assert_eq!(weights(crashed.path()), weights(straight.path()));
+    // Once the model is committed its checkpoints (three times its size) are gone.
+    for work in [straight.path(), crashed.path()] {
+        assert!(
+            !checkpoints(work).exists(),
+            "checkpoints kept after the model was committed in {}",
+            work.display()
+        );
+    }
 }
 
 /// A checkpoint belongs to its run: once the base model's weights are replaced under the same
-/// path, training starts over instead of resuming the old run's last checkpoint.
+/// path, training starts over instead of resuming the old run's checkpoint.
 #[test]
 fn a_checkpoint_of_other_base_weights_is_not_resumed() {
     let original = common::demo_model("all-MiniLM-L6-v2");
@@ -129,28 +167,17 @@ fn a_checkpoint_of_other_base_weights_is_not_resumed() {
         .replace("../../", &format!("{}/", repo.display()));
     let spec = common::write_spec(dir.path(), "p.yaml", &text);
     let work = dir.path().join("work");
-    let pipeline = common::load(&spec, &work);
-    let train = synthrank::pipeline::Selection::Only("train".into());
-    let resumed_from = || {
-        let manifest = std::fs::read_to_string(work.join("train/_manifest.json")).unwrap();
-        let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
-        manifest["stats"]["resumed_from_step"].as_u64()
-    };
-    common::run(&pipeline, synthrank::pipeline::Selection::All, false);
-    assert_eq!(resumed_from(), Some(0));
-    // A rerun of the same run resumes its last checkpoint (the check below can fail).
-    common::run(&pipeline, train.clone(), true);
-    assert_eq!(resumed_from(), Some(6));
-    // Other weights of the same shapes, under the same path.
+    kill_at_first_checkpoint(&spec, &work);
+    // Other weights of the same shapes, under the same path: the checkpoint's own.
     std::fs::copy(
-        work.join("train/model/model.safetensors"),
+        newest_checkpoint(&work).join("model.safetensors"),
         base.join("model.safetensors"),
     )
     .unwrap();
-    common::run(&pipeline, train, true);
+    run_to_end(&spec, &work);
     assert_eq!(
-        resumed_from(),
-        Some(0),
+        resumed_from(&work),
+        0,
         "resumed a checkpoint of other weights"
     );
 }

@@ -220,6 +220,7 @@ impl Pipeline {
         };
         manifest.write(&staging.path().join(MANIFEST_FILE))?;
         staging.commit()?;
+        stage.stage.release_state(&self.state_dir(stage.name()));
         Ok(manifest)
     }
 }

@@ -270,6 +270,9 @@ pub trait Stage: Send + Sync {
     fn state_summary(&self, _state_dir: &Path, _input_rows: u64) -> Option<String> {
         None
     }
+    /// Called once the stage's output is committed: drops what its state directory kept only
+    /// so that an interrupted run could resume (a finished training run's checkpoints).
+    fn release_state(&self, _state_dir: &Path) {}
 }
 
 /// An input table as a running stage sees it.

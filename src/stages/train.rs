@@ -232,6 +232,16 @@ impl Stage for TrainStage {
         let step = serde_json::from_str::<serde_json::Value>(&state).ok()?["step"].as_u64()?;
         Some(format!("checkpoint at step {step}"))
     }
+
+    /// The model is committed: the checkpoints (weights and moments, three times the model's
+    /// size) and the step log are no longer needed. Failing to remove them loses nothing.
+    fn release_state(&self, state_dir: &Path) {
+        for path in [state_dir.join(CHECKPOINTS), state_dir.join(LOG)] {
+            if let Err(e) = remove_path(&path) {
+                tracing::warn!(path = %path.display(), "could not remove finished training state: {e}");
+            }
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -682,11 +692,7 @@ fn resume(trainer: &mut Trainer, state: &Path, run_key: &str) -> Result<Vec<LogR
         .find(|d| std::fs::read_to_string(d.join(RUN_KEY)).is_ok_and(|k| k == run_key));
     let Some(dir) = ours else {
         for path in [state.join(CHECKPOINTS), log_path] {
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path).map_err(StageError::io(&path))?;
-            } else if path.exists() {
-                std::fs::remove_file(&path).map_err(StageError::io(&path))?;
-            }
+            remove_path(&path).map_err(StageError::io(&path))?;
         }
         return Ok(Vec::new());
     };
@@ -708,6 +714,18 @@ fn resume(trainer: &mut Trainer, state: &Path, run_key: &str) -> Result<Vec<LogR
     write_synced(&tmp, kept.as_bytes()).map_err(StageError::io(&tmp))?;
     std::fs::rename(&tmp, &log_path).map_err(StageError::io(&log_path))?;
     Ok(log)
+}
+
+/// Removes a file or a directory tree; one that does not exist is already removed.
+fn remove_path(path: &Path) -> std::io::Result<()> {
+    let removed = match path.is_dir() {
+        true => std::fs::remove_dir_all(path),
+        false => std::fs::remove_file(path),
+    };
+    match removed {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 fn append_log(state: &Path, row: &LogRow) -> Result<(), StageError> {
