@@ -288,6 +288,7 @@ impl EmbedStage {
                         if !onnx.is_file() {
                             let bert = model.load_model(&Device::Cpu)?;
                             export_onnx(&bert, &onnx, ops)?;
+                            remove_stale_exports(state, &onnx, ops);
                         }
                         onnx
                     }
@@ -435,5 +436,51 @@ impl Window {
             start += batch.len();
         }
         Ok(self)
+    }
+}
+
+/// Exports of the same flavor for other weights (an earlier base or trained model) would
+/// otherwise pile up, one model-sized file per retraining: only `current` is kept.
+fn remove_stale_exports(state: &Path, current: &Path, ops: OnnxOps) {
+    let suffix = format!("-{}.onnx", ops.tag());
+    let stale = std::fs::read_dir(state)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p != current && p.to_string_lossy().ends_with(&suffix));
+    for path in stale {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), "could not remove a stale ONNX export: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_current_export_of_a_flavor_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "aaaa-ort.onnx",
+            "bbbb-ort.onnx",
+            "aaaa-ort-int8.onnx",
+            "journal.jsonl",
+        ];
+        for name in names {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let current = dir.path().join("bbbb-ort.onnx");
+        remove_stale_exports(dir.path(), &current, OnnxOps::OnnxRuntime);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["aaaa-ort-int8.onnx", "bbbb-ort.onnx", "journal.jsonl"]
+        );
     }
 }
