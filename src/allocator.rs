@@ -7,9 +7,12 @@
 //! [`TensorAllocator`] keeps freed large blocks in size classes (1/8 steps between powers of
 //! two) and hands them out again, so a steady-state training step touches no new pages. It
 //! holds at most half the machine's memory (a MiniLM training step of the benchmark peaks at
-//! 9.6 GB); beyond that, freed blocks go back to the system. Small blocks go straight to the
-//! system allocator. Fresh large blocks ask for huge pages (`advise_huge_pages`). Binaries opt
-//! in with `#[global_allocator]`.
+//! 9.6 GB); beyond that, freed blocks go back to the system. It caches only while tensor work
+//! runs ([`TensorWork`]): other work (reading Parquet, searching) frees blocks of ever-new
+//! sizes that the cache would hold and never hand out again (the search of a 1M x 768 corpus
+//! kept 800 MiB of a reader's growing buffers so). Small blocks go straight to the system
+//! allocator. Fresh large blocks ask for huge pages (`advise_huge_pages`). Binaries opt in with
+//! `#[global_allocator]`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr;
@@ -24,6 +27,32 @@ const STEPS: usize = 8;
 const CLASSES: usize = (usize::BITS as usize - 20) * STEPS;
 /// The alignment glibc's malloc guarantees; blocks needing more are not cached.
 const MAX_ALIGN: usize = 16;
+
+/// How many [`TensorWork`] guards are alive.
+static TENSOR_WORK: AtomicUsize = AtomicUsize::new(0);
+
+/// While one is alive, [`TensorAllocator`] keeps freed large blocks for reuse; once none is,
+/// the next large allocation or free returns the cache to the system. Held by what runs
+/// tensors (a trainer, an embedder, the embedded LLM) for as long as it exists.
+#[derive(Debug)]
+pub struct TensorWork(());
+
+impl TensorWork {
+    pub fn begin() -> TensorWork {
+        TENSOR_WORK.fetch_add(1, Ordering::Relaxed);
+        TensorWork(())
+    }
+}
+
+impl Drop for TensorWork {
+    fn drop(&mut self) {
+        TENSOR_WORK.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn tensor_work_running() -> bool {
+    TENSOR_WORK.load(Ordering::Relaxed) > 0
+}
 
 /// Freed blocks of one size class (raw addresses, so the lists are `Send`).
 struct Bin(Mutex<Vec<usize>>);
@@ -55,11 +84,41 @@ impl TensorAllocator {
         }
     }
 
-    /// A cached block of class `index` (of `block` bytes), if one is free.
+    /// A cached block of class `index` (of `block` bytes), if one is free. With no tensor work
+    /// running, the cache goes back to the system first.
     fn reuse(&self, index: usize, block: usize) -> Option<*mut u8> {
+        if !tensor_work_running() {
+            self.release();
+            return None;
+        }
         let addr = self.bins[index].0.lock().ok()?.pop()?;
         self.cached.fetch_sub(block, Ordering::Relaxed);
         Some(addr as *mut u8)
+    }
+
+    /// Returns every cached block to the system.
+    fn release(&self) {
+        if self.cached.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        for (index, bin) in self.bins.iter().enumerate() {
+            let Ok(mut bin) = bin.0.lock() else { continue };
+            if bin.is_empty() {
+                // (The largest classes' sizes do not fit in usize; no block of theirs exists.)
+                continue;
+            }
+            let block = class_block(index);
+            for addr in bin.drain(..) {
+                self.cached.fetch_sub(block, Ordering::Relaxed);
+                // SAFETY: cached blocks came from `System` with this class's size and MAX_ALIGN.
+                unsafe {
+                    System.dealloc(
+                        addr as *mut u8,
+                        Layout::from_size_align_unchecked(block, MAX_ALIGN),
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -81,6 +140,12 @@ fn class(layout: Layout) -> Option<(usize, usize)> {
     let index = (size - 1 - (1 << p)) / step;
     let block = (1 << p) + (index + 1) * step;
     Some(((p - 20) * STEPS + index, block))
+}
+
+/// The block size of class `index` (the inverse of [`class`]).
+fn class_block(index: usize) -> usize {
+    let p = index / STEPS + 20;
+    (1 << p) + (index % STEPS + 1) * (1 << (p - 3))
 }
 
 // SAFETY: every block handed out is either fresh from `System` or a block of the same size
@@ -124,13 +189,17 @@ unsafe impl GlobalAlloc for TensorAllocator {
         let Some((index, block)) = class(layout) else {
             return unsafe { System.dealloc(p, layout) };
         };
-        if self.cached.fetch_add(block, Ordering::Relaxed) + block <= self.limit()
-            && let Ok(mut bin) = self.bins[index].0.lock()
-        {
-            bin.push(p as usize);
-            return;
+        if tensor_work_running() {
+            if self.cached.fetch_add(block, Ordering::Relaxed) + block <= self.limit()
+                && let Ok(mut bin) = self.bins[index].0.lock()
+            {
+                bin.push(p as usize);
+                return;
+            }
+            self.cached.fetch_sub(block, Ordering::Relaxed);
+        } else {
+            self.release();
         }
-        self.cached.fetch_sub(block, Ordering::Relaxed);
         unsafe { System.dealloc(p, Layout::from_size_align_unchecked(block, MAX_ALIGN)) }
     }
 
@@ -263,8 +332,15 @@ mod tests {
         );
     }
 
+    /// The tests that start or depend on tensor work run one at a time.
+    static TENSOR_TESTS: Mutex<()> = Mutex::new(());
+
     #[test]
     fn a_freed_block_is_handed_out_again_for_its_class() {
+        let _serial = TENSOR_TESTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _work = TensorWork::begin();
         let a = TensorAllocator::new();
         let layout = Layout::from_size_align(3 << 20, 8).unwrap();
         let smaller = Layout::from_size_align((3 << 20) - 1000, 8).unwrap();
@@ -282,6 +358,45 @@ mod tests {
             let r = a.realloc(q, smaller, 8 << 20);
             assert_ne!(r, q);
             a.dealloc(r, Layout::from_size_align(8 << 20, 8).unwrap());
+        }
+    }
+
+    /// Outside tensor work nothing is cached, and what tensor work left is returned at the
+    /// next large allocation.
+    #[test]
+    fn the_cache_is_returned_once_tensor_work_ends() {
+        let _serial = TENSOR_TESTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let a = TensorAllocator::new();
+        let layout = Layout::from_size_align(5 << 20, 8).unwrap();
+        let other = Layout::from_size_align(9 << 20, 8).unwrap();
+        unsafe {
+            let work = TensorWork::begin();
+            let p = a.alloc(layout);
+            a.dealloc(p, layout);
+            assert_eq!(a.cached.load(Ordering::Relaxed), class(layout).unwrap().1);
+            drop(work);
+            let q = a.alloc(other);
+            assert_eq!(
+                a.cached.load(Ordering::Relaxed),
+                0,
+                "released when work ended"
+            );
+            a.dealloc(q, other);
+            assert_eq!(
+                a.cached.load(Ordering::Relaxed),
+                0,
+                "not cached outside work"
+            );
+        }
+    }
+
+    #[test]
+    fn class_block_inverts_class() {
+        for size in [CACHED_MIN + 1, 3 << 20, (5 << 20) + 7, 1 << 33] {
+            let (index, block) = class(Layout::from_size_align(size, 8).unwrap()).unwrap();
+            assert_eq!(class_block(index), block, "{size}");
         }
     }
 }

@@ -217,3 +217,58 @@ fn report_compares_runs_in_html_svg_markdown_and_latex() {
         .sum();
     assert_eq!(rows, 6);
 }
+
+/// A corpus past `corpus_in_memory_mb` is searched from a mapped file (its stats say how many
+/// bytes) with the very results of the in-memory search, and the file is not left behind.
+#[test]
+fn a_corpus_past_the_memory_limit_is_searched_mapped() {
+    let components: Vec<String> = (1..=8)
+        .map(|c| format!("CAST(sin(value * {c}.37 + {c}) AS FLOAT)"))
+        .collect();
+    let spec = format!(
+        r#"name: mapped
+stages:
+  - name: docs
+    kind: sql
+    config:
+      schema: embeddings
+      query: "SELECT CONCAT('d', CAST(value AS VARCHAR)) AS id, make_array({vector}) AS vector FROM generate_series(1, 20000)"
+  - name: queries
+    kind: sql
+    config:
+      schema: embeddings
+      query: "SELECT CONCAT('q', CAST(value AS VARCHAR)) AS id, make_array({vector}) AS vector FROM generate_series(20001, 20050)"
+  - name: in_memory
+    kind: search
+    inputs: {{queries: queries, corpus: docs}}
+    config: {{k: 10}}
+  - name: mapped
+    kind: search
+    inputs: {{queries: queries, corpus: docs}}
+    config: {{k: 10, corpus_in_memory_mb: 0}}
+"#,
+        vector = components.join(", ")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::write_spec(dir.path(), "p.yaml", &spec);
+    let work = dir.path().join("work");
+    let pipeline = common::load(&spec, &work);
+    common::run(&pipeline, Selection::All, false);
+    let manifest = |stage: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(work.join(stage).join("_manifest.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let (memory, mapped) = (manifest("in_memory"), manifest("mapped"));
+    assert_eq!(memory["stats"]["corpus_mapped_bytes"], 0);
+    assert_eq!(mapped["stats"]["corpus_mapped_bytes"], 20_000 * 8 * 4);
+    assert_eq!(memory["tables"]["runs"]["rows"], 500);
+    assert_eq!(
+        memory["tables"]["runs"]["hash"], mapped["tables"]["runs"]["hash"],
+        "the mapped corpus gave other runs"
+    );
+    let state = work.join(".state/mapped");
+    let left: Vec<_> = std::fs::read_dir(&state).map_or(Vec::new(), |d| d.flatten().collect());
+    assert!(left.is_empty(), "left in {}: {left:?}", state.display());
+}

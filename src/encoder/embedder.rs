@@ -3,6 +3,7 @@
 use candle_core::Device;
 
 use super::{Bert, EncoderError, Pooling, pad_batch};
+use crate::allocator::TensorWork;
 
 /// An inference backend for the `embed` stage.
 pub trait Embedder: Send {
@@ -19,6 +20,8 @@ pub struct CandleEmbedder {
     pooling: Pooling,
     normalize: bool,
     pad_id: u32,
+    /// Keeps freed tensor buffers cached for reuse while this exists.
+    _tensor_work: TensorWork,
 }
 
 impl CandleEmbedder {
@@ -28,6 +31,7 @@ impl CandleEmbedder {
             pooling,
             normalize,
             pad_id,
+            _tensor_work: TensorWork::begin(),
         }
     }
 }

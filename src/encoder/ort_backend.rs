@@ -22,6 +22,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::Tensor;
 
 use super::{DeviceChoice, Embedder, EncoderError, Pooling};
+use crate::allocator::TensorWork;
 
 /// ONNX Runtime allows one environment per process; it is created on first use.
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -54,6 +55,8 @@ pub struct OrtEmbedder {
     sessions: Vec<Session>,
     encoding: Encoding,
     device: String,
+    /// Keeps freed tensor buffers cached for reuse while this exists.
+    _tensor_work: TensorWork,
 }
 
 impl OrtEmbedder {
@@ -105,6 +108,7 @@ impl OrtEmbedder {
                 token_types,
             },
             device,
+            _tensor_work: TensorWork::begin(),
         })
     }
 

@@ -10,6 +10,8 @@
 
 use std::fs::File;
 
+use crate::allocator::TensorWork;
+
 use candle_core::quantized::{QTensor, gguf_file};
 use candle_core::{Device, bail};
 use rayon::prelude::*;
@@ -59,6 +61,8 @@ pub struct Llama {
     norm: Vec<f32>,
     /// RoPE's frequencies, one per pair of a head's dimensions.
     inv_freq: Vec<f32>,
+    /// Keeps freed tensor buffers cached for reuse while this exists.
+    _tensor_work: TensorWork,
 }
 
 /// One sequence's attention keys and values, a vector per layer, position-major:
@@ -274,6 +278,7 @@ impl Llama {
             layers,
             norm,
             inv_freq,
+            _tensor_work: TensorWork::begin(),
         })
     }
 

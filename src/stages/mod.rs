@@ -11,6 +11,7 @@ mod search;
 mod sql;
 mod tokenize;
 mod train;
+mod vector_store;
 
 use crate::pipeline::Registry;
 

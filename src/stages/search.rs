@@ -13,6 +13,7 @@ use crate::pipeline::{
 };
 use crate::retrieval::{self, SearchOptions, Vectors};
 use crate::stages::blocking;
+use crate::stages::vector_store::VectorStore;
 use crate::table::{self, columns};
 
 pub(crate) struct Search;
@@ -42,6 +43,14 @@ struct Config {
     /// Worker threads (default: all cores).
     #[serde(default)]
     threads: Option<usize>,
+    /// Corpus vectors up to this many MiB are held in memory; larger ones are written to an
+    /// unlinked file in the stage's state directory and mapped (`vector_store`).
+    #[serde(default = "default_corpus_in_memory_mb")]
+    corpus_in_memory_mb: u64,
+}
+
+fn default_corpus_in_memory_mb() -> u64 {
+    4096
 }
 
 fn default_k() -> usize {
@@ -82,18 +91,24 @@ impl Stage for SearchStage {
 }
 
 /// Ids and row-major vectors of an embeddings table.
-pub(crate) struct Embeddings {
-    pub ids: Vec<String>,
-    pub data: Vec<f32>,
-    pub dim: usize,
+struct Embeddings {
+    ids: Vec<String>,
+    vectors: VectorStore,
+    dim: usize,
 }
 
 impl Embeddings {
-    /// The input bound to `role`, read batch by batch: memory holds the vectors once.
-    async fn read(ctx: &mut StageContext, role: &str) -> Result<Embeddings, StageError> {
+    /// The input bound to `role`, read batch by batch: memory holds the vectors once, or up
+    /// to `memory_limit` bytes of them before they go to a mapped file.
+    async fn read(
+        ctx: &mut StageContext,
+        role: &str,
+        memory_limit: u64,
+    ) -> Result<Embeddings, StageError> {
+        let state = ctx.state_dir()?.to_path_buf();
         let mut out = Embeddings {
             ids: Vec::new(),
-            data: Vec::new(),
+            vectors: VectorStore::new(memory_limit, &state),
             dim: 0,
         };
         if let Some(rows) = ctx.input_rows(role) {
@@ -106,7 +121,9 @@ impl Embeddings {
             let dim = vectors.value_length() as usize;
             if out.ids.is_empty() {
                 out.dim = dim;
-                out.data.reserve(out.ids.capacity() * dim);
+                out.vectors
+                    .reserve(out.ids.capacity() * dim)
+                    .map_err(StageError::io(&state))?;
             } else if dim != out.dim {
                 return Err(StageError::data(
                     role,
@@ -120,19 +137,22 @@ impl Embeddings {
                 .downcast_ref::<Float32Array>()
                 .expect("conformed");
             let start = vectors.value_offset(0) as usize;
-            out.data
-                .extend_from_slice(&values.values()[start..start + vectors.len() * dim]);
+            out.vectors
+                .extend(&values.values()[start..start + vectors.len() * dim])
+                .map_err(StageError::io(&state))?;
             out.ids
                 .extend(ids.iter().map(|s| s.unwrap_or_default().to_string()));
         }
+        out.vectors = out.vectors.finish().map_err(StageError::io(&state))?;
         Ok(out)
     }
 }
 
 impl SearchStage {
     async fn search(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let queries = Embeddings::read(ctx, "queries").await?;
-        let corpus = Embeddings::read(ctx, "corpus").await?;
+        let queries = Embeddings::read(ctx, "queries", u64::MAX).await?;
+        let corpus_limit = self.config.corpus_in_memory_mb.saturating_mul(1 << 20);
+        let corpus = Embeddings::read(ctx, "corpus", corpus_limit).await?;
         if !queries.ids.is_empty() && !corpus.ids.is_empty() && queries.dim != corpus.dim {
             return Err(StageError::data(
                 "queries",
@@ -158,11 +178,11 @@ impl SearchStage {
         let (hits, queries, corpus) = blocking(move || {
             let hits = retrieval::search_with_progress(
                 Vectors {
-                    data: &queries.data,
+                    data: queries.vectors.as_slice(),
                     dim,
                 },
                 Vectors {
-                    data: &corpus.data,
+                    data: corpus.vectors.as_slice(),
                     dim,
                 },
                 &ranks,
@@ -176,6 +196,7 @@ impl SearchStage {
         bar.finish_and_clear();
         ctx.set_stat("queries", queries.ids.len() as u64);
         ctx.set_stat("documents", corpus.ids.len() as u64);
+        ctx.set_stat("corpus_mapped_bytes", corpus.vectors.mapped_bytes());
         write_runs(ctx, &queries.ids, &corpus.ids, &hits)
     }
 

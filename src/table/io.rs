@@ -13,6 +13,9 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 
 use super::{FileStamp, TableError, TableSchema, hash_file};
 
+/// The largest row group written, in estimated encoded bytes.
+const ROW_GROUP_BYTES: usize = 128 << 20;
+
 /// Writes record batches to a Parquet file, checking each against the table's declared kind.
 pub struct TableWriter {
     name: String,
@@ -52,8 +55,11 @@ impl TableWriter {
                 })?;
         }
         let file = File::create(path).map_err(TableError::io(path))?;
+        // Row groups close at 128 MiB as well as at a million rows: the writer holds a whole
+        // row group, which for a million 768-dimensional embeddings was 3 GB.
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
+            .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
             .build();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|source| {
             TableError::Parquet {

@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{AdamW, AdamWConfig, Schedule, TrainError};
+use crate::allocator::TensorWork;
 use crate::encoder::{Bert, Dropout, Pooling, pad_batch};
 use crate::loss::{self, LossKind, Matrix};
 
@@ -60,6 +61,8 @@ pub struct Trainer {
     optimizer: AdamW,
     config: TrainConfig,
     pad_id: u32,
+    /// Keeps freed tensor buffers cached for reuse while this exists.
+    _tensor_work: TensorWork,
 }
 
 impl Trainer {
@@ -70,6 +73,7 @@ impl Trainer {
             optimizer,
             config,
             pad_id,
+            _tensor_work: TensorWork::begin(),
         })
     }
 
