@@ -271,4 +271,8 @@ stages:
     let state = work.join(".state/mapped");
     let left: Vec<_> = std::fs::read_dir(&state).map_or(Vec::new(), |d| d.flatten().collect());
     assert!(left.is_empty(), "left in {}: {left:?}", state.display());
+    assert!(
+        !work.join(".state/in_memory").exists(),
+        "a search in memory makes no state directory"
+    );
 }

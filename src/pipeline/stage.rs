@@ -451,6 +451,11 @@ impl StageContext {
         Ok(&self.state)
     }
 
+    /// Where [`StageContext::state_dir`] is, without making it: for work that may not need it.
+    pub fn state_path(&self) -> &Path {
+        &self.state
+    }
+
     /// A progress bar for this stage (hidden when stderr is not a terminal).
     pub fn progress(&self, total: Option<u64>, unit: &str) -> ProgressBar {
         progress::bar(&self.stage, total, unit)

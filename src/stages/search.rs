@@ -105,7 +105,8 @@ impl Embeddings {
         role: &str,
         memory_limit: u64,
     ) -> Result<Embeddings, StageError> {
-        let state = ctx.state_dir()?.to_path_buf();
+        // Made only if the vectors go to a file.
+        let state = ctx.state_path().to_path_buf();
         let mut out = Embeddings {
             ids: Vec::new(),
             vectors: VectorStore::new(memory_limit, &state),
