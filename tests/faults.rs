@@ -180,6 +180,24 @@ fn recover(
     );
 }
 
+/// Writes past `limit` bytes fail in the child (EFBIG with SIGXFSZ ignored), as on a full disk.
+fn limit_file_size(command: &mut Command, limit: u64) {
+    // SAFETY: setrlimit and signal are async-signal-safe; nothing else runs in the child.
+    unsafe {
+        command.pre_exec(move || {
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[test]
 fn sigkill_in_every_stage_kind_and_a_full_disk_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -238,20 +256,7 @@ fn sigkill_in_every_stage_kind_and_a_full_disk_lose_nothing() {
     for limit in [4_096u64, 1 << 20] {
         let work = dir.path().join(format!("full-{limit}"));
         let mut command = run_command(&spec, &work);
-        // SAFETY: setrlimit and signal are async-signal-safe; nothing else runs in the child.
-        unsafe {
-            command.pre_exec(move || {
-                let rlimit = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        limit_file_size(&mut command, limit);
         let out = command.output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{}", common::stderr(&out));
         assert!(
@@ -262,4 +267,65 @@ fn sigkill_in_every_stage_kind_and_a_full_disk_lose_nothing() {
         recover(&spec, &work, &server, &expected, prompts);
         std::fs::remove_dir_all(&work).unwrap();
     }
+}
+
+/// A search whose corpus vectors go to a file on a full disk fails naming its state directory,
+/// leaves no file there, and its rerun writes the run.
+#[test]
+fn a_full_disk_under_a_mapped_corpus_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let vector = (1..=8)
+        .map(|c| format!("CAST(sin(value * {c}.37 + {c}) AS FLOAT)"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let spec = common::write_spec(
+        dir.path(),
+        "p.yaml",
+        &format!(
+            r#"name: mapped
+stages:
+  - name: docs
+    kind: sql
+    config:
+      schema: embeddings
+      query: "SELECT CONCAT('d', CAST(value AS VARCHAR)) AS id, make_array({vector}) AS vector FROM generate_series(1, 20000)"
+  - name: queries
+    kind: sql
+    config:
+      schema: embeddings
+      query: "SELECT CONCAT('q', CAST(value AS VARCHAR)) AS id, make_array({vector}) AS vector FROM generate_series(20001, 20010)"
+  - name: run
+    kind: search
+    inputs: {{queries: queries, corpus: docs}}
+    config: {{k: 5, corpus_in_memory_mb: 0}}
+"#
+        ),
+    );
+    let work = dir.path().join("work");
+    for stage in ["docs", "queries"] {
+        let out = run_command(&spec, &work)
+            .args(["--only", stage])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::stderr(&out));
+    }
+    // 640,000 bytes of vectors against a 64 KiB limit.
+    let mut command = run_command(&spec, &work);
+    limit_file_size(&mut command, 64 << 10);
+    let out = command.args(["--only", "run"]).output().unwrap();
+    let stderr = common::stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let state = work.join(".state/run");
+    assert!(
+        stderr.contains("File too large") && stderr.contains(&state.display().to_string()),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+    assert!(!work.join("run/_manifest.json").exists());
+    let out = run_command(&spec, &work)
+        .args(["--only", "run"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(work.join("run/_manifest.json").exists());
 }
