@@ -400,7 +400,8 @@ fn embed_stage_runs_both_onnx_exports() {
         embed("candle", "backend: candle"),
         embed("onnx", &onnx),
         embed("onnx_int8", &format!("{onnx}, onnx_weights: int8")),
-    );
+    ) + &embed("onnx_short", &format!("{onnx}, max_length: 64"))
+        .replace("max_length: 128, ", "");
     let dir = tempfile::tempdir().unwrap();
     let path = common::write_spec(dir.path(), "p.yaml", &spec);
     let pipeline = common::load(&path, &dir.path().join("work"));
@@ -428,6 +429,18 @@ fn embed_stage_runs_both_onnx_exports() {
                 .collect()
         })
     };
+    // Two stages embedding with the same weights and flavor share one export on disk.
+    let export = |stage: &str| {
+        let state = dir.path().join("work/.state").join(stage);
+        let files: Vec<_> = std::fs::read_dir(&state)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with("-ort.onnx"))
+            .collect();
+        assert_eq!(files.len(), 1, "{}", state.display());
+        std::os::unix::fs::MetadataExt::ino(&files[0].metadata().unwrap())
+    };
+    assert_eq!(export("onnx"), export("onnx_short"));
     let (candle, f32_onnx, int8) = (vectors("candle"), vectors("onnx"), vectors("onnx_int8"));
     assert_eq!(candle.len(), 24 * 384);
     let parity = max_abs_diff(&candle, &f32_onnx);

@@ -286,8 +286,10 @@ impl EmbedStage {
                         };
                         let onnx = state.join(format!("{}-{}.onnx", &key[..16], ops.tag()));
                         if !onnx.is_file() {
-                            let bert = model.load_model(&Device::Cpu)?;
-                            export_onnx(&bert, &onnx, ops)?;
+                            if !link_sibling_export(state, &onnx) {
+                                let bert = model.load_model(&Device::Cpu)?;
+                                export_onnx(&bert, &onnx, ops)?;
+                            }
                             remove_stale_exports(state, &onnx, ops);
                         }
                         onnx
@@ -437,6 +439,23 @@ impl Window {
         }
         Ok(self)
     }
+}
+
+/// Links in another embed stage's export of the same weights and flavor, if one exists: the
+/// stages embedding a corpus and its queries with one model (or a model across many datasets)
+/// share one file on disk and export it once. Exports are renamed into place whole, so any
+/// file under the name is complete. True if one was linked.
+fn link_sibling_export(state: &Path, onnx: &Path) -> bool {
+    let (Some(root), Some(name)) = (state.parent(), onnx.file_name()) else {
+        return false;
+    };
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join(name))
+        .filter(|p| p != onnx && p.is_file())
+        .any(|p| std::fs::hard_link(&p, onnx).is_ok())
 }
 
 /// Exports of the same flavor for other weights (an earlier base or trained model) would
