@@ -3,7 +3,7 @@
 # queries) with a `sql` stage, then runs `search` with the corpus held in memory and mapped
 # (`corpus_in_memory_mb`), reporting wall time and peak anonymous and file-backed memory; where
 # a cgroup v1 memory controller is writable (as root), both run again under a memory limit of
-# a third of the corpus.
+# a third of the corpus (at least 512 MiB).
 # Usage: scripts/mapped-search-bench.sh [DOCS DIM] (env SCALE_DIR, default /tmp/synthrank-scale)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,14 +42,17 @@ measure() {
     bash -c "${cgroup:+echo \$\$ > $cgroup/cgroup.procs;} exec $bin run $dir/p.yaml --workdir $dir/work --only $stage --force" \
         >/dev/null 2>"$dir/log" &
     pid=$!
-    while kill -0 "$pid" 2>/dev/null; do
-        read -r a f < <(awk '/RssAnon/{a=$2} /RssFile/{f=$2} END{print a+0, f+0}' "/proc/$pid/status" 2>/dev/null || echo "0 0")
-        ((a > anon)) && anon=$a
-        ((f > file)) && file=$f
-        sleep 0.05
-    done
     local status=0 memory="no limit"
-    { wait "$pid"; } 2>/dev/null || status=$?
+    # (stderr off: bash's own report of a process killed by the cgroup.)
+    {
+        while kill -0 "$pid"; do
+            read -r a f < <(awk '/RssAnon/{a=$2} /RssFile/{f=$2} END{print a+0, f+0}' "/proc/$pid/status" || echo "0 0")
+            ((a > anon)) && anon=$a
+            ((f > file)) && file=$f
+            sleep 0.05
+        done
+        wait "$pid"
+    } 2>/dev/null || status=$?
     [[ -n $cgroup ]] && memory="limit $limit_mib MiB"
     printf '%-10s %-22s %8.1f %12s %12s\n' "$stage" "$memory" \
         "$(python3 -c "print($(date +%s.%N) - $start)")" "$((anon / 1024))" \
@@ -63,11 +66,12 @@ measure in_memory
 measure mapped
 cgroup=/sys/fs/cgroup/memory/synthrank-mapped-bench
 if mkdir -p "$cgroup" 2>/dev/null && [ -w "$cgroup/memory.limit_in_bytes" ]; then
+    # A third of the corpus, and at least 512 MiB: the process holds ~300 MiB besides vectors.
     limit_mib=$((docs * dim * 4 / 3 / 1048576))
+    ((limit_mib >= 512)) || limit_mib=512
     echo $((limit_mib << 20)) >"$cgroup/memory.limit_in_bytes"
     measure mapped "$cgroup"
-    # (Killed there: bash's own report of the kill is silenced.)
-    measure in_memory "$cgroup" 2>/dev/null
+    measure in_memory "$cgroup"
     rmdir "$cgroup" 2>/dev/null || true
 fi
 for stage in in_memory mapped; do
