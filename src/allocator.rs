@@ -335,11 +335,15 @@ mod tests {
     /// The tests that start or depend on tensor work run one at a time.
     static TENSOR_TESTS: Mutex<()> = Mutex::new(());
 
+    fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        TENSOR_TESTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     #[test]
     fn a_freed_block_is_handed_out_again_for_its_class() {
-        let _serial = TENSOR_TESTS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _serial = one_at_a_time();
         let _work = TensorWork::begin();
         let a = TensorAllocator::new();
         let layout = Layout::from_size_align(3 << 20, 8).unwrap();
@@ -365,9 +369,7 @@ mod tests {
     /// next large allocation.
     #[test]
     fn the_cache_is_returned_once_tensor_work_ends() {
-        let _serial = TENSOR_TESTS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _serial = one_at_a_time();
         let a = TensorAllocator::new();
         let layout = Layout::from_size_align(5 << 20, 8).unwrap();
         let other = Layout::from_size_align(9 << 20, 8).unwrap();

@@ -274,30 +274,16 @@ fn sigkill_in_every_stage_kind_and_a_full_disk_lose_nothing() {
 #[test]
 fn a_full_disk_under_a_mapped_corpus_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let vector = (1..=8)
-        .map(|c| format!("CAST(sin(value * {c}.37 + {c}) AS FLOAT)"))
-        .collect::<Vec<_>>()
-        .join(", ");
     let spec = common::write_spec(
         dir.path(),
         "p.yaml",
         &format!(
-            r#"name: mapped
-stages:
-  - name: docs
-    kind: sql
-    config:
-      schema: embeddings
-      query: "SELECT CONCAT('d', CAST(value AS VARCHAR)) AS id, make_array({vector}) AS vector FROM generate_series(1, 20000)"
-  - name: queries
-    kind: sql
-    config:
-      schema: embeddings
-      query: "SELECT CONCAT('q', CAST(value AS VARCHAR)) AS id, make_array({vector}) AS vector FROM generate_series(20001, 20010)"
-  - name: run
+            "name: mapped\nstages:\n{}{}",
+            common::generated_embedding_stages(20_000, 10),
+            r#"  - name: run
     kind: search
-    inputs: {{queries: queries, corpus: docs}}
-    config: {{k: 5, corpus_in_memory_mb: 0}}
+    inputs: {queries: queries, corpus: docs}
+    config: {k: 5, corpus_in_memory_mb: 0}
 "#
         ),
     );

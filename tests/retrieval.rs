@@ -222,32 +222,18 @@ fn report_compares_runs_in_html_svg_markdown_and_latex() {
 /// bytes) with the very results of the in-memory search, and the file is not left behind.
 #[test]
 fn a_corpus_past_the_memory_limit_is_searched_mapped() {
-    let components: Vec<String> = (1..=8)
-        .map(|c| format!("CAST(sin(value * {c}.37 + {c}) AS FLOAT)"))
-        .collect();
     let spec = format!(
-        r#"name: mapped
-stages:
-  - name: docs
-    kind: sql
-    config:
-      schema: embeddings
-      query: "SELECT CONCAT('d', CAST(value AS VARCHAR)) AS id, make_array({vector}) AS vector FROM generate_series(1, 20000)"
-  - name: queries
-    kind: sql
-    config:
-      schema: embeddings
-      query: "SELECT CONCAT('q', CAST(value AS VARCHAR)) AS id, make_array({vector}) AS vector FROM generate_series(20001, 20050)"
-  - name: in_memory
+        "name: mapped\nstages:\n{}{}",
+        common::generated_embedding_stages(20_000, 50),
+        r#"  - name: in_memory
     kind: search
-    inputs: {{queries: queries, corpus: docs}}
-    config: {{k: 10}}
+    inputs: {queries: queries, corpus: docs}
+    config: {k: 10}
   - name: mapped
     kind: search
-    inputs: {{queries: queries, corpus: docs}}
-    config: {{k: 10, corpus_in_memory_mb: 0}}
-"#,
-        vector = components.join(", ")
+    inputs: {queries: queries, corpus: docs}
+    config: {k: 10, corpus_in_memory_mb: 0}
+"#
     );
     let dir = tempfile::tempdir().unwrap();
     let spec = common::write_spec(dir.path(), "p.yaml", &spec);

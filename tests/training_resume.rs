@@ -63,15 +63,8 @@ fn kill_at_first_checkpoint(spec: &Path, workdir: &Path) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let complete = || {
-        std::fs::read_dir(checkpoints(workdir)).is_ok_and(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
-        })
-    };
     let started = Instant::now();
-    while !complete() {
+    while complete_checkpoints(workdir).is_empty() {
         assert!(
             started.elapsed() < Duration::from_secs(600),
             "no checkpoint appeared"
@@ -90,10 +83,12 @@ fn kill_at_first_checkpoint(spec: &Path, workdir: &Path) {
     );
 }
 
-/// The newest complete checkpoint's directory.
-fn newest_checkpoint(workdir: &Path) -> PathBuf {
+/// The complete checkpoints' directories (`step-N`, not a half-written `.step-N.partial`),
+/// oldest first; none before the first.
+fn complete_checkpoints(workdir: &Path) -> Vec<PathBuf> {
     let mut steps: Vec<PathBuf> = std::fs::read_dir(checkpoints(workdir))
-        .unwrap()
+        .into_iter()
+        .flatten()
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
@@ -104,7 +99,7 @@ fn newest_checkpoint(workdir: &Path) -> PathBuf {
         })
         .collect();
     steps.sort();
-    steps.pop().expect("a complete checkpoint")
+    steps
 }
 
 fn resumed_from(workdir: &Path) -> u64 {
@@ -170,7 +165,10 @@ fn a_checkpoint_of_other_base_weights_is_not_resumed() {
     kill_at_first_checkpoint(&spec, &work);
     // Other weights of the same shapes, under the same path: the checkpoint's own.
     std::fs::copy(
-        newest_checkpoint(&work).join("model.safetensors"),
+        complete_checkpoints(&work)
+            .last()
+            .expect("a complete checkpoint")
+            .join("model.safetensors"),
         base.join("model.safetensors"),
     )
     .unwrap();

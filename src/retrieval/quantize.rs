@@ -784,7 +784,6 @@ mod tests {
     use super::*;
     use crate::retrieval::kernel::dot;
 
-    /// The lower and upper bounds the search derives for one pair with `kernel`.
     /// The coarse (kernel) and the fine bounds the search derives for one pair with `kernel`.
     fn bounds_of(kernel: Kernel, q: &[f32], d: &[f32]) -> [(f32, f32); 2] {
         let mut docs = QuantizedDocs::new(kernel, d.len());

@@ -198,3 +198,24 @@ stages:
 "#,
     )
 }
+
+/// Spec lines for two `sql` stages, `docs` and `queries`, of deterministic 8-dimensional
+/// embeddings (components `sin(i * c.37 + c)`): `docs` rows 1..=DOCS, `queries` the next
+/// `queries` rows.
+pub fn generated_embedding_stages(docs: usize, queries: usize) -> String {
+    let vector = (1..=8)
+        .map(|c| format!("CAST(sin(value * {c}.37 + {c}) AS FLOAT)"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let stage = |name: &str, prefix: char, first: usize, last: usize| {
+        format!(
+            r#"  - name: {name}
+    kind: sql
+    config:
+      schema: embeddings
+      query: "SELECT CONCAT('{prefix}', CAST(value AS VARCHAR)) AS id, make_array({vector}) AS vector FROM generate_series({first}, {last})"
+"#
+        )
+    };
+    stage("docs", 'd', 1, docs) + &stage("queries", 'q', docs + 1, docs + queries)
+}
