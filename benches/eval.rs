@@ -7,7 +7,13 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use synthrank::metrics::{self, EvalOptions, Measure, Qrels, Run};
 
+/// The binary's allocator: a run's columns are large blocks, which it backs with huge pages.
+#[global_allocator]
+static ALLOCATOR: synthrank::allocator::TensorAllocator =
+    synthrank::allocator::TensorAllocator::new();
+
 fn main() {
+    synthrank::allocator::keep_freed_memory();
     let (nq, depth) = (1000, 1000);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut judgments = Vec::new();
@@ -44,7 +50,9 @@ fn main() {
     for (q, d, r) in &judgments {
         qrels.insert(q, d, *r);
     }
-    let mut run = Run::default();
+    // As the `evaluate` stage does: sized from the run table's rows and id bytes.
+    let ids: usize = retrieved.iter().map(|(_, d, _)| d.len()).sum();
+    let mut run = Run::with_capacity(retrieved.len(), ids);
     for (q, d, s) in &retrieved {
         run.insert(q, d, *s);
     }
