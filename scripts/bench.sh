@@ -11,6 +11,10 @@
 # synthrank is rebuilt for that (a minute or two); a release build of the whole data stack would
 # be another hour of compiling on 2 cores.
 # Usage: scripts/bench.sh [BENCH...]  (default: search eval generate embed train)
+# The short benchmarks (search, eval) run BENCH_REPEAT times (default 5), alternating with
+# their peer, and end with a `summary` row: both sides' median seconds and the ratio of the
+# medians. One run each is not enough on these machines: measured on an AMD EPYC Zen 3 VM,
+# pytrec_eval took 0.49-0.67 s and the eval bench 0.06-0.11 s from one run to the next.
 # SYNTHRANK_BENCH_CLASS=avx2 (or avx-vnni) measures that narrower class's code paths on a
 # wider CPU, both sides held to it: synthrank's search kernel (SYNTHRANK_SEARCH_KERNEL) and
 # GEMM (built without the `avx512-gemm` feature: the first such build recompiles the whole
@@ -96,15 +100,39 @@ benches=("$@")
 as_installed=(--config profile.dev.package.synthrank.opt-level=3
     --config profile.dev.package.synthrank.debug-assertions=false
     --config profile.dev.package.synthrank.overflow-checks=false)
+# The median seconds of each side over a repeated benchmark's rows (on stdin), as one row.
+summarize() {
+    python3 -c '
+import json, statistics, sys
+rows = [json.loads(l) for l in sys.stdin if l.startswith("{")]
+ours = [r["seconds"] for r in rows if "impl" in r]
+peers = [r["seconds"] for r in rows if "peer" in r]
+row = {"bench": sys.argv[1], "summary": True, "runs": len(ours),
+       "synthrank_median_s": statistics.median(ours) if ours else None,
+       "peer_median_s": statistics.median(peers) if peers else None}
+if ours and peers:
+    row["peer_over_synthrank"] = round(row["peer_median_s"] / row["synthrank_median_s"], 2)
+print(json.dumps(row))' "$1" | stamp
+}
+repeat=${BENCH_REPEAT:-5}
 for b in "${benches[@]}"; do
     if [[ -n $emulate && ($b == embed || $b == generate) ]]; then
         echo "$b: not measured in an emulated class (its peer picks kernels from the CPU)" >&2
         continue
     fi
-    cargo bench --locked --profile dev "${as_installed[@]}" "${features[@]}" --bench "$b" \
-        2>/dev/null | stamp
+    bench=(cargo bench --locked --profile dev "${as_installed[@]}" "${features[@]}" --bench "$b")
     case "$b" in
-        search | eval | embed) peer "$b" ;;
-        train) peer train --max-len 128 --query-len 64 ;;
+        search | eval)
+            rows=$(mktemp)
+            for _ in $(seq "$repeat"); do
+                "${bench[@]}" 2>/dev/null | stamp | tee -a "$rows"
+                peer "$b" | tee -a "$rows"
+            done
+            summarize "$b" <"$rows"
+            rm -f "$rows"
+            ;;
+        embed) "${bench[@]}" 2>/dev/null | stamp && peer embed ;;
+        train) "${bench[@]}" 2>/dev/null | stamp && peer train --max-len 128 --query-len 64 ;;
+        *) "${bench[@]}" 2>/dev/null | stamp ;;
     esac
 done
