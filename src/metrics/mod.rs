@@ -56,9 +56,20 @@ impl Retrieved<'_> {
         self.ends.len()
     }
 
+    #[inline]
     fn id(&self, entry: usize) -> &str {
         let start = entry.checked_sub(1).map_or(0, |e| self.ends[e]);
         &self.ids[start as usize..self.ends[entry] as usize]
+    }
+
+    /// The judgment of each document in insertion order (0 when unjudged).
+    fn judgments<'s>(&'s self, judged: &'s Judged) -> impl Iterator<Item = i32> + 's {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let id = &self.ids[start as usize..end as usize];
+            start = end;
+            judged.get(id)
+        })
     }
 
     /// Entry indices in trec_eval's order: score descending, then document id descending (byte
@@ -90,24 +101,26 @@ impl Retrieved<'_> {
     /// run is mostly unjudged documents, whose places do not matter: when few are judged,
     /// each judged one is placed by counting the entries ranked above it, and the rest is
     /// never sorted. Documents at or above a `level` of 0 or less all matter: sorted then.
-    fn ranked_gains(&self, judged: &IdMap<i32>, level: i32) -> Vec<i32> {
-        let found: Vec<i32> = (0..self.len())
-            .map(|i| judged.get(self.id(i)).copied().unwrap_or(0))
+    fn ranked_gains(&self, judged: &Judged, level: i32) -> Vec<i32> {
+        let placed: Vec<(usize, i32)> = self
+            .judgments(judged)
+            .enumerate()
+            .filter(|&(_, gain)| gain != 0)
             .collect();
-        let placed: Vec<usize> = (0..found.len()).filter(|&i| found[i] != 0).collect();
         if level <= 0 || placed.len() > FEW_JUDGED {
+            let found: Vec<i32> = self.judgments(judged).collect();
             return self
                 .ranked()
                 .into_iter()
                 .map(|i| found[i as usize])
                 .collect();
         }
-        let mut gains = vec![0; found.len()];
+        let mut gains = vec![0; self.len()];
         if placed.is_empty() {
             return gains;
         }
         let keys: Vec<u64> = self.scores.iter().map(|&s| total_order_key(s)).collect();
-        for &e in &placed {
+        for &(e, gain) in &placed {
             let key = keys[e];
             let above = keys.iter().filter(|&&k| k > key).count();
             // Equal scores: ids descending, then (duplicate ids) insertion order.
@@ -117,10 +130,48 @@ impl Retrieved<'_> {
                     (self.id(f), std::cmp::Reverse(f)) > (self.id(e), std::cmp::Reverse(e))
                 })
                 .count();
-            gains[above + tied_above] = found[e];
+            gains[above + tied_above] = gain;
         }
         gains
     }
+}
+
+/// A query's judgments, screened: a run is mostly unjudged documents, and looking each one up
+/// in the hash map was half of evaluating. A 256-bit filter of the judged ids' digests (length
+/// and last two bytes) answers most of them with one bit test; the rest are looked up.
+struct Judged<'a> {
+    map: &'a IdMap<i32>,
+    filter: [u64; 4],
+}
+
+impl<'a> Judged<'a> {
+    fn new(map: &'a IdMap<i32>) -> Judged<'a> {
+        let mut filter = [0; 4];
+        for id in map.keys() {
+            let d = digest(id.as_bytes());
+            filter[d >> 6] |= 1 << (d & 63);
+        }
+        Judged { map, filter }
+    }
+
+    #[inline]
+    fn get(&self, id: &str) -> i32 {
+        let d = digest(id.as_bytes());
+        if self.filter[d >> 6] & 1 << (d & 63) == 0 {
+            return 0;
+        }
+        self.map.get(id).copied().unwrap_or(0)
+    }
+}
+
+/// 8 bits of an id from its length and last two bytes, where ids mostly differ (numbers,
+/// hashes); ids alike there only pass the filter more often.
+#[inline]
+fn digest(id: &[u8]) -> usize {
+    let n = id.len();
+    let last = id.last().map_or(0, |&b| b as usize);
+    let before = if n >= 2 { id[n - 2] as usize } else { 0 };
+    (last * 31 + before * 7 + n * 131) & 255
 }
 
 /// Up to this many judged documents in a query's run are placed by counting instead of
@@ -139,34 +190,30 @@ fn total_order_key(score: f64) -> u64 {
 
 /// Retrieved documents with scores, per query, in any order.
 ///
-/// All queries share three columns (ids, id ends, scores) and each query keeps the stretches
-/// it owns: a run holds millions of documents, and loading one was mostly allocating and first
-/// touching its memory. One heap string per id made inserting cost more than evaluating;
-/// buffers per query, 4 KiB pages each (a page fault per page, 3.6 us apiece on one VM
-/// measured); large columns get huge pages from the binary's allocator.
+/// All queries share three columns (ids, id ends, scores), and each query owns stretches of
+/// them. A run holds millions of documents, and loading one is mostly writing fresh memory:
+/// a heap string per id cost more than evaluating, and buffers per query kept to 4 KiB pages,
+/// a page fault each (3.6 us apiece on one VM), where large columns get huge pages from the
+/// binary's allocator.
 #[derive(Debug, Clone, Default)]
 pub struct Run {
     /// Query -> its index in `stretches`.
     queries: IdMap<usize>,
-    /// Each query's stretches of the columns, in insertion order: one per query when the run
-    /// comes grouped by query, as run files do.
-    stretches: Vec<Vec<Stretch>>,
+    /// Each query's stretches (indices into `starts`), in insertion order: one per query
+    /// when the run comes grouped by query, as run files do.
+    stretches: Vec<Vec<usize>>,
+    /// Every stretch's first document and where its first id starts in `ids`, in the order
+    /// they were opened: a stretch ends where the next one starts.
+    starts: Vec<(usize, usize)>,
     ids: String,
-    /// Where each id ends, counted from its stretch's `ids_start`.
+    /// Where each id ends, counted from its stretch's start in `ids`.
     ends: Vec<u32>,
     scores: Vec<f64>,
     /// The query of the last insert, whose stretch is the last one opened: most inserts
     /// skip the hash lookup.
-    last: Option<(Box<str>, usize)>,
-}
-
-/// Consecutive documents of one query in the run's columns.
-#[derive(Debug, Clone, Copy)]
-struct Stretch {
-    first: usize,
-    len: usize,
-    /// Where the stretch's first id starts in `Run::ids`.
-    ids_start: usize,
+    last: Option<Box<str>>,
+    /// Where the last stretch's ids start.
+    open_ids_start: usize,
 }
 
 impl Run {
@@ -182,56 +229,51 @@ impl Run {
     }
 
     pub fn insert(&mut self, query: &str, doc: &str, score: f64) {
-        let index = match &self.last {
-            Some((last, index)) if **last == *query => *index,
-            _ => {
-                let next = self.stretches.len();
-                let index = *self.queries.entry(query.into()).or_insert(next);
-                if index == next {
-                    self.stretches.push(Vec::new());
-                }
-                self.open_stretch(index);
-                self.last = Some((query.into(), index));
-                index
-            }
-        };
-        let stretch = self.stretches[index]
-            .last_mut()
-            .expect("opened on the query's first insert");
+        if self.last.as_deref() != Some(query) {
+            self.open_stretch(query);
+        }
         self.ids.push_str(doc);
-        let end = u32::try_from(self.ids.len() - stretch.ids_start)
+        let end = u32::try_from(self.ids.len() - self.open_ids_start)
             .expect("one query's retrieved ids exceed 4 GiB");
         self.ends.push(end);
         self.scores.push(score);
-        stretch.len += 1;
     }
 
-    fn open_stretch(&mut self, index: usize) {
-        self.stretches[index].push(Stretch {
-            first: self.scores.len(),
-            len: 0,
-            ids_start: self.ids.len(),
-        });
+    /// Starts a stretch of `query`'s documents at the end of the columns.
+    fn open_stretch(&mut self, query: &str) {
+        let next = self.stretches.len();
+        let index = *self.queries.entry(query.into()).or_insert(next);
+        if index == next {
+            self.stretches.push(Vec::new());
+        }
+        self.stretches[index].push(self.starts.len());
+        self.open_ids_start = self.ids.len();
+        self.starts.push((self.scores.len(), self.open_ids_start));
+        self.last = Some(query.into());
     }
 
-    fn view(&self, stretch: &Stretch) -> Retrieved<'_> {
-        let entries = stretch.first..stretch.first + stretch.len;
-        let ends = &self.ends[entries.clone()];
-        let ids_end = stretch.ids_start + ends.last().map_or(0, |&e| e as usize);
+    fn view(&self, stretch: usize) -> Retrieved<'_> {
+        let (first, ids_start) = self.starts[stretch];
+        let last = self
+            .starts
+            .get(stretch + 1)
+            .map_or(self.scores.len(), |s| s.0);
+        let ends = &self.ends[first..last];
+        let ids_end = ids_start + ends.last().map_or(0, |&e| e as usize);
         Retrieved {
-            ids: &self.ids[stretch.ids_start..ids_end],
+            ids: &self.ids[ids_start..ids_end],
             ends,
-            scores: &self.scores[entries],
+            scores: &self.scores[first..last],
         }
     }
 
     /// A query's documents in one piece: its only stretch, or its stretches copied together.
     fn retrieved(&self, index: usize) -> Documents<'_> {
-        match self.stretches[index].as_slice() {
+        match *self.stretches[index].as_slice() {
             [one] => Documents::Borrowed(self.view(one)),
-            many => {
+            ref many => {
                 let mut gathered = Gathered::default();
-                for stretch in many {
+                for &stretch in many {
                     let view = self.view(stretch);
                     for entry in 0..view.len() {
                         gathered.push(view.id(entry), view.scores[entry]);
@@ -320,7 +362,7 @@ pub fn evaluate(qrels: &Qrels, run: &Run, measures: &[Measure], options: EvalOpt
         .map(|&(query, judged, index)| {
             let documents = index.map(|i| run.retrieved(i));
             let retrieved = documents.as_ref().map(Documents::view).unwrap_or_default();
-            let gains = retrieved.ranked_gains(judged, options.relevance_level);
+            let gains = retrieved.ranked_gains(&Judged::new(judged), options.relevance_level);
             let query_eval = QueryEval::new(gains, judged, options.relevance_level);
             let values = names
                 .iter()
@@ -466,7 +508,7 @@ mod tests {
                 .into_iter()
                 .map(|i| judged.get(retrieved.id(i as usize)).copied().unwrap_or(0))
                 .collect();
-            assert_eq!(retrieved.ranked_gains(&judged, 1), sorted);
+            assert_eq!(retrieved.ranked_gains(&Judged::new(&judged), 1), sorted);
         }
     }
 
@@ -516,5 +558,30 @@ mod tests {
             evaluate(&qrels, &run, &measures, EvalOptions::default()),
             grouped
         );
+    }
+
+    /// The filter never hides a judgment: screened lookups equal the map's, for ids of every
+    /// length (empty and one byte included) and judged sets small and large.
+    #[test]
+    fn screened_judgments_equal_the_map() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let id = |rng: &mut rand_chacha::ChaCha8Rng| -> String {
+            let len = rng.random_range(0..6);
+            (0..len).map(|_| rng.random_range('a'..='h')).collect()
+        };
+        for judged_count in [0, 1, 20, 300] {
+            let mut map = IdMap::default();
+            for _ in 0..judged_count {
+                map.insert(id(&mut rng).into(), rng.random_range(-1..4));
+            }
+            let judged = Judged::new(&map);
+            for _ in 0..2000 {
+                let doc = id(&mut rng);
+                assert_eq!(
+                    judged.get(&doc),
+                    map.get(doc.as_str()).copied().unwrap_or(0)
+                );
+            }
+        }
     }
 }
