@@ -41,8 +41,8 @@ impl Qrels {
     }
 }
 
-/// One query's retrieved documents and scores in insertion order, borrowed from a run's
-/// columns ([`Run`]) or from a [`Gathered`] copy.
+/// One query's retrieved documents and scores in insertion order, borrowed from a stretch of
+/// [`Columns`].
 #[derive(Debug, Clone, Copy, Default)]
 struct Retrieved<'a> {
     ids: &'a str,
@@ -205,10 +205,8 @@ pub struct Run {
     /// Every stretch's first document and where its first id starts in `ids`, in the order
     /// they were opened: a stretch ends where the next one starts.
     starts: Vec<(usize, usize)>,
-    ids: String,
-    /// Where each id ends, counted from its stretch's start in `ids`.
-    ends: Vec<u32>,
-    scores: Vec<f64>,
+    /// Every query's documents; an id's end is counted from its stretch's start in `ids`.
+    columns: Columns,
     /// The query of the last insert, whose stretch is the last one opened: most inserts
     /// skip the hash lookup.
     last: Option<Box<str>>,
@@ -221,9 +219,11 @@ impl Run {
     /// sized once, its columns are never copied to grow.
     pub fn with_capacity(documents: usize, id_bytes: usize) -> Run {
         Run {
-            ids: String::with_capacity(id_bytes),
-            ends: Vec::with_capacity(documents),
-            scores: Vec::with_capacity(documents),
+            columns: Columns {
+                ids: String::with_capacity(id_bytes),
+                ends: Vec::with_capacity(documents),
+                scores: Vec::with_capacity(documents),
+            },
             ..Run::default()
         }
     }
@@ -232,11 +232,7 @@ impl Run {
         if self.last.as_deref() != Some(query) {
             self.open_stretch(query);
         }
-        self.ids.push_str(doc);
-        let end = u32::try_from(self.ids.len() - self.open_ids_start)
-            .expect("one query's retrieved ids exceed 4 GiB");
-        self.ends.push(end);
-        self.scores.push(score);
+        self.columns.push(doc, score, self.open_ids_start);
     }
 
     /// Starts a stretch of `query`'s documents at the end of the columns.
@@ -247,8 +243,8 @@ impl Run {
             self.stretches.push(Vec::new());
         }
         self.stretches[index].push(self.starts.len());
-        self.open_ids_start = self.ids.len();
-        self.starts.push((self.scores.len(), self.open_ids_start));
+        self.open_ids_start = self.columns.ids.len();
+        self.starts.push((self.columns.len(), self.open_ids_start));
         self.last = Some(query.into());
     }
 
@@ -257,14 +253,8 @@ impl Run {
         let last = self
             .starts
             .get(stretch + 1)
-            .map_or(self.scores.len(), |s| s.0);
-        let ends = &self.ends[first..last];
-        let ids_end = ids_start + ends.last().map_or(0, |&e| e as usize);
-        Retrieved {
-            ids: &self.ids[ids_start..ids_end],
-            ends,
-            scores: &self.scores[first..last],
-        }
+            .map_or(self.columns.len(), |s| s.0);
+        self.columns.view(first..last, ids_start)
     }
 
     /// A query's documents in one piece: its only stretch, or its stretches copied together.
@@ -272,11 +262,11 @@ impl Run {
         match *self.stretches[index].as_slice() {
             [one] => Documents::Borrowed(self.view(one)),
             ref many => {
-                let mut gathered = Gathered::default();
+                let mut gathered = Columns::default();
                 for &stretch in many {
                     let view = self.view(stretch);
                     for entry in 0..view.len() {
-                        gathered.push(view.id(entry), view.scores[entry]);
+                        gathered.push(view.id(entry), view.scores[entry], 0);
                     }
                 }
                 Documents::Gathered(gathered)
@@ -288,40 +278,50 @@ impl Run {
 /// A query's documents, ready to rank.
 enum Documents<'a> {
     Borrowed(Retrieved<'a>),
-    Gathered(Gathered),
+    Gathered(Columns),
 }
 
 impl Documents<'_> {
     fn view(&self) -> Retrieved<'_> {
         match self {
             Documents::Borrowed(view) => *view,
-            Documents::Gathered(gathered) => gathered.view(),
+            Documents::Gathered(gathered) => gathered.view(0..gathered.len(), 0),
         }
     }
 }
 
-/// Owned columns of one query's documents, for queries whose documents came interleaved with
-/// other queries'.
-#[derive(Debug, Default)]
-struct Gathered {
+/// Documents' ids, id ends and scores in insertion order: a run's (its queries' stretches one
+/// after another), or one query's gathered from interleaved stretches.
+#[derive(Debug, Clone, Default)]
+struct Columns {
     ids: String,
+    /// Where each id ends, counted from its stretch's start in `ids`.
     ends: Vec<u32>,
     scores: Vec<f64>,
 }
 
-impl Gathered {
-    fn push(&mut self, doc: &str, score: f64) {
+impl Columns {
+    fn len(&self) -> usize {
+        self.scores.len()
+    }
+
+    /// Appends a document of the stretch whose ids start at `ids_start`.
+    fn push(&mut self, doc: &str, score: f64, ids_start: usize) {
         self.ids.push_str(doc);
-        let end = u32::try_from(self.ids.len()).expect("one query's retrieved ids exceed 4 GiB");
+        let end = u32::try_from(self.ids.len() - ids_start)
+            .expect("one query's retrieved ids exceed 4 GiB");
         self.ends.push(end);
         self.scores.push(score);
     }
 
-    fn view(&self) -> Retrieved<'_> {
+    /// The documents `entries` of one stretch, whose ids start at `ids_start`.
+    fn view(&self, entries: std::ops::Range<usize>, ids_start: usize) -> Retrieved<'_> {
+        let ends = &self.ends[entries.clone()];
+        let ids_end = ids_start + ends.last().map_or(0, |&e| e as usize);
         Retrieved {
-            ids: &self.ids,
-            ends: &self.ends,
-            scores: &self.scores,
+            ids: &self.ids[ids_start..ids_end],
+            ends,
+            scores: &self.scores[entries],
         }
     }
 }
@@ -492,17 +492,17 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         for _ in 0..500 {
             let n = rng.random_range(1..60);
-            let mut retrieved = Gathered::default();
+            let mut retrieved = Columns::default();
             let mut judged = IdMap::default();
             for _ in 0..n {
                 let id = format!("d{}", rng.random_range(0..40));
                 let score = f64::from(rng.random_range(-3..4)) / 2.0;
-                retrieved.push(&id, score);
+                retrieved.push(&id, score, 0);
                 if rng.random_bool(0.2) {
                     judged.insert(id.into(), rng.random_range(-1..4));
                 }
             }
-            let retrieved = retrieved.view();
+            let retrieved = retrieved.view(0..retrieved.len(), 0);
             let sorted: Vec<i32> = retrieved
                 .ranked()
                 .into_iter()
