@@ -7,7 +7,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor, Var,
     WithDType,
 };
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
@@ -27,7 +27,12 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, product: Option<DType>) -> Result<T
 /// y = x W^T + b over the last dimension, for x of any rank; the product in `product` when
 /// given (see [`matmul`]). In full precision on the CPU one fused op: the bias is the GEMM's
 /// starting value (no pass over the output to add it), and its gradient one pass.
-pub fn linear(x: &Tensor, weight: &Var, bias: &Var, product: Option<DType>) -> Result<Tensor> {
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    product: Option<DType>,
+) -> Result<Tensor> {
     let dims = x.dims();
     let (rows, cols) = (
         dims[..dims.len() - 1].iter().product::<usize>(),
@@ -35,10 +40,9 @@ pub fn linear(x: &Tensor, weight: &Var, bias: &Var, product: Option<DType>) -> R
     );
     let x2 = x.reshape((rows, cols))?;
     let y = if x.device().is_cpu() && product.is_none_or(|d| d == x.dtype()) {
-        x2.contiguous()?
-            .apply_op3(weight.as_tensor(), bias.as_tensor(), Linear)?
+        x2.contiguous()?.apply_op3(weight, bias, Linear)?
     } else {
-        matmul(&x2, &weight.as_tensor().t()?, product)?.broadcast_add(bias.as_tensor())?
+        matmul(&x2, &weight.t()?, product)?.broadcast_add(bias)?
     };
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = weight.dims()[0];
@@ -248,6 +252,10 @@ macro_rules! float_storage {
     };
 }
 
+// After the macro, which it uses.
+mod attention;
+pub(crate) use attention::{Projection, SelfAttention};
+
 /// Per-chunk partial sums (each `len` long), added in chunk order: the same result for any
 /// number of threads (a resumed run is bit-identical).
 fn sum_in_order<T: WithDType>(partials: Vec<Vec<T>>, len: usize) -> Vec<T> {
@@ -258,6 +266,42 @@ fn sum_in_order<T: WithDType>(partials: Vec<Vec<T>>, len: usize) -> Vec<T> {
         }
     }
     total
+}
+
+/// Lanes of the reductions below: kept apart, the loops vectorize (one accumulator would
+/// order every addition).
+const LANES: usize = 8;
+
+/// The largest of `x` (the lowest float when empty).
+fn max_of<T: Real>(x: &[T]) -> T {
+    let mut lanes = [T::from_f64(f64::MIN); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    lanes
+        .into_iter()
+        .chain(rest.iter().copied())
+        .fold(T::from_f64(f64::MIN), |m, v| if v > m { v } else { m })
+}
+
+/// The sum of `x`, in [`LANES`] partial sums.
+fn sum_of<T: Real>(x: &[T]) -> T {
+    let mut lanes = [T::zero(); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l += v;
+        }
+    }
+    lanes
+        .into_iter()
+        .chain(rest.iter().copied())
+        .fold(T::zero(), |a, v| a + v)
 }
 
 /// Values per parallel chunk of an elementwise op.
@@ -740,39 +784,94 @@ impl Dropout {
         Dropout { rng }
     }
 
+    /// The mask of the next dropout with probability `p` (none when `p` is 0).
+    pub(crate) fn draw(&mut self, p: f64) -> Option<DropMask> {
+        (p > 0.0).then(|| DropMask {
+            key: self.rng.random::<u64>(),
+            keep: 1.0 - p,
+        })
+    }
+
     pub(crate) fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
-        if p <= 0.0 {
+        let Some(mask) = self.draw(p) else {
             return Ok(x.clone());
-        }
-        let keep = 1.0 - p;
-        let scale = (1.0 / keep) as f32;
-        let key = self.rng.random::<u64>();
+        };
         if !x.device().is_cpu() {
             // On a GPU the mask is drawn there from the device's generator seeded with the same
             // per-call key: still a function of (seed, step), though not the CPU's masks.
             // Copying a layer's mask from the host would take longer than the layer.
-            x.device().set_seed(key)?;
+            x.device().set_seed(mask.key)?;
             let kept = Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p)?;
-            return x.mul(&(kept.to_dtype(x.dtype())? * f64::from(scale))?);
+            return x.mul(&(kept.to_dtype(x.dtype())? * (1.0 / mask.keep))?);
         }
-        // A kept element draws a u32 below keep * 2^32. The mask is drawn in parallel chunks,
-        // chunk i from stream i of a generator keyed by one draw of `rng`: the same mask for
-        // any number of threads (masks of attention probabilities run to millions of values).
-        let threshold = (keep * 4_294_967_296.0) as u64;
-        let mut mask = vec![0f32; x.elem_count()];
-        mask.par_chunks_mut(DROPOUT_CHUNK)
+        x.contiguous()?.apply_op1(DropoutOp(mask))
+    }
+}
+
+/// One dropout's mask: kept values scaled by 1 / keep, the rest zeroed, drawn in streams of a
+/// generator keyed by one draw of [`Dropout`]'s: any stream can be regenerated (backward
+/// passes do, instead of keeping masks), and masks depend on neither thread count nor order.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DropMask {
+    key: u64,
+    keep: f64,
+}
+
+impl DropMask {
+    /// Stream `stream`'s mask values (1 / keep or 0) into `out`: a kept value draws a u32
+    /// below keep * 2^32. Words are drawn in blocks, so the comparison loop vectorizes.
+    fn fill<T: WithDType>(&self, stream: u64, out: &mut [T]) {
+        let threshold = (self.keep * 4_294_967_296.0).min(f64::from(u32::MAX)) as u32;
+        let scale = T::from_f64(1.0 / self.keep);
+        let mut rng = ChaCha8Rng::seed_from_u64(self.key);
+        rng.set_stream(stream);
+        let mut words = [0u32; 256];
+        for out in out.chunks_mut(words.len()) {
+            let words = &mut words[..out.len()];
+            rng.fill(words);
+            for (m, &w) in out.iter_mut().zip(words.iter()) {
+                *m = if w < threshold { scale } else { T::zero() };
+            }
+        }
+    }
+}
+
+/// x ⊙ mask on the CPU, chunk i of [`DROPOUT_CHUNK`] values masked by stream i; its backward
+/// is the same op on the gradient (no mask is kept).
+struct DropoutOp(DropMask);
+
+impl DropoutOp {
+    fn dropped<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(DROPOUT_CHUNK)
+            .zip(x.par_chunks(DROPOUT_CHUNK))
             .enumerate()
-            .for_each(|(i, chunk)| {
-                let mut rng = ChaCha8Rng::seed_from_u64(key);
-                rng.set_stream(i as u64);
-                for m in chunk {
-                    if u64::from(rng.next_u32()) < threshold {
-                        *m = scale;
-                    }
+            .for_each(|(i, (out, x))| {
+                self.0.fill(i as u64, out);
+                for (o, &x) in out.iter_mut().zip(x) {
+                    *o *= x;
                 }
             });
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        out
+    }
+}
+
+impl CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let storage = float_storage!(s, T => Ok::<_, candle_core::Error>(
+            self.dropped::<T>(values(s, l)?)
+        ));
+        Ok((storage, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?.apply_op1_no_bwd(&DropoutOp(self.0))?,
+        ))
     }
 }
 
@@ -807,13 +906,6 @@ pub(crate) fn l2_normalize(x: &Tensor) -> Result<Tensor> {
         .sqrt()?
         .clamp(1e-12, f64::INFINITY)?;
     x.broadcast_div(&norm)
-}
-
-/// The additive attention bias: 0 where attended, a large negative where padded; (B, 1, 1, T).
-pub(crate) fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
-    let (b, t) = mask.dims2()?;
-    let bias = ((mask.to_dtype(dtype)? - 1.0)? * 1e9)?;
-    bias.reshape((b, 1, 1, t))
 }
 
 #[cfg(test)]
@@ -876,8 +968,11 @@ mod tests {
         (b.as_tensor().detach() + masked)?.reshape((1, 1, 1, n))
     }
 
+    /// What an affine op's checks compare.
+    const AFFINE: [&str; 4] = ["value", "dx", "dweight", "dbias"];
+
     /// A variable of `values` in `shape` and `dtype`.
-    fn var(values: &[f64], shape: &[usize], dtype: DType) -> Var {
+    pub(super) fn var(values: &[f64], shape: &[usize], dtype: DType) -> Var {
         let t = Tensor::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap();
         Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
     }
@@ -886,7 +981,7 @@ mod tests {
     /// reaches it), as f64; and whether any gradient tracks its graph (the optimizer's moments
     /// are made from gradients: one that carried its graph would keep every step's
     /// activations alive).
-    fn value_and_grads(y: &Tensor, probe: &Var, vars: &[&Var]) -> (Vec<Vec<f64>>, bool) {
+    pub(super) fn value_and_grads(y: &Tensor, probe: &Var, vars: &[&Var]) -> (Vec<Vec<f64>>, bool) {
         let grads = (y * probe.as_tensor())
             .unwrap()
             .sum_all()
@@ -907,14 +1002,21 @@ mod tests {
         (out, tracks)
     }
 
-    /// Value and gradients (x, weight, bias) equal within `tolerance`, relative to
-    /// max(|expected|, 1).
-    fn assert_close(case: &str, got: &[Vec<f64>], want: &[Vec<f64>], tolerance: f64) {
-        for ((what, a), b) in ["value", "dx", "dweight", "dbias"]
-            .iter()
-            .zip(got)
-            .zip(want)
-        {
+    /// The value and gradients `labels` names (as `value_and_grads` lists them) equal within
+    /// `tolerance`, relative to max(|expected|, 1).
+    pub(super) fn assert_close(
+        case: &str,
+        labels: &[&str],
+        got: &[Vec<f64>],
+        want: &[Vec<f64>],
+        tolerance: f64,
+    ) {
+        assert_eq!(
+            (labels.len(), got.len()),
+            (want.len(), want.len()),
+            "{case}"
+        );
+        for ((what, a), b) in labels.iter().zip(got).zip(want) {
             assert_eq!(a.len(), b.len(), "{case} {what}");
             let worst = a
                 .iter()
@@ -972,7 +1074,7 @@ mod tests {
             for (name, fused, primitive) in cases {
                 let ((f, tracks), (p, _)) = (run(fused), run(primitive));
                 assert!(!tracks, "{name}: a gradient tracks its graph");
-                assert_close(&format!("{name} {dtype:?}"), &f, &p, tolerance);
+                assert_close(&format!("{name} {dtype:?}"), &AFFINE, &f, &p, tolerance);
             }
         }
     }
@@ -998,7 +1100,7 @@ mod tests {
                 var(&bv, &[outputs], dtype),
             );
             let probe = var(&pv, &[3, rows / 3, outputs], dtype);
-            let fused = linear(x.as_tensor(), &w, &b, None).unwrap();
+            let fused = linear(x.as_tensor(), w.as_tensor(), b.as_tensor(), None).unwrap();
             let primitive = x
                 .as_tensor()
                 .broadcast_matmul(&w.as_tensor().t().unwrap())
@@ -1009,7 +1111,7 @@ mod tests {
             let (p, _) = value_and_grads(&primitive, &probe, &[&x, &w, &b]);
             assert!(!tracks, "fused linear: a gradient tracks its graph");
             let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
-            assert_close(&format!("linear {dtype:?}"), &f, &p, tolerance);
+            assert_close(&format!("linear {dtype:?}"), &AFFINE, &f, &p, tolerance);
         }
     }
 }
