@@ -7,8 +7,9 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor, Var,
     WithDType,
 };
+use rand::rand_core::block::BlockRngCore;
 use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand_chacha::{ChaCha8Core, ChaCha8Rng};
 use rayon::prelude::*;
 
 /// a b, with both sides cast to `product` for the multiplication when it is given (mixed
@@ -819,17 +820,19 @@ pub(crate) struct DropMask {
 
 impl DropMask {
     /// Stream `stream`'s mask values (1 / keep or 0) into `out`: a kept value draws a u32
-    /// below keep * 2^32. Words are drawn in blocks, so the comparison loop vectorizes.
+    /// below keep * 2^32. The words come from ChaCha8 keyed by (key, stream), block by block
+    /// from its core (`Rng::fill` copied them a byte at a time), so the loop vectorizes.
     fn fill<T: WithDType>(&self, stream: u64, out: &mut [T]) {
         let threshold = (self.keep * 4_294_967_296.0).min(f64::from(u32::MAX)) as u32;
         let scale = T::from_f64(1.0 / self.keep);
-        let mut rng = ChaCha8Rng::seed_from_u64(self.key);
-        rng.set_stream(stream);
-        let mut words = [0u32; 256];
-        for out in out.chunks_mut(words.len()) {
-            let words = &mut words[..out.len()];
-            rng.fill(words);
-            for (m, &w) in out.iter_mut().zip(words.iter()) {
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&self.key.to_le_bytes());
+        seed[8..16].copy_from_slice(&stream.to_le_bytes());
+        let mut core = ChaCha8Core::from_seed(seed);
+        let mut words = Default::default();
+        for out in out.chunks_mut(64) {
+            core.generate(&mut words);
+            for (m, &w) in out.iter_mut().zip(AsRef::<[u32]>::as_ref(&words)) {
                 *m = if w < threshold { scale } else { T::zero() };
             }
         }
