@@ -6,8 +6,8 @@
 //!
 //! [`TensorAllocator`] keeps freed large blocks in size classes (1/8 steps between powers of
 //! two) and hands them out again, so a steady-state training step touches no new pages. It
-//! holds at most half the machine's memory (a MiniLM training step of the benchmark peaks at
-//! 9.6 GB); beyond that, freed blocks go back to the system. It caches only while tensor work
+//! holds at most half the machine's memory (the training benchmark's process peaks at 2.5 GB
+//! resident); beyond that, freed blocks go back to the system. It caches only while tensor work
 //! runs ([`TensorWork`]): other work (reading Parquet, searching) frees blocks of ever-new
 //! sizes that the cache would hold and never hand out again (the search of a 1M x 768 corpus
 //! kept 800 MiB of a reader's growing buffers so). Small blocks go straight to the system

@@ -49,8 +49,19 @@ impl SelfAttention {
         dtype: DType,
         product: Option<DType>,
     ) -> Result<SelfAttention> {
-        let (batch, seq) = mask.dims2()?;
         let fused = mask.device().is_cpu() && product.is_none_or(|p| p == dtype);
+        SelfAttention::with_form(mask, heads, dtype, product, fused)
+    }
+
+    /// [`SelfAttention::new`] with the form chosen by the caller.
+    fn with_form(
+        mask: &Tensor,
+        heads: usize,
+        dtype: DType,
+        product: Option<DType>,
+        fused: bool,
+    ) -> Result<SelfAttention> {
+        let (batch, seq) = mask.dims2()?;
         let form = if fused {
             let mask = mask.flatten_all()?.to_vec1::<u32>()?;
             Form::Fused(mask.iter().map(|&m| m != 0).collect())
@@ -411,15 +422,7 @@ mod tests {
             };
             let fused = SelfAttention::new(&mask(), HEADS, dtype, None).unwrap();
             assert!(matches!(fused.form, Form::Fused(_)));
-            let primitive = SelfAttention {
-                form: Form::Primitive(
-                    ((mask().to_dtype(dtype).unwrap() - 1.0).unwrap() * 1e9)
-                        .unwrap()
-                        .reshape((LENGTHS.len(), 1, 1, SEQ))
-                        .unwrap(),
-                ),
-                ..SelfAttention::new(&mask(), HEADS, dtype, None).unwrap()
-            };
+            let primitive = SelfAttention::with_form(&mask(), HEADS, dtype, None, false).unwrap();
             let ((f, tracks), (p, _)) = (run(fused), run(primitive));
             assert!(!tracks, "a gradient tracks its graph");
             let tolerance = if dtype == DType::F64 { 1e-12 } else { 2e-5 };
