@@ -133,9 +133,10 @@ impl StageKind for Train {
     fn kind(&self) -> &'static str {
         "train"
     }
-    /// 2: epochs of the `tokens` table; warmup steps of a ratio rounded up.
+    /// 2: epochs of the `tokens` table; warmup steps of a ratio rounded up. 3: dropout masks
+    /// drawn anew (per call key and stream; attention's per sequence and head).
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn inputs(&self) -> InputRoles {
         InputRoles::Fixed(INPUTS)
