@@ -273,36 +273,28 @@ fn sum_in_order<T: WithDType>(partials: Vec<Vec<T>>, len: usize) -> Vec<T> {
 /// order every addition).
 const LANES: usize = 8;
 
-/// The largest of `x` (the lowest float when empty).
-fn max_of<T: Real>(x: &[T]) -> T {
-    let mut lanes = [T::from_f64(f64::MIN); LANES];
+/// `x` folded by `f` in [`LANES`] lanes from `init`, then the lanes and the remainder in order.
+#[inline(always)]
+fn fold_lanes<T: Real>(x: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
+    let mut lanes = [init; LANES];
     let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
     for chunk in chunks {
         for (l, &v) in lanes.iter_mut().zip(chunk) {
-            *l = if v > *l { v } else { *l };
+            *l = f(*l, v);
         }
     }
-    lanes
-        .into_iter()
-        .chain(rest.iter().copied())
-        .fold(T::from_f64(f64::MIN), |m, v| if v > m { v } else { m })
+    lanes.into_iter().chain(rest.iter().copied()).fold(init, f)
+}
+
+/// The largest of `x` (the lowest float when empty).
+fn max_of<T: Real>(x: &[T]) -> T {
+    fold_lanes(x, T::from_f64(f64::MIN), |m, v| if v > m { v } else { m })
 }
 
 /// The sum of `x`, in [`LANES`] partial sums.
 fn sum_of<T: Real>(x: &[T]) -> T {
-    let mut lanes = [T::zero(); LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (l, &v) in lanes.iter_mut().zip(chunk) {
-            *l += v;
-        }
-    }
-    lanes
-        .into_iter()
-        .chain(rest.iter().copied())
-        .fold(T::zero(), |a, v| a + v)
+    fold_lanes(x, T::zero(), |a, v| a + v)
 }
 
 /// Values per parallel chunk of an elementwise op.
