@@ -1,13 +1,16 @@
 //! Evaluation throughput, the work of `peers.py eval` (pytrec_eval): 1,000 queries with 20
 //! judgments each and a 1,000-deep run, measures ndcg_cut.10 map recip_rank recall.100,1000
-//! P.10, judgments loaded and evaluated. Prints one JSON line. Run: `cargo bench --bench eval`.
+//! P.10, judgments loaded and evaluated. Each side starts from the run in memory as its program
+//! holds it: pytrec_eval from Python dicts, synthrank from Arrow batches of 8,192 rows (as the
+//! `evaluate` stage reads a `runs` table). Prints one JSON line. Run: `cargo bench --bench eval`.
 
 use std::time::Instant;
 
+use arrow::array::{Float64Array, StringArray};
 use rand::{Rng, SeedableRng};
 use synthrank::metrics::{self, EvalOptions, Measure, Qrels, Run};
 
-/// The binary's allocator: a run's columns are large blocks, which it backs with huge pages.
+/// The binary's allocator, as everywhere the stage runs.
 #[global_allocator]
 static ALLOCATOR: synthrank::allocator::TensorAllocator =
     synthrank::allocator::TensorAllocator::new();
@@ -45,16 +48,25 @@ fn main() {
     .iter()
     .flat_map(|m| Measure::parse_list(m).unwrap())
     .collect();
+    // As DataFusion's Parquet reader hands a table over.
+    let batches: Vec<(StringArray, StringArray, Float64Array)> = retrieved
+        .chunks(8192)
+        .map(|rows| {
+            (
+                StringArray::from_iter_values(rows.iter().map(|(q, _, _)| q)),
+                StringArray::from_iter_values(rows.iter().map(|(_, d, _)| d)),
+                Float64Array::from_iter_values(rows.iter().map(|&(_, _, s)| s)),
+            )
+        })
+        .collect();
     let started = Instant::now();
     let mut qrels = Qrels::default();
     for (q, d, r) in &judgments {
         qrels.insert(q, d, *r);
     }
-    // As the `evaluate` stage does: sized from the run table's rows and id bytes.
-    let ids: usize = retrieved.iter().map(|(_, d, _)| d.len()).sum();
-    let mut run = Run::with_capacity(retrieved.len(), ids);
-    for (q, d, s) in &retrieved {
-        run.insert(q, d, *s);
+    let mut run = Run::default();
+    for (queries, docs, scores) in &batches {
+        run.append(queries, docs, scores);
     }
     let loaded = started.elapsed().as_secs_f64();
     let results = metrics::evaluate(&qrels, &run, &measures, EvalOptions::default());

@@ -3,7 +3,7 @@
 
 mod common;
 
-use synthrank::metrics::{self, EvalOptions, Measure, Qrels, Run};
+use synthrank::metrics::{self, EvalOptions, Measure, Qrels, Run, RunBuilder};
 
 const MEASURES: &[&str] = &[
     "P.1,5,10",
@@ -28,7 +28,7 @@ fn golden() -> (Qrels, Run, serde_json::Value) {
         let f: Vec<&str> = line.split('\t').collect();
         qrels.insert(f[0], f[1], f[2].parse().unwrap());
     }
-    let mut run = Run::default();
+    let mut run = RunBuilder::default();
     for line in std::fs::read_to_string(dir.join("run.trec"))
         .unwrap()
         .lines()
@@ -38,7 +38,7 @@ fn golden() -> (Qrels, Run, serde_json::Value) {
     }
     let expected =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    (qrels, run, expected)
+    (qrels, run.finish(), expected)
 }
 
 fn measures() -> Vec<Measure> {
@@ -118,11 +118,16 @@ fn complete_mode_scores_missing_queries_as_zero() {
 fn ties_are_broken_by_document_id_descending() {
     let mut qrels = Qrels::default();
     qrels.insert("q", "a", 1);
-    let mut run = Run::default();
+    let mut run = RunBuilder::default();
     for doc in ["a", "b", "c"] {
         run.insert("q", doc, 1.0);
     }
-    let rr = metrics::evaluate(&qrels, &run, &[Measure::RecipRank], EvalOptions::default());
+    let rr = metrics::evaluate(
+        &qrels,
+        &run.finish(),
+        &[Measure::RecipRank],
+        EvalOptions::default(),
+    );
     assert_eq!(
         rr["q"]["recip_rank"],
         1.0 / 3.0,
@@ -134,13 +139,13 @@ fn ties_are_broken_by_document_id_descending() {
 fn mrr_cut_counts_only_the_top_k() {
     let mut qrels = Qrels::default();
     qrels.insert("q", "d11", 1);
-    let mut run = Run::default();
+    let mut run = RunBuilder::default();
     for i in 0..20 {
         run.insert("q", &format!("d{i}"), -(i as f64));
     }
     let values = &metrics::evaluate(
         &qrels,
-        &run,
+        &run.finish(),
         &[Measure::MrrCut(10), Measure::RecipRank],
         EvalOptions::default(),
     )["q"];

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use crate::formats::{self, FormatError};
-use crate::metrics::{self, EvalOptions, Measure, Qrels, Run};
+use crate::metrics::{self, EvalOptions, Measure, Qrels, Run, RunBuilder};
 
 use super::CliError;
 
@@ -25,7 +25,7 @@ pub(crate) fn read_qrels(path: &Path) -> Result<Qrels, CliError> {
 }
 
 pub(crate) fn read_run(path: &Path) -> Result<Run, CliError> {
-    let mut run = Run::default();
+    let mut run = RunBuilder::default();
     let mut seen = HashSet::new();
     for row in formats::trec_run(path)? {
         let row = row?;
@@ -45,7 +45,7 @@ pub(crate) fn read_run(path: &Path) -> Result<Run, CliError> {
             row.fields[2].parse().expect("checked by the reader"),
         );
     }
-    Ok(run)
+    Ok(run.finish())
 }
 
 pub(crate) fn parse_measures(specs: &[String]) -> Result<Vec<Measure>, CliError> {

@@ -1,4 +1,5 @@
-//! trec_eval-compatible retrieval measures (trec_eval 9 semantics), engine- and table-free.
+//! trec_eval-compatible retrieval measures (trec_eval 9 semantics), engine- and pipeline-free (a
+//! run is Arrow columns, the form tables are read in).
 //!
 //! Semantics that matter for exact agreement: a run is ranked by score descending, ties by
 //! document id descending (byte order), whatever ranks the file states; unjudged documents are
@@ -12,6 +13,7 @@ mod significance;
 
 use std::collections::{BTreeMap, HashMap};
 
+use arrow::array::{Array, Float64Array, StringArray, StringBuilder};
 use rayon::prelude::*;
 
 pub use measure::{Measure, MeasureError};
@@ -41,35 +43,29 @@ impl Qrels {
     }
 }
 
-/// One query's retrieved documents and scores in insertion order, borrowed from a stretch of
-/// [`Columns`].
-#[derive(Debug, Clone, Copy, Default)]
+/// One query's retrieved documents and scores in insertion order: a stretch of rows of a
+/// run's columns.
+#[derive(Debug, Clone, Copy)]
 struct Retrieved<'a> {
-    ids: &'a str,
-    /// Where each document's id ends in `ids`; it starts where the previous one ends.
-    ends: &'a [u32],
+    docs: &'a StringArray,
+    /// The stretch's first row in `docs`.
+    first: usize,
     scores: &'a [f64],
 }
 
 impl Retrieved<'_> {
     fn len(&self) -> usize {
-        self.ends.len()
+        self.scores.len()
     }
 
     #[inline]
     fn id(&self, entry: usize) -> &str {
-        let start = entry.checked_sub(1).map_or(0, |e| self.ends[e]);
-        &self.ids[start as usize..self.ends[entry] as usize]
+        self.docs.value(self.first + entry)
     }
 
     /// The judgment of each document in insertion order (0 when unjudged).
     fn judgments<'s>(&'s self, judged: &'s Judged) -> impl Iterator<Item = i32> + 's {
-        let mut start = 0;
-        self.ends.iter().map(move |&end| {
-            let id = &self.ids[start as usize..end as usize];
-            start = end;
-            judged.get(id)
-        })
+        (0..self.len()).map(|entry| judged.get(self.id(entry)))
     }
 
     /// Entry indices in trec_eval's order: score descending, then document id descending (byte
@@ -190,71 +186,69 @@ fn total_order_key(score: f64) -> u64 {
 
 /// Retrieved documents with scores, per query, in any order.
 ///
-/// All queries share three columns (ids, id ends, scores), and each query owns stretches of
-/// them. A run holds millions of documents, and loading one is mostly writing fresh memory:
-/// a heap string per id cost more than evaluating, and buffers per query kept to 4 KiB pages,
-/// a page fault each (3.6 us apiece on one VM), where large columns get huge pages from the
-/// binary's allocator.
+/// A run is its rows' Arrow columns, shared with whoever read them (a `runs` table's batches
+/// as the `evaluate` stage reads them), never copied: each query owns stretches of rows, one
+/// when the run comes grouped by query, as run files and the `search` stage's tables do. A
+/// run holds millions of documents, and copying one into the run's own buffers had been most
+/// of evaluating it: writing fresh memory, whose page faults this VM makes dear.
 #[derive(Debug, Clone, Default)]
 pub struct Run {
     /// Query -> its index in `stretches`.
     queries: IdMap<usize>,
-    /// Each query's stretches (indices into `starts`), in insertion order: one per query
-    /// when the run comes grouped by query, as run files do.
-    stretches: Vec<Vec<usize>>,
-    /// Every stretch's first document and where its first id starts in `ids`, in the order
-    /// they were opened: a stretch ends where the next one starts.
-    starts: Vec<(usize, usize)>,
-    /// Every query's documents; an id's end is counted from its stretch's start in `ids`.
-    columns: Columns,
-    /// The query of the last insert, whose stretch is the last one opened: most inserts
-    /// skip the hash lookup.
-    last: Option<Box<str>>,
-    /// Where the last stretch's ids start.
-    open_ids_start: usize,
+    /// Each query's stretches, in insertion order.
+    stretches: Vec<Vec<Stretch>>,
+    /// The document ids and scores of every appended batch.
+    parts: Vec<(StringArray, Float64Array)>,
+}
+
+/// Rows `first..first + len` of one of a run's parts.
+#[derive(Debug, Clone, Copy)]
+struct Stretch {
+    part: usize,
+    first: usize,
+    len: usize,
 }
 
 impl Run {
-    /// A run with room for `documents` retrieved documents whose ids take `id_bytes` in all:
-    /// sized once, its columns are never copied to grow.
-    pub fn with_capacity(documents: usize, id_bytes: usize) -> Run {
-        Run {
-            columns: Columns {
-                ids: String::with_capacity(id_bytes),
-                ends: Vec::with_capacity(documents),
-                scores: Vec::with_capacity(documents),
-            },
-            ..Run::default()
+    /// Adds rows given as columns (query ids, document ids, scores), as a `runs` table's
+    /// batch holds them: shared, not copied. Nulls are not expected (the table's kind
+    /// forbids them).
+    pub fn append(&mut self, queries: &StringArray, docs: &StringArray, scores: &Float64Array) {
+        assert!(
+            queries.len() == docs.len() && docs.len() == scores.len(),
+            "a run's columns have one value per row"
+        );
+        let part = self.parts.len();
+        self.parts.push((docs.clone(), scores.clone()));
+        let mut first = 0;
+        for row in 1..=queries.len() {
+            if row == queries.len() || queries.value(row) != queries.value(first) {
+                let len = row - first;
+                self.add_stretch(queries.value(first), Stretch { part, first, len });
+                first = row;
+            }
         }
     }
 
-    pub fn insert(&mut self, query: &str, doc: &str, score: f64) {
-        if self.last.as_deref() != Some(query) {
-            self.open_stretch(query);
-        }
-        self.columns.push(doc, score, self.open_ids_start);
+    fn add_stretch(&mut self, query: &str, stretch: Stretch) {
+        let index = match self.queries.get(query) {
+            Some(&index) => index,
+            None => {
+                self.queries.insert(query.into(), self.stretches.len());
+                self.stretches.push(Vec::new());
+                self.stretches.len() - 1
+            }
+        };
+        self.stretches[index].push(stretch);
     }
 
-    /// Starts a stretch of `query`'s documents at the end of the columns.
-    fn open_stretch(&mut self, query: &str) {
-        let next = self.stretches.len();
-        let index = *self.queries.entry(query.into()).or_insert(next);
-        if index == next {
-            self.stretches.push(Vec::new());
+    fn view(&self, stretch: Stretch) -> Retrieved<'_> {
+        let (docs, scores) = &self.parts[stretch.part];
+        Retrieved {
+            docs,
+            first: stretch.first,
+            scores: &scores.values()[stretch.first..stretch.first + stretch.len],
         }
-        self.stretches[index].push(self.starts.len());
-        self.open_ids_start = self.columns.ids.len();
-        self.starts.push((self.columns.len(), self.open_ids_start));
-        self.last = Some(query.into());
-    }
-
-    fn view(&self, stretch: usize) -> Retrieved<'_> {
-        let (first, ids_start) = self.starts[stretch];
-        let last = self
-            .starts
-            .get(stretch + 1)
-            .map_or(self.columns.len(), |s| s.0);
-        self.columns.view(first..last, ids_start)
     }
 
     /// A query's documents in one piece: its only stretch, or its stretches copied together.
@@ -262,66 +256,62 @@ impl Run {
         match *self.stretches[index].as_slice() {
             [one] => Documents::Borrowed(self.view(one)),
             ref many => {
-                let mut gathered = Columns::default();
+                let mut docs = StringBuilder::new();
+                let mut scores = Vec::new();
                 for &stretch in many {
                     let view = self.view(stretch);
                     for entry in 0..view.len() {
-                        gathered.push(view.id(entry), view.scores[entry], 0);
+                        docs.append_value(view.id(entry));
+                        scores.push(view.scores[entry]);
                     }
                 }
-                Documents::Gathered(gathered)
+                Documents::Gathered(docs.finish(), scores)
             }
         }
+    }
+}
+
+/// Builds a run row by row (run files, tests) into the Arrow columns a run is made of.
+#[derive(Default)]
+pub struct RunBuilder {
+    queries: StringBuilder,
+    docs: StringBuilder,
+    scores: Vec<f64>,
+}
+
+impl RunBuilder {
+    pub fn insert(&mut self, query: &str, doc: &str, score: f64) {
+        self.queries.append_value(query);
+        self.docs.append_value(doc);
+        self.scores.push(score);
+    }
+
+    pub fn finish(mut self) -> Run {
+        let mut run = Run::default();
+        run.append(
+            &self.queries.finish(),
+            &self.docs.finish(),
+            &Float64Array::from(self.scores),
+        );
+        run
     }
 }
 
 /// A query's documents, ready to rank.
 enum Documents<'a> {
     Borrowed(Retrieved<'a>),
-    Gathered(Columns),
+    Gathered(StringArray, Vec<f64>),
 }
 
 impl Documents<'_> {
     fn view(&self) -> Retrieved<'_> {
         match self {
             Documents::Borrowed(view) => *view,
-            Documents::Gathered(gathered) => gathered.view(0..gathered.len(), 0),
-        }
-    }
-}
-
-/// Documents' ids, id ends and scores in insertion order: a run's (its queries' stretches one
-/// after another), or one query's gathered from interleaved stretches.
-#[derive(Debug, Clone, Default)]
-struct Columns {
-    ids: String,
-    /// Where each id ends, counted from its stretch's start in `ids`.
-    ends: Vec<u32>,
-    scores: Vec<f64>,
-}
-
-impl Columns {
-    fn len(&self) -> usize {
-        self.scores.len()
-    }
-
-    /// Appends a document of the stretch whose ids start at `ids_start`.
-    fn push(&mut self, doc: &str, score: f64, ids_start: usize) {
-        self.ids.push_str(doc);
-        let end = u32::try_from(self.ids.len() - ids_start)
-            .expect("one query's retrieved ids exceed 4 GiB");
-        self.ends.push(end);
-        self.scores.push(score);
-    }
-
-    /// The documents `entries` of one stretch, whose ids start at `ids_start`.
-    fn view(&self, entries: std::ops::Range<usize>, ids_start: usize) -> Retrieved<'_> {
-        let ends = &self.ends[entries.clone()];
-        let ids_end = ids_start + ends.last().map_or(0, |&e| e as usize);
-        Retrieved {
-            ids: &self.ids[ids_start..ids_end],
-            ends,
-            scores: &self.scores[entries],
+            Documents::Gathered(docs, scores) => Retrieved {
+                docs,
+                first: 0,
+                scores,
+            },
         }
     }
 }
@@ -360,9 +350,12 @@ pub fn evaluate(qrels: &Qrels, run: &Run, measures: &[Measure], options: EvalOpt
         .collect();
     work.par_iter()
         .map(|&(query, judged, index)| {
-            let documents = index.map(|i| run.retrieved(i));
-            let retrieved = documents.as_ref().map(Documents::view).unwrap_or_default();
-            let gains = retrieved.ranked_gains(&Judged::new(judged), options.relevance_level);
+            let gains = match index.map(|i| run.retrieved(i)) {
+                Some(documents) => documents
+                    .view()
+                    .ranked_gains(&Judged::new(judged), options.relevance_level),
+                None => Vec::new(),
+            };
             let query_eval = QueryEval::new(gains, judged, options.relevance_level);
             let values = names
                 .iter()
@@ -492,17 +485,22 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         for _ in 0..500 {
             let n = rng.random_range(1..60);
-            let mut retrieved = Columns::default();
+            let (mut docs, mut scores) = (StringBuilder::new(), Vec::new());
             let mut judged = IdMap::default();
             for _ in 0..n {
                 let id = format!("d{}", rng.random_range(0..40));
-                let score = f64::from(rng.random_range(-3..4)) / 2.0;
-                retrieved.push(&id, score, 0);
+                docs.append_value(&id);
+                scores.push(f64::from(rng.random_range(-3..4)) / 2.0);
                 if rng.random_bool(0.2) {
                     judged.insert(id.into(), rng.random_range(-1..4));
                 }
             }
-            let retrieved = retrieved.view(0..retrieved.len(), 0);
+            let docs = docs.finish();
+            let retrieved = Retrieved {
+                docs: &docs,
+                first: 0,
+                scores: &scores,
+            };
             let sorted: Vec<i32> = retrieved
                 .ranked()
                 .into_iter()
@@ -513,7 +511,8 @@ mod tests {
     }
 
     /// A run inserted with its queries interleaved (several stretches per query, gathered to
-    /// evaluate) scores exactly as the same run grouped by query, into a sized run or not.
+    /// evaluate), or appended in batches that split queries, scores exactly as the same run
+    /// grouped by query in one batch.
     #[test]
     fn interleaved_runs_score_as_grouped_ones() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
@@ -540,22 +539,32 @@ mod tests {
             .iter()
             .flat_map(|m| Measure::parse_list(m).unwrap())
             .collect();
-        let grouped = {
-            let mut run = Run::default();
-            for (q, d, s) in &rows {
+        let built = |rows: &[(String, String, f64)]| {
+            let mut run = RunBuilder::default();
+            for (q, d, s) in rows {
                 run.insert(q, d, *s);
             }
-            evaluate(&qrels, &run, &measures, EvalOptions::default())
+            run.finish()
         };
-        rows.shuffle(&mut rng);
-        let ids = rows.iter().map(|(_, d, _)| d.len()).sum();
-        let mut run = Run::with_capacity(rows.len(), ids);
-        for (q, d, s) in &rows {
-            run.insert(q, d, *s);
+        let grouped = evaluate(&qrels, &built(&rows), &measures, EvalOptions::default());
+        let mut batched = Run::default();
+        for batch in rows.chunks(7) {
+            batched.append(
+                &StringArray::from_iter_values(batch.iter().map(|(q, _, _)| q)),
+                &StringArray::from_iter_values(batch.iter().map(|(_, d, _)| d)),
+                &Float64Array::from_iter_values(batch.iter().map(|&(_, _, s)| s)),
+            );
         }
-        assert!(run.stretches.iter().any(|s| s.len() > 1));
+        assert!(batched.stretches.iter().any(|s| s.len() > 1));
         assert_eq!(
-            evaluate(&qrels, &run, &measures, EvalOptions::default()),
+            evaluate(&qrels, &batched, &measures, EvalOptions::default()),
+            grouped
+        );
+        rows.shuffle(&mut rng);
+        let interleaved = built(&rows);
+        assert!(interleaved.stretches.iter().any(|s| s.len() > 1));
+        assert_eq!(
+            evaluate(&qrels, &interleaved, &measures, EvalOptions::default()),
             grouped
         );
     }

@@ -100,21 +100,13 @@ impl EvaluateStage {
                 qrels.insert(queries.value(row), docs.value(row), relevance.value(row));
             }
         }
-        // Sized before filling: growing the run's columns copied and first touched them twice.
-        let batches = ctx.read_input("runs").await?;
-        let (documents, id_bytes) = batches.iter().fold((0, 0), |(n, bytes), batch| {
-            let offsets = columns::get::<StringArray>(batch, "doc_id").value_offsets();
-            let ids = offsets[offsets.len() - 1] - offsets[0];
-            (n + batch.num_rows(), bytes + ids as usize)
-        });
-        let mut run = Run::with_capacity(documents, id_bytes);
-        for batch in &batches {
-            let queries = columns::get::<StringArray>(batch, "query_id");
-            let docs = columns::get::<StringArray>(batch, "doc_id");
-            let scores = columns::get::<Float64Array>(batch, "score");
-            for row in 0..batch.num_rows() {
-                run.insert(queries.value(row), docs.value(row), scores.value(row));
-            }
+        let mut run = Run::default();
+        for batch in ctx.read_input("runs").await? {
+            run.append(
+                columns::get::<StringArray>(&batch, "query_id"),
+                columns::get::<StringArray>(&batch, "doc_id"),
+                columns::get::<Float64Array>(&batch, "score"),
+            );
         }
         let per_query = metrics::evaluate(&qrels, &run, &self.measures, self.options);
         let means = metrics::mean(&per_query);
