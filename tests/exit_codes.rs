@@ -157,7 +157,12 @@ fn a_malformed_run_file_given_to_eval_exits_1() {
     let qrels = dir.path().join("qrels.txt");
     let run = dir.path().join("run.txt");
     std::fs::write(&qrels, "q1 0 d1 1\n").unwrap();
-    std::fs::write(&run, "q1 Q0 d1 1 0.5 t\nq1 Q0 d1 2 0.4 t\n").unwrap();
+    // The repeat comes after another query's rows and a second stretch of its own query's.
+    std::fs::write(
+        &run,
+        "q1 Q0 d1 1 0.5 t\nq2 Q0 d1 1 0.5 t\nq1 Q0 d2 2 0.4 t\nq2 Q0 d2 2 0.4 t\nq1 Q0 d1 3 0.3 t\n",
+    )
+    .unwrap();
     expect(
         &[
             "eval",
@@ -167,6 +172,6 @@ fn a_malformed_run_file_given_to_eval_exits_1() {
             run.to_str().unwrap(),
         ],
         1,
-        "run.txt:2",
+        "run.txt:5: document `d1` appears twice for query `q1`",
     );
 }

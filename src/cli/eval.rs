@@ -1,6 +1,5 @@
 //! `synthrank eval`: trec_eval on files, without a pipeline.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use crate::formats::{self, FormatError};
@@ -26,26 +25,30 @@ pub(crate) fn read_qrels(path: &Path) -> Result<Qrels, CliError> {
 
 pub(crate) fn read_run(path: &Path) -> Result<Run, CliError> {
     let mut run = RunBuilder::default();
-    let mut seen = HashSet::new();
+    let mut lines = Vec::new();
     for row in formats::trec_run(path)? {
         let row = row?;
-        if !seen.insert((row.fields[0].clone(), row.fields[1].clone())) {
-            return Err(CliError::from(FormatError::record(
-                path,
-                row.at,
-                format!(
-                    "document `{}` appears twice for query `{}`",
-                    row.fields[1], row.fields[0]
-                ),
-            )));
-        }
         run.insert(
             &row.fields[0],
             &row.fields[1],
             row.fields[2].parse().expect("checked by the reader"),
         );
+        lines.push(row.at);
     }
-    Ok(run.finish())
+    let run = run.finish();
+    // Checked once the run is built, a query at a time: a set of every (query, document)
+    // pair read had held two strings per line of the file.
+    if let Some(repeat) = run.first_repeat() {
+        return Err(CliError::from(FormatError::record(
+            path,
+            lines[repeat.row],
+            format!(
+                "document `{}` appears twice for query `{}`",
+                repeat.doc, repeat.query
+            ),
+        )));
+    }
+    Ok(run)
 }
 
 pub(crate) fn parse_measures(specs: &[String]) -> Result<Vec<Measure>, CliError> {

@@ -242,6 +242,41 @@ impl Run {
         self.stretches[index].push(stretch);
     }
 
+    /// The first row (counted over the appended parts in order) that retrieves again a
+    /// document its query retrieved in an earlier row, with that query and document. One
+    /// query's documents are checked at a time, so memory stays within one query's run.
+    pub fn first_repeat(&self) -> Option<Repeat> {
+        let mut part_starts = Vec::with_capacity(self.parts.len());
+        let mut rows = 0;
+        for (docs, _) in &self.parts {
+            part_starts.push(rows);
+            rows += docs.len();
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut first: Option<(usize, &str, &str)> = None;
+        for (query, &index) in &self.queries {
+            seen.clear();
+            'query: for stretch in &self.stretches[index] {
+                let docs = &self.parts[stretch.part].0;
+                for row in stretch.first..stretch.first + stretch.len {
+                    let doc = docs.value(row);
+                    if !seen.insert(doc) {
+                        let at = part_starts[stretch.part] + row;
+                        if first.is_none_or(|(earliest, _, _)| at < earliest) {
+                            first = Some((at, query, doc));
+                        }
+                        break 'query;
+                    }
+                }
+            }
+        }
+        first.map(|(row, query, doc)| Repeat {
+            row,
+            query: query.to_string(),
+            doc: doc.to_string(),
+        })
+    }
+
     fn view(&self, stretch: Stretch) -> Retrieved<'_> {
         let (docs, scores) = &self.parts[stretch.part];
         Retrieved {
@@ -269,6 +304,14 @@ impl Run {
             }
         }
     }
+}
+
+/// A row that retrieves a document its query already retrieved ([`Run::first_repeat`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repeat {
+    pub row: usize,
+    pub query: String,
+    pub doc: String,
 }
 
 /// Builds a run row by row (run files, tests) into the Arrow columns a run is made of.
@@ -567,6 +610,35 @@ mod tests {
             evaluate(&qrels, &interleaved, &measures, EvalOptions::default()),
             grouped
         );
+    }
+
+    /// The first row repeating its query's document is found across batches and stretches,
+    /// the earliest of several; the same documents under other queries are no repeat.
+    #[test]
+    fn the_first_repeat_is_found_across_batches() {
+        let batches: [&[(&str, &str)]; 2] = [
+            &[("q1", "a"), ("q2", "a"), ("q1", "b")],
+            &[("q1", "c"), ("q2", "b"), ("q2", "a"), ("q1", "a")],
+        ];
+        let mut run = Run::default();
+        for rows in batches {
+            run.append(
+                &StringArray::from_iter_values(rows.iter().map(|r| r.0)),
+                &StringArray::from_iter_values(rows.iter().map(|r| r.1)),
+                &Float64Array::from_iter_values(rows.iter().map(|_| 1.0)),
+            );
+        }
+        let repeat = Repeat {
+            row: 5,
+            query: "q2".into(),
+            doc: "a".into(),
+        };
+        assert_eq!(run.first_repeat(), Some(repeat));
+        let mut distinct = RunBuilder::default();
+        for (q, d) in batches[0] {
+            distinct.insert(q, d, 0.0);
+        }
+        assert_eq!(distinct.finish().first_repeat(), None);
     }
 
     /// The filter never hides a judgment: screened lookups equal the map's, for ids of every
