@@ -197,8 +197,16 @@ pub struct Run {
     queries: IdMap<usize>,
     /// Each query's stretches, in insertion order.
     stretches: Vec<Vec<Stretch>>,
-    /// The document ids and scores of every appended batch.
-    parts: Vec<(StringArray, Float64Array)>,
+    /// Every appended batch's document ids and scores.
+    parts: Vec<Part>,
+}
+
+/// One appended batch's columns, and the row of the run its first row is.
+#[derive(Debug, Clone)]
+struct Part {
+    docs: StringArray,
+    scores: Float64Array,
+    first_row: usize,
 }
 
 /// Rows `first..first + len` of one of a run's parts.
@@ -219,7 +227,12 @@ impl Run {
             "a run's columns have one value per row"
         );
         let part = self.parts.len();
-        self.parts.push((docs.clone(), scores.clone()));
+        let first_row = self.parts.last().map_or(0, |p| p.first_row + p.docs.len());
+        self.parts.push(Part {
+            docs: docs.clone(),
+            scores: scores.clone(),
+            first_row,
+        });
         let mut first = 0;
         for row in 1..=queries.len() {
             if row == queries.len() || queries.value(row) != queries.value(first) {
@@ -246,28 +259,15 @@ impl Run {
     /// document its query retrieved in an earlier row, with that query and document. One
     /// query's documents are checked at a time, so memory stays within one query's run.
     pub fn first_repeat(&self) -> Option<Repeat> {
-        let mut part_starts = Vec::with_capacity(self.parts.len());
-        let mut rows = 0;
-        for (docs, _) in &self.parts {
-            part_starts.push(rows);
-            rows += docs.len();
-        }
         let mut seen = std::collections::HashSet::new();
         let mut first: Option<(usize, &str, &str)> = None;
         for (query, &index) in &self.queries {
             seen.clear();
-            'query: for stretch in &self.stretches[index] {
-                let docs = &self.parts[stretch.part].0;
-                for row in stretch.first..stretch.first + stretch.len {
-                    let doc = docs.value(row);
-                    if !seen.insert(doc) {
-                        let at = part_starts[stretch.part] + row;
-                        if first.is_none_or(|(earliest, _, _)| at < earliest) {
-                            first = Some((at, query, doc));
-                        }
-                        break 'query;
-                    }
-                }
+            let repeat = self.rows_of(index).find(|&(_, doc, _)| !seen.insert(doc));
+            if let Some((row, doc, _)) = repeat
+                && first.is_none_or(|(earliest, _, _)| row < earliest)
+            {
+                first = Some((row, query, doc));
             }
         }
         first.map(|(row, query, doc)| Repeat {
@@ -277,12 +277,26 @@ impl Run {
         })
     }
 
+    /// A query's rows in insertion order: (row of the run, document id, score).
+    fn rows_of(&self, index: usize) -> impl Iterator<Item = (usize, &str, f64)> {
+        self.stretches[index].iter().flat_map(move |stretch| {
+            let part = &self.parts[stretch.part];
+            (stretch.first..stretch.first + stretch.len).map(move |row| {
+                (
+                    part.first_row + row,
+                    part.docs.value(row),
+                    part.scores.value(row),
+                )
+            })
+        })
+    }
+
     fn view(&self, stretch: Stretch) -> Retrieved<'_> {
-        let (docs, scores) = &self.parts[stretch.part];
+        let part = &self.parts[stretch.part];
         Retrieved {
-            docs,
+            docs: &part.docs,
             first: stretch.first,
-            scores: &scores.values()[stretch.first..stretch.first + stretch.len],
+            scores: &part.scores.values()[stretch.first..stretch.first + stretch.len],
         }
     }
 
@@ -290,15 +304,12 @@ impl Run {
     fn retrieved(&self, index: usize) -> Documents<'_> {
         match *self.stretches[index].as_slice() {
             [one] => Documents::Borrowed(self.view(one)),
-            ref many => {
+            _ => {
                 let mut docs = StringBuilder::new();
                 let mut scores = Vec::new();
-                for &stretch in many {
-                    let view = self.view(stretch);
-                    for entry in 0..view.len() {
-                        docs.append_value(view.id(entry));
-                        scores.push(view.scores[entry]);
-                    }
+                for (_, doc, score) in self.rows_of(index) {
+                    docs.append_value(doc);
+                    scores.push(score);
                 }
                 Documents::Gathered(docs.finish(), scores)
             }
