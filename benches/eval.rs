@@ -30,12 +30,19 @@ fn main() {
                 rng.random_range(0..4),
             ));
         }
+        // Drawn as the peer builds its run, a dict per query: a document drawn again keeps
+        // its place and takes the later score (a run retrieves a document once per query).
+        let mut place = std::collections::HashMap::new();
         for _ in 0..depth {
-            retrieved.push((
-                qid.clone(),
-                format!("d{}", rng.random_range(0..100_000)),
-                rng.random::<f64>(),
-            ));
+            let doc = format!("d{}", rng.random_range(0..100_000));
+            let score = rng.random::<f64>();
+            match place.get(&doc) {
+                Some(&row) => retrieved[row] = (qid.clone(), doc, score),
+                None => {
+                    place.insert(doc.clone(), retrieved.len());
+                    retrieved.push((qid.clone(), doc, score));
+                }
+            }
         }
     }
     let measures: Vec<Measure> = [
@@ -68,6 +75,8 @@ fn main() {
     for (queries, docs, scores) in &batches {
         run.append(queries, docs, scores);
     }
+    // As the `evaluate` stage does before evaluating.
+    assert_eq!(run.first_repeat(), None);
     let loaded = started.elapsed().as_secs_f64();
     let results = metrics::evaluate(&qrels, &run, &measures, EvalOptions::default());
     let seconds = started.elapsed().as_secs_f64();

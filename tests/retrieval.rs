@@ -262,3 +262,38 @@ fn a_corpus_past_the_memory_limit_is_searched_mapped() {
         "a search in memory makes no state directory"
     );
 }
+
+/// A runs table that retrieves one document twice for a query is refused, naming the row: its
+/// measures would count the document twice.
+#[test]
+fn a_document_retrieved_twice_is_an_error_naming_the_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::write_spec(
+        dir.path(),
+        "p.yaml",
+        r#"name: repeat
+workdir: work
+stages:
+  - name: qrels
+    kind: sql
+    config:
+      schema: qrels
+      query: "SELECT * FROM (VALUES ('q1', 'd1', 1)) AS t(query_id, doc_id, relevance)"
+  - name: runs
+    kind: sql
+    config:
+      schema: runs
+      query: >
+        SELECT * FROM (VALUES ('q1', 'd1', 1, 0.9), ('q2', 'd1', 1, 0.8), ('q1', 'd2', 2, 0.7),
+        ('q1', 'd1', 3, 0.6)) AS t(query_id, doc_id, rank, score)
+  - name: metrics
+    kind: evaluate
+    inputs: {runs: runs, qrels: qrels}
+"#,
+    );
+    let error = common::run_error(&spec, &dir.path().join("work"));
+    assert!(
+        error.contains("input `runs` row 4: document `d1` appears twice for query `q1`"),
+        "{error}"
+    );
+}

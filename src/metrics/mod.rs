@@ -11,7 +11,7 @@
 mod measure;
 mod significance;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use arrow::array::{Array, Float64Array, StringArray, StringBuilder};
 use rayon::prelude::*;
@@ -256,25 +256,29 @@ impl Run {
     }
 
     /// The first row (counted over the appended parts in order) that retrieves again a
-    /// document its query retrieved in an earlier row, with that query and document. One
-    /// query's documents are checked at a time, so memory stays within one query's run.
+    /// document its query retrieved in an earlier row, with that query and document. Queries
+    /// are checked in parallel, each thread one query's documents at a time, so memory stays
+    /// within one query's run per thread.
     pub fn first_repeat(&self) -> Option<Repeat> {
-        let mut seen = std::collections::HashSet::new();
-        let mut first: Option<(usize, &str, &str)> = None;
-        for (query, &index) in &self.queries {
-            seen.clear();
-            let repeat = self.rows_of(index).find(|&(_, doc, _)| !seen.insert(doc));
-            if let Some((row, doc, _)) = repeat
-                && first.is_none_or(|(earliest, _, _)| row < earliest)
-            {
-                first = Some((row, query, doc));
-            }
-        }
-        first.map(|(row, query, doc)| Repeat {
-            row,
-            query: query.to_string(),
-            doc: doc.to_string(),
-        })
+        let queries: Vec<(&str, usize)> = self.queries.iter().map(|(q, &i)| (&**q, i)).collect();
+        queries
+            .par_iter()
+            .map_init(
+                || HashSet::with_hasher(foldhash::fast::RandomState::default()),
+                |seen, &(query, index)| {
+                    seen.clear();
+                    self.rows_of(index)
+                        .find(|&(_, doc, _)| !seen.insert(doc))
+                        .map(|(row, doc, _)| (row, query, doc))
+                },
+            )
+            .flatten()
+            .min_by_key(|&(row, _, _)| row)
+            .map(|(row, query, doc)| Repeat {
+                row,
+                query: query.to_string(),
+                doc: doc.to_string(),
+            })
     }
 
     /// A query's rows in insertion order: (row of the run, document id, score).

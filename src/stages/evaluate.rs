@@ -108,6 +108,17 @@ impl EvaluateStage {
                 columns::get::<Float64Array>(&batch, "score"),
             );
         }
+        // trec_eval's measures assume a document is retrieved once per query.
+        if let Some(repeat) = run.first_repeat() {
+            return Err(StageError::Data {
+                input: "runs".to_string(),
+                row: Some(repeat.row + 1),
+                message: format!(
+                    "document `{}` appears twice for query `{}`",
+                    repeat.doc, repeat.query
+                ),
+            });
+        }
         let per_query = metrics::evaluate(&qrels, &run, &self.measures, self.options);
         let means = metrics::mean(&per_query);
 
