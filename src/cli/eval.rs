@@ -42,10 +42,7 @@ pub(crate) fn read_run(path: &Path) -> Result<Run, CliError> {
         return Err(CliError::from(FormatError::record(
             path,
             lines[repeat.row],
-            format!(
-                "document `{}` appears twice for query `{}`",
-                repeat.doc, repeat.query
-            ),
+            repeat.to_string(),
         )));
     }
     Ok(run)

@@ -329,6 +329,17 @@ pub struct Repeat {
     pub doc: String,
 }
 
+/// What was repeated, as an error message says it (the row is the caller's to place).
+impl std::fmt::Display for Repeat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "document `{}` appears twice for query `{}`",
+            self.doc, self.query
+        )
+    }
+}
+
 /// Builds a run row by row (run files, tests) into the Arrow columns a run is made of.
 #[derive(Default)]
 pub struct RunBuilder {

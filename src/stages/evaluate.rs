@@ -113,10 +113,7 @@ impl EvaluateStage {
             return Err(StageError::Data {
                 input: "runs".to_string(),
                 row: Some(repeat.row + 1),
-                message: format!(
-                    "document `{}` appears twice for query `{}`",
-                    repeat.doc, repeat.query
-                ),
+                message: repeat.to_string(),
             });
         }
         let per_query = metrics::evaluate(&qrels, &run, &self.measures, self.options);
