@@ -36,8 +36,9 @@ pub(crate) fn read_run(path: &Path) -> Result<Run, CliError> {
         lines.push(row.at);
     }
     let run = run.finish();
-    // Checked once the run is built, a query at a time: a set of every (query, document)
-    // pair read had held two strings per line of the file.
+    // Checked once the run is built, query by query (`Run::first_repeat`, as the `evaluate`
+    // stage checks a `runs` table): a set of every (query, document) pair read had held two
+    // strings per line of the file.
     if let Some(repeat) = run.first_repeat() {
         return Err(CliError::from(FormatError::record(
             path,
