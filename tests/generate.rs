@@ -868,3 +868,52 @@ fn a_batch_api_run_killed_mid_poll_resumes_the_same_batch_and_never_submits_twic
     assert!(out.status.success());
     assert_eq!(server.count(), before);
 }
+
+/// The stage streams its prompts: more than one input batch (8,192 rows) of them, a request
+/// repeated across batches sent once, and the tables in prompt order, each prompt with its
+/// answer read back from the journal.
+#[test]
+fn prompts_past_one_input_batch_are_sent_once_each_and_written_in_order() {
+    const DISTINCT: usize = 8_300;
+    let server =
+        LlmServer::start(|r, _| Reply::Answer(graded_answer(&query_of(&r.user()), &[3, 2, 1, 0])));
+    let dir = tempfile::tempdir().unwrap();
+    let n = DISTINCT + 100;
+    let spec = pipeline(dir.path(), n, &server.url, "      concurrency: 64\n");
+    // The last 100 queries repeat the first 100 texts: the same requests, in the second batch.
+    let queries: String = (0..n)
+        .map(|i| {
+            format!(
+                "{{\"_id\": \"q{i}\", \"text\": \"question number {}\"}}\n",
+                i % DISTINCT
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("queries.jsonl"), queries).unwrap();
+    let work = dir.path().join("work");
+    common::run(&common::load(&spec, &work), Selection::All, false);
+    assert_eq!(server.count(), DISTINCT, "each distinct request sent once");
+    let batches = read_batches(&work.join("gen/generations.parquet")).unwrap();
+    let column = |batch: &arrow::array::RecordBatch, name: &str| {
+        let values = batch.column_by_name(name).unwrap();
+        let values = values
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap();
+        values
+            .iter()
+            .map(|v| v.unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let prompts: Vec<String> = batches.iter().flat_map(|b| column(b, "query_id")).collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("q{i}")).collect();
+    assert_eq!(prompts, expected, "one row per prompt, in prompt order");
+    let texts: Vec<String> = batches.iter().flat_map(|b| column(b, "text")).collect();
+    assert_eq!(
+        texts[DISTINCT + 7],
+        texts[7],
+        "a repeated request has the same answer"
+    );
+    assert!(texts[7].contains("question number 7\""), "{}", texts[7]);
+    assert_eq!(rows(&work.join("gen/graded_docs.parquet")), 4 * n);
+}

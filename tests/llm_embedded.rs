@@ -4,7 +4,10 @@
 
 mod common;
 
-use synthrank::llm::{ChatBackend, ChatRequest, EmbeddedBackend, Journal, Message};
+use std::collections::HashMap;
+use std::path::Path;
+
+use synthrank::llm::{ChatBackend, ChatRequest, EmbeddedBackend, Journal, JournalEntry, Message};
 use synthrank::pipeline::Selection;
 
 fn request(max_tokens: u32) -> ChatRequest {
@@ -82,9 +85,15 @@ fn sampled_answers_equal_the_recorded_journal() {
     );
     let workdir = dir.path().join("work");
     common::run(&common::load(&spec, &workdir), Selection::All, false);
-    let recorded =
-        Journal::read(&repo.join("data-samples/scifact-mini/smollm2-journal.jsonl")).unwrap();
-    let generated = Journal::read(&workdir.join(".state/passages/journal.jsonl")).unwrap();
+    let read = |path: &Path| -> HashMap<String, JournalEntry> {
+        Journal::entries(path)
+            .unwrap()
+            .map(|e| e.map(|e| (e.hash.clone(), e)))
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let recorded = read(&repo.join("data-samples/scifact-mini/smollm2-journal.jsonl"));
+    let generated = read(&workdir.join(".state/passages/journal.jsonl"));
     assert_eq!(generated.len(), 64);
     for (hash, entry) in &generated {
         let expected = &recorded

@@ -2,11 +2,12 @@
 //! and writes too: one request per line keyed by `custom_id` (the request hash), one result per
 //! line back, in any order.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::json_lines::JsonLines;
 use super::openai::parse_completion;
 use super::{ChatRequest, ChatResponse, LlmError};
 
@@ -18,31 +19,55 @@ struct RequestLine<'a> {
     body: &'a ChatRequest,
 }
 
-/// Writes `requests` (hash, request) as a batch input file, atomically: a reader never sees a
-/// half-written file.
-pub(crate) fn write_requests<'a>(
-    path: &Path,
-    requests: impl IntoIterator<Item = (&'a str, &'a ChatRequest)>,
-) -> Result<usize, LlmError> {
-    let io_error = |e: std::io::Error| batch_file_error(path, 0, e.to_string());
-    let partial = PathBuf::from(format!("{}.partial", path.display()));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(io_error)?);
-    let mut written = 0;
-    for (custom_id, body) in requests {
+/// A batch input file being written, one request at a time; it appears under its name only
+/// once finished, so a reader never sees a half-written file.
+pub(crate) struct RequestFile {
+    path: PathBuf,
+    partial: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    written: usize,
+}
+
+impl RequestFile {
+    pub fn create(path: &Path) -> Result<RequestFile, LlmError> {
+        let partial = PathBuf::from(format!("{}.partial", path.display()));
+        let file = std::fs::File::create(&partial).map_err(|e| io_error(path, &e))?;
+        Ok(RequestFile {
+            path: path.to_path_buf(),
+            partial,
+            out: std::io::BufWriter::new(file),
+            written: 0,
+        })
+    }
+
+    /// Adds a request keyed by its hash.
+    pub fn add(&mut self, custom_id: &str, body: &ChatRequest) -> Result<(), LlmError> {
         let line = RequestLine {
             custom_id,
             method: "POST",
             url: "/v1/chat/completions",
             body,
         };
-        serde_json::to_writer(&mut out, &line).expect("requests serialize");
-        out.write_all(b"\n").map_err(io_error)?;
-        written += 1;
+        serde_json::to_writer(&mut self.out, &line).expect("requests serialize");
+        self.out
+            .write_all(b"\n")
+            .map_err(|e| io_error(&self.path, &e))?;
+        self.written += 1;
+        Ok(())
     }
-    let file = out.into_inner().map_err(|e| io_error(e.into_error()))?;
-    file.sync_all().map_err(io_error)?;
-    std::fs::rename(&partial, path).map_err(io_error)?;
-    Ok(written)
+
+    /// Syncs the file and renames it into place; returns how many requests it holds.
+    pub fn finish(self) -> Result<usize, LlmError> {
+        let io = |e: std::io::Error| io_error(&self.path, &e);
+        let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&self.partial, &self.path).map_err(io)?;
+        Ok(self.written)
+    }
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> LlmError {
+    batch_file_error(path, 0, e.to_string())
 }
 
 #[derive(Deserialize)]
@@ -66,26 +91,24 @@ pub(crate) struct BatchResult {
     pub answer: Result<ChatResponse, String>,
 }
 
-/// The results in a batch output file (OpenAI's output or error file, vLLM's `-o` file). A
-/// line that is not a result is an error naming the file and line: results are paid for, so
-/// none is skipped silently.
-pub(crate) fn read_results(path: &Path) -> Result<Vec<BatchResult>, LlmError> {
-    let file = std::fs::File::open(path).map_err(|e| batch_file_error(path, 0, e.to_string()))?;
-    let mut results = Vec::new();
-    for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let number = index + 1;
-        let line = line.map_err(|e| batch_file_error(path, number, e.to_string()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed: ResultLine = serde_json::from_str(&line)
-            .map_err(|e| batch_file_error(path, number, format!("not a batch result: {e}")))?;
-        results.push(BatchResult {
+/// The results in a batch output file (OpenAI's output or error file, vLLM's `-o` file), one
+/// line in memory at a time. A line that is not a result is an error naming the file and line:
+/// results are paid for, so none is skipped silently.
+pub(crate) fn read_results(
+    path: &Path,
+) -> Result<impl Iterator<Item = Result<BatchResult, LlmError>>, LlmError> {
+    let lines = JsonLines::<ResultLine>::open(path).map_err(|e| io_error(path, &e))?;
+    let path = path.to_path_buf();
+    Ok(lines.map(move |line| {
+        let line = line.map_err(|e| io_error(&path, &e))?;
+        let parsed = line.value.map_err(|e| {
+            batch_file_error(&path, line.number, format!("not a batch result: {e}"))
+        })?;
+        Ok(BatchResult {
             hash: parsed.custom_id,
             answer: answer_of(parsed.response, parsed.error),
-        });
-    }
-    Ok(results)
+        })
+    }))
 }
 
 fn answer_of(
@@ -131,7 +154,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("in.jsonl");
         let (a, b) = (request("a"), request("b"));
-        let written = write_requests(&path, [("ha", &a), ("hb", &b)]).unwrap();
+        let mut file = RequestFile::create(&path).unwrap();
+        file.add("ha", &a).unwrap();
+        file.add("hb", &b).unwrap();
+        assert!(!path.exists(), "the file appears once finished");
+        let written = file.finish().unwrap();
         assert_eq!(written, 2);
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
             .unwrap()
@@ -152,7 +179,10 @@ mod tests {
              {\"custom_id\": \"hc\", \"response\": null, \"error\": {\"code\": \"expired\"}}\n",
         )
         .unwrap();
-        let results = read_results(&out).unwrap();
+        let results: Vec<BatchResult> = read_results(&out)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(results.len(), 3);
         let answer = results[0].answer.as_ref().unwrap();
         assert_eq!((answer.text.as_str(), answer.completion_tokens), ("B", 1));
@@ -166,7 +196,12 @@ mod tests {
         assert!(results[2].answer.as_ref().unwrap_err().contains("expired"));
 
         std::fs::write(&out, "{\"custom_id\": \"ha\"}\nnot json\n").unwrap();
-        let error = read_results(&out).err().unwrap().to_string();
+        let error = read_results(&out)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             error.ends_with("out.jsonl:2: not a batch result: expected ident at line 1 column 2"),
             "{error}"

@@ -1,5 +1,7 @@
 //! The response journal: one JSON line per answered request, appended as each response
-//! arrives, keyed by the request's hash. Reopening it tells which requests need no resending.
+//! arrives, keyed by the request's hash. Reopening it indexes which requests need no resending
+//! and where their answers lie ([`JournalIndex`]): memory per request, not per answer's text,
+//! whatever the journal's size; answers are read back by place when the tables are written.
 //!
 //! Each line goes to the file in one `write` on an append-only descriptor, so a crash or a
 //! `kill -9` loses at most the line being written; a torn last line is dropped on reopening,
@@ -16,6 +18,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::ChatResponse;
+use super::json_lines::{JsonLines, read_at};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JournalEntry {
@@ -25,9 +28,60 @@ pub struct JournalEntry {
     pub attempts: u32,
 }
 
+/// Where an answer lies in the journal, and the tokens it cost: what is kept of it in memory
+/// (the answers themselves are read back when the tables are written).
+#[derive(Debug, Clone, Copy)]
+pub struct Answered {
+    offset: u64,
+    len: u32,
+    pub tokens: u64,
+}
+
+/// The answers a journal holds, by request hash.
+#[derive(Debug, Default)]
+pub struct JournalIndex {
+    answers: HashMap<String, Answered>,
+    tokens: u64,
+}
+
+impl JournalIndex {
+    pub fn get(&self, hash: &str) -> Option<Answered> {
+        self.answers.get(hash).copied()
+    }
+
+    pub fn contains(&self, hash: &str) -> bool {
+        self.answers.contains_key(hash)
+    }
+
+    pub fn len(&self) -> usize {
+        self.answers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+    }
+
+    /// Prompt and completion tokens of every answer held.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// Records an answer; a later line for the same request replaces an earlier one.
+    pub fn insert(&mut self, hash: String, answered: Answered) {
+        self.tokens += answered.tokens;
+        if let Some(replaced) = self.answers.insert(hash, answered) {
+            self.tokens -= replaced.tokens;
+        }
+    }
+}
+
 pub struct Journal {
     path: PathBuf,
-    file: Mutex<File>,
+    /// Opened to append and to read back answers at their places (`pread` ignores the
+    /// append mode's position).
+    file: File,
+    /// Held while a line is written, so each line's place is known.
+    writing: Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,112 +102,124 @@ pub enum JournalError {
 /// A journal opened for appending, with what it already holds.
 pub struct OpenedJournal {
     pub journal: Journal,
-    pub entries: HashMap<String, JournalEntry>,
+    pub index: JournalIndex,
     /// Lines that were not entries, skipped.
     pub skipped_lines: usize,
 }
 
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 impl Journal {
-    /// Opens (or creates) the journal and returns the entries it already holds.
+    /// Opens (or creates) the journal and indexes the entries it already holds, one line in
+    /// memory at a time.
     pub fn open(path: &Path) -> Result<OpenedJournal, JournalError> {
-        let io = |source| JournalError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io = io_error(path);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io)?;
+            std::fs::create_dir_all(parent).map_err(&io)?;
         }
-        let mut entries = HashMap::new();
+        let mut index = JournalIndex::default();
         let mut skipped_lines = 0;
         if path.exists() {
-            // Bytes, not a string: a damaged line may not even be UTF-8.
-            let bytes = std::fs::read(path).map_err(io)?;
-            let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            if complete < bytes.len() {
-                // A line torn by a crash mid-write: drop it, its request will be sent again.
-                let file = OpenOptions::new().write(true).open(path).map_err(io)?;
-                file.set_len(complete as u64).map_err(io)?;
+            for line in JsonLines::<JournalEntry>::open(path).map_err(&io)? {
+                let line = line.map_err(&io)?;
+                if !line.complete {
+                    // A line torn by a crash mid-write: drop it, its request will be sent again.
+                    let file = OpenOptions::new().write(true).open(path).map_err(&io)?;
+                    file.set_len(line.offset).map_err(&io)?;
+                    break;
+                }
+                match line.value {
+                    Ok(entry) => index.insert(
+                        entry.hash,
+                        Answered {
+                            offset: line.offset,
+                            len: line.len as u32,
+                            tokens: entry.response.prompt_tokens + entry.response.completion_tokens,
+                        },
+                    ),
+                    Err(e) => {
+                        let error = JournalError::Corrupt {
+                            path: path.to_path_buf(),
+                            line: line.number,
+                            message: e.to_string(),
+                        };
+                        tracing::warn!("skipping a damaged journal line: {error}");
+                        skipped_lines += 1;
+                    }
+                }
             }
-            let text = String::from_utf8_lossy(&bytes[..complete]);
-            let (parsed, bad) = parse_lines(path, &text);
-            for error in &bad {
-                tracing::warn!("skipping a damaged journal line: {error}");
-            }
-            (entries, skipped_lines) = (parsed, bad.len());
         }
         let file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(path)
-            .map_err(io)?;
+            .map_err(&io)?;
         Ok(OpenedJournal {
             journal: Journal {
                 path: path.to_path_buf(),
-                file: Mutex::new(file),
+                file,
+                writing: Mutex::new(()),
             },
-            entries,
+            index,
             skipped_lines,
         })
     }
 
-    /// The entries of a journal file, read only (a recorded journal shipped with a pipeline):
-    /// strict, since a damaged recording is the user's to repair.
-    pub fn read(path: &Path) -> Result<HashMap<String, JournalEntry>, JournalError> {
-        let text = std::fs::read_to_string(path).map_err(|source| JournalError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let complete = text.rfind('\n').map_or(0, |i| i + 1);
-        let (entries, mut bad) = parse_lines(path, &text[..complete]);
-        match bad.is_empty() {
-            true => Ok(entries),
-            false => Err(bad.swap_remove(0)),
-        }
+    /// The entries of a journal file, read only and one at a time (a recorded journal shipped
+    /// with a pipeline): strict, since a damaged recording is the user's to repair. A torn last
+    /// line is left out.
+    pub fn entries(
+        path: &Path,
+    ) -> Result<impl Iterator<Item = Result<JournalEntry, JournalError>>, JournalError> {
+        let lines = JsonLines::<JournalEntry>::open(path).map_err(io_error(path))?;
+        let path = path.to_path_buf();
+        Ok(lines
+            .filter(|line| line.as_ref().map_or(true, |l| l.complete))
+            .map(move |line| {
+                let line = line.map_err(io_error(&path))?;
+                line.value.map_err(|e| JournalError::Corrupt {
+                    path: path.clone(),
+                    line: line.number,
+                    message: e.to_string(),
+                })
+            }))
     }
 
-    pub(crate) fn append(&self, entry: &JournalEntry) -> Result<(), JournalError> {
+    /// Appends one entry; returns where it lies.
+    pub(crate) fn append(&self, entry: &JournalEntry) -> Result<Answered, JournalError> {
         let mut line = serde_json::to_vec(entry).expect("entries serialize");
         line.push(b'\n');
-        let mut file = self.file.lock().expect("journal lock");
-        file.write_all(&line).map_err(|source| JournalError::Io {
-            path: self.path.clone(),
-            source,
+        let io = io_error(&self.path);
+        let _writing = self.writing.lock().expect("journal lock");
+        // The end as the file has it, not as counted: a failed write may have left part of a
+        // line behind (skipped as damaged when the journal is next opened).
+        let offset = self.file.metadata().map_err(&io)?.len();
+        (&self.file).write_all(&line).map_err(&io)?;
+        Ok(Answered {
+            offset,
+            len: (line.len() - 1) as u32,
+            tokens: entry.response.prompt_tokens + entry.response.completion_tokens,
         })
+    }
+
+    /// The entry at `answered` (from this journal's index).
+    pub fn entry(&self, answered: Answered) -> Result<JournalEntry, JournalError> {
+        read_at(&self.file, answered.offset, answered.len as usize).map_err(io_error(&self.path))
     }
 
     pub fn sync(&self) -> Result<(), JournalError> {
-        let file = self.file.lock().expect("journal lock");
-        file.sync_data().map_err(|source| JournalError::Io {
-            path: self.path.clone(),
-            source,
-        })
+        self.file.sync_data().map_err(io_error(&self.path))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// The entries of complete lines, and an error for each line that is not one.
-fn parse_lines(path: &Path, text: &str) -> (HashMap<String, JournalEntry>, Vec<JournalError>) {
-    let mut entries = HashMap::new();
-    let mut bad = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<JournalEntry>(line) {
-            Ok(entry) => {
-                entries.insert(entry.hash.clone(), entry);
-            }
-            Err(e) => bad.push(JournalError::Corrupt {
-                path: path.to_path_buf(),
-                line: i + 1,
-                message: e.to_string(),
-            }),
-        }
-    }
-    (entries, bad)
 }
 
 #[cfg(test)]
@@ -189,23 +255,54 @@ mod tests {
         );
         std::fs::write(&path, text).unwrap();
         let opened = Journal::open(&path).unwrap();
-        let mut hashes: Vec<&String> = opened.entries.keys().collect();
-        hashes.sort();
-        assert_eq!(hashes, ["a", "c"]);
+        let (journal, index) = (opened.journal, opened.index);
+        assert_eq!(index.len(), 2);
+        assert_eq!(index.tokens(), 6);
+        for hash in ["a", "c"] {
+            let read = journal.entry(index.get(hash).unwrap()).unwrap();
+            assert_eq!(read, entry(hash));
+        }
         assert_eq!(opened.skipped_lines, 2);
-        opened.journal.append(&entry("d")).unwrap();
-        drop(opened);
+        let appended = journal.append(&entry("d")).unwrap();
+        assert_eq!(journal.entry(appended).unwrap(), entry("d"));
+        drop(journal);
         let reopened = Journal::open(&path).unwrap();
         assert_eq!(
-            reopened.entries.len(),
+            reopened.index.len(),
             3,
             "the torn line was cut, the new one kept"
         );
         // A recording is read strictly: the damaged line is named.
-        let error = Journal::read(&path).unwrap_err().to_string();
+        let error = Journal::entries(&path)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap_err()
+            .to_string();
         assert!(
             error.contains("journal.jsonl:2: not a journal entry"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_later_answer_to_the_same_request_replaces_the_earlier_and_its_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let opened = Journal::open(&path).unwrap();
+        let (journal, mut index) = (opened.journal, opened.index);
+        let mut later = entry("a");
+        later.response.text = "a second answer".into();
+        later.response.completion_tokens = 10;
+        for e in [entry("a"), entry("b"), later.clone()] {
+            let place = journal.append(&e).unwrap();
+            index.insert(e.hash, place);
+        }
+        assert_eq!((index.len(), index.tokens()), (2, 3 + 11));
+        assert_eq!(journal.entry(index.get("a").unwrap()).unwrap(), later);
+        drop(journal);
+        let reopened = Journal::open(&path).unwrap();
+        assert_eq!((reopened.index.len(), reopened.index.tokens()), (2, 14));
+        let place = reopened.index.get("a").unwrap();
+        assert_eq!(reopened.journal.entry(place).unwrap(), later);
     }
 }

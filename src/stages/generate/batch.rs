@@ -2,14 +2,14 @@
 //! `run_batch` reads) and the OpenAI Batch API (`batch_api`). Answers are journaled by request
 //! hash exactly as single requests are.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BackendKind, Config, GenerateStage, Job, check_seconds, import_answers};
-use crate::llm::{self, BatchApi, Journal, JournalEntry, RetryPolicy};
+use super::{BackendKind, Config, Failures, GenerateStage, check_seconds, import_answers};
+use crate::llm::{self, BatchApi, Journal, JournalEntry, JournalIndex, RetryPolicy};
 use crate::pipeline::{ConfigError, StageContext, StageError};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,31 +63,39 @@ pub(super) fn check_config(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The answers in a batch output file, for the requests of `jobs`; the failed results (an
-/// error, a status other than 200) are counted and stay pending, the first one described.
-pub(super) fn batch_answers(
+/// Journals the answers in a batch output file to the `wanted` requests that the journal
+/// lacks, one line in memory at a time; returns how many, and the failed results (an error, a
+/// status other than 200), which stay pending.
+pub(super) fn import_batch(
     path: &Path,
-    jobs: &[Job],
-) -> Result<(Vec<JournalEntry>, usize, Option<String>), StageError> {
-    let wanted: HashSet<&str> = jobs.iter().map(|j| j.hash.as_str()).collect();
-    let (mut answers, mut failed, mut first) = (Vec::new(), 0, None);
-    for result in llm::read_results(path)? {
-        if !wanted.contains(result.hash.as_str()) {
-            continue;
+    wanted: &HashSet<String>,
+    journal: &Journal,
+    index: &mut JournalIndex,
+) -> Result<(u64, Failures), StageError> {
+    let mut failed = Failures::default();
+    let results = llm::read_results(path)?;
+    let answers = results.filter_map(|result| {
+        let result = match result {
+            Ok(result) => result,
+            Err(e) => return Some(Err(StageError::from(e))),
+        };
+        if !wanted.contains(&result.hash) {
+            return None;
         }
         match result.answer {
-            Ok(response) => answers.push(JournalEntry {
+            Ok(response) => Some(Ok(JournalEntry {
                 hash: result.hash,
                 response,
                 attempts: 1,
-            }),
+            })),
             Err(e) => {
-                failed += 1;
-                first.get_or_insert(format!("request {}: {e}", result.hash));
+                failed.add(|| format!("request {}: {e}", result.hash));
+                None
             }
         }
-    }
-    Ok((answers, failed, first))
+    });
+    let imported = import_answers(journal, index, answers)?;
+    Ok((imported, failed))
 }
 
 /// The batch in flight, kept in the state directory from the upload on: a killed run resumes
@@ -132,16 +140,17 @@ pub(super) fn in_flight_note(state_dir: &Path) -> Option<String> {
 }
 
 impl GenerateStage {
-    /// Sends the `pending` jobs as one batch through the Batch API (or resumes the batch a
-    /// killed run left in flight), waits for it, and journals every answer in its output.
+    /// Sends the `pending` requests as one batch through the Batch API (or resumes the batch
+    /// a killed run left in flight), waits for it, and journals every answer in its output to
+    /// a `wanted` request.
     pub(super) async fn run_batch(
         &self,
-        ctx: &StageContext,
+        ctx: &mut StageContext,
         config: &BatchApiConfig,
-        jobs: &[Job],
-        pending: &[usize],
+        pending: usize,
+        wanted: &HashSet<String>,
         journal: &Journal,
-        answered: &mut HashMap<String, JournalEntry>,
+        index: &mut JournalIndex,
     ) -> Result<(), StageError> {
         let state_dir = ctx.state_dir()?.to_path_buf();
         let api = BatchApi::new(
@@ -157,10 +166,7 @@ impl GenerateStage {
         let mut in_flight = InFlight::read(&state_dir)?;
         if in_flight.file_id.is_none() {
             let input = state_dir.join("batch-input.jsonl");
-            let requests = pending
-                .iter()
-                .map(|&i| (jobs[i].hash.as_str(), &jobs[i].request));
-            llm::write_requests(&input, requests)?;
+            self.write_pending(ctx, &input, index).await?;
             in_flight.file_id = Some(policy.retry(|| api.upload(&input)).await.0?);
             in_flight.save(&state_dir)?;
         }
@@ -182,7 +188,7 @@ impl GenerateStage {
             }
         };
         tracing::debug!(batch = %batch_id, file = %file_id, "batch in flight");
-        let bar = ctx.progress(Some(pending.len() as u64), "requests (batch)");
+        let bar = ctx.progress(Some(pending as u64), "requests (batch)");
         let batch = loop {
             let batch = policy.retry(|| api.get(&batch_id)).await.0?;
             let counts = batch.request_counts.unwrap_or_default();
@@ -199,8 +205,7 @@ impl GenerateStage {
             let path = state_dir.join(format!("batch-output-{n}.jsonl"));
             let bytes = policy.retry(|| api.download(file)).await.0?;
             crate::table::write_file(&path, &bytes).map_err(StageError::io(&path))?;
-            let (answers, _, _) = batch_answers(&path, jobs)?;
-            import_answers(journal, answered, answers)?;
+            import_batch(&path, wanted, journal, index)?;
         }
         // Done with this batch: a rerun sends what it did not answer as a new one.
         std::fs::remove_file(state_dir.join(IN_FLIGHT))

@@ -1,24 +1,25 @@
 //! `generate`: prompts -> LLM answers (journaled) -> generations, graded_docs and rejects.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Int32Array, RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
-use futures::StreamExt;
 use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 
 mod batch;
 
-use batch::{BatchApiConfig, BatchFiles, batch_answers};
+use batch::{BatchApiConfig, BatchFiles, import_batch};
 
 use crate::llm::{
-    self, ChatBackend, ChatRequest, ChatResponse, EmbeddedBackend, EmbeddedOptions, GradedPassage,
-    Journal, JournalEntry, Message, OpenAiBackend, OpenAiConfig, ParseError, RetryPolicy, Secret,
-    StructuredOutput, graded_passages_schema, parse_all_levels, parse_single_level,
+    Answered, ChatBackend, ChatRequest, ChatResponse, EmbeddedBackend, EmbeddedOptions,
+    GradedPassage, Journal, JournalEntry, JournalIndex, Message, OpenAiBackend, OpenAiConfig,
+    ParseError, RequestFile, RetryPolicy, Secret, StructuredOutput, graded_passages_schema,
+    parse_all_levels, parse_single_level,
 };
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -121,10 +122,6 @@ impl Spend {
     fn add(&mut self, response: &ChatResponse) {
         self.prompt += response.prompt_tokens;
         self.completion += response.completion_tokens;
-    }
-
-    fn total(&self) -> u64 {
-        self.prompt + self.completion
     }
 
     fn cost(&self, price: Price) -> f64 {
@@ -352,7 +349,7 @@ struct Sender<'a> {
 
 impl Sender<'_> {
     /// Sends one request (with retries) and journals its answer; the error says why not.
-    async fn send(&self, job: &Job) -> Result<JournalEntry, String> {
+    async fn send(&self, job: &Job) -> Result<Answered, String> {
         if let Some(max) = self.budget
             && self.spent.load(Ordering::Relaxed) >= max
         {
@@ -362,43 +359,41 @@ impl Sender<'_> {
             ));
         }
         let (result, attempts) = self.policy.run(self.backend.as_ref(), &job.request).await;
-        let outcome = match result {
+        match result {
             Ok(response) => {
                 let entry = JournalEntry {
                     hash: job.hash.clone(),
                     response,
                     attempts,
                 };
-                self.journal
-                    .append(&entry)
-                    .map(|()| entry)
-                    .map_err(|e| e.to_string())
+                let journaled = self.journal.append(&entry).map_err(|e| e.to_string());
+                let completion = entry.response.completion_tokens;
+                self.count(journaled.as_ref().ok().map(|a| (a.tokens, completion)));
+                journaled
             }
-            Err(e) => Err(format!("{e} (after {attempts} attempts)")),
-        };
-        self.count(&outcome);
-        outcome
+            Err(e) => {
+                self.count(None);
+                Err(format!("{e} (after {attempts} attempts)"))
+            }
+        }
     }
 
-    fn count(&self, outcome: &Result<JournalEntry, String>) {
-        match outcome {
-            Ok(entry) => {
-                let response = &entry.response;
-                self.spent.fetch_add(
-                    response.prompt_tokens + response.completion_tokens,
-                    Ordering::Relaxed,
-                );
+    /// Counts a request: `Some((tokens, completion tokens))` for a journaled answer.
+    fn count(&self, answered: Option<(u64, u64)>) {
+        match answered {
+            Some((tokens, completion)) => {
+                self.spent.fetch_add(tokens, Ordering::Relaxed);
                 let total = self
                     .completion_tokens
-                    .fetch_add(response.completion_tokens, Ordering::Relaxed)
-                    + response.completion_tokens;
+                    .fetch_add(completion, Ordering::Relaxed)
+                    + completion;
                 let rate = total as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
                 self.bar.set_message(format!(
                     "{rate:.0} tok/s, {} failed",
                     self.failures.load(Ordering::Relaxed)
                 ));
             }
-            Err(_) => {
+            None => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -412,6 +407,20 @@ impl Sender<'_> {
     }
 }
 
+/// Requests that failed: how many, and what went wrong with the first.
+#[derive(Default)]
+struct Failures {
+    count: usize,
+    first: Option<String>,
+}
+
+impl Failures {
+    fn add(&mut self, describe: impl FnOnce() -> String) {
+        self.count += 1;
+        self.first.get_or_insert_with(describe);
+    }
+}
+
 /// After `sent` requests (one at a time or as a batch): the counts `status` and the manifest
 /// show, and the error naming the first failure when any failed.
 fn settle(
@@ -419,24 +428,27 @@ fn settle(
     state_dir: &Path,
     journal: &Journal,
     sent: usize,
-    mut failed: Vec<String>,
+    failed: Failures,
 ) -> Result<(), StageError> {
-    ctx.set_stat("requests_answered", (sent - failed.len()) as u64);
+    ctx.set_stat("requests_answered", (sent - failed.count) as u64);
     let path = state_dir.join(FAILURES);
-    if failed.is_empty() {
+    let Some(first) = failed.first else {
         let _ = std::fs::remove_file(&path);
         return Ok(());
-    }
-    std::fs::write(&path, failed.len().to_string()).map_err(StageError::io(&path))?;
+    };
+    std::fs::write(&path, failed.count.to_string()).map_err(StageError::io(&path))?;
     Err(StageError::RequestsFailed {
-        failed: failed.len(),
+        failed: failed.count,
         total: sent,
         journal: journal.path().to_path_buf(),
-        first: failed.swap_remove(0),
+        first,
     })
 }
 /// How many requests failed in the last run (absent after a run with none).
 const FAILURES: &str = "failed";
+
+/// Prompts per batch of the output tables.
+const WRITE_CHUNK: usize = 8192;
 
 /// A prompt row and the request it becomes.
 struct Job {
@@ -483,172 +495,261 @@ impl GenerateStage {
         .map_err(StageError::from)
     }
 
-    fn jobs(&self, batches: &[RecordBatch]) -> Vec<Job> {
-        let mut jobs = Vec::new();
-        for batch in batches {
-            let prompt_ids = columns::get::<StringArray>(batch, "prompt_id");
-            let query_ids = columns::get::<StringArray>(batch, "query_id");
-            let levels = columns::get::<Int32Array>(batch, "level");
-            let systems = columns::get::<StringArray>(batch, "system");
-            let users = columns::get::<StringArray>(batch, "user");
-            for row in 0..batch.num_rows() {
-                let mut messages = Vec::new();
-                if !arrow::array::Array::is_null(systems, row) {
-                    messages.push(Message::new("system", systems.value(row)));
-                }
-                messages.push(Message::new("user", users.value(row)));
-                let level = (!arrow::array::Array::is_null(levels, row)).then(|| levels.value(row));
-                let mut request = ChatRequest {
-                    model: self.config.model.clone(),
-                    messages,
-                    temperature: self.config.temperature,
-                    top_p: self.config.top_p,
-                    max_tokens: self.config.max_tokens,
-                    seed: self.config.seed,
-                    stop: self.config.stop.clone(),
-                    response_format: None,
-                    guided_json: None,
-                };
-                // The embedded model decodes freely; a server constrains an all-levels answer.
-                if level.is_none() && self.config.backend == BackendKind::Openai {
-                    self.config
-                        .structured_output
-                        .apply(&mut request, graded_passages_schema(&self.config.levels));
-                }
-                jobs.push(Job {
-                    prompt_id: prompt_ids.value(row).to_string(),
-                    query_id: query_ids.value(row).to_string(),
-                    level,
-                    hash: request.hash(),
-                    request,
-                });
+    /// The jobs of one batch of prompts. Their requests are as hashed, without the output
+    /// constraint ([`GenerateStage::constrain`] adds it to those sent): most passes need only
+    /// the hash, and the constraint's schema is a tree of allocations per request.
+    fn jobs(&self, batch: &RecordBatch) -> Vec<Job> {
+        let prompt_ids = columns::get::<StringArray>(batch, "prompt_id");
+        let query_ids = columns::get::<StringArray>(batch, "query_id");
+        let levels = columns::get::<Int32Array>(batch, "level");
+        let systems = columns::get::<StringArray>(batch, "system");
+        let users = columns::get::<StringArray>(batch, "user");
+        let mut jobs = Vec::with_capacity(batch.num_rows());
+        for row in 0..batch.num_rows() {
+            let mut messages = Vec::new();
+            if !arrow::array::Array::is_null(systems, row) {
+                messages.push(Message::new("system", systems.value(row)));
             }
+            messages.push(Message::new("user", users.value(row)));
+            let level = (!arrow::array::Array::is_null(levels, row)).then(|| levels.value(row));
+            let request = ChatRequest {
+                model: self.config.model.clone(),
+                messages,
+                temperature: self.config.temperature,
+                top_p: self.config.top_p,
+                max_tokens: self.config.max_tokens,
+                seed: self.config.seed,
+                stop: self.config.stop.clone(),
+                response_format: None,
+                guided_json: None,
+            };
+            jobs.push(Job {
+                prompt_id: prompt_ids.value(row).to_string(),
+                query_id: query_ids.value(row).to_string(),
+                level,
+                hash: request.hash(),
+                request,
+            });
         }
         jobs
     }
 
+    /// Adds the output constraint a request is sent with: the embedded model decodes freely; a
+    /// server constrains an all-levels answer.
+    fn constrain(&self, job: &mut Job) {
+        if job.level.is_none() && self.config.backend == BackendKind::Openai {
+            self.config.structured_output.apply(
+                &mut job.request,
+                graded_passages_schema(&self.config.levels),
+            );
+        }
+    }
+
+    /// Calls `each` with every prompt's job in order, one input batch in memory at a time.
+    async fn each_job(
+        &self,
+        ctx: &mut StageContext,
+        mut each: impl FnMut(Job) -> Result<(), StageError>,
+    ) -> Result<(), StageError> {
+        let mut input = ctx.stream_input("prompts").await?;
+        while let Some(batch) = input.next().await? {
+            self.jobs(&batch).into_iter().try_for_each(&mut each)?;
+        }
+        Ok(())
+    }
+
+    /// The prompts' jobs that the journal does not answer, each request once, as `each` sees
+    /// them.
+    async fn each_pending(
+        &self,
+        ctx: &mut StageContext,
+        index: &JournalIndex,
+        mut each: impl FnMut(Job) -> Result<(), StageError>,
+    ) -> Result<(), StageError> {
+        let mut seen = HashSet::new();
+        self.each_job(ctx, |job| {
+            if index.contains(&job.hash) || !seen.insert(job.hash.clone()) {
+                return Ok(());
+            }
+            each(job)
+        })
+        .await
+    }
+
+    /// Writes the pending requests to a batch input file; returns how many it holds.
+    async fn write_pending(
+        &self,
+        ctx: &mut StageContext,
+        path: &Path,
+        index: &JournalIndex,
+    ) -> Result<usize, StageError> {
+        let mut file = RequestFile::create(path)?;
+        self.each_pending(ctx, index, |mut job| {
+            self.constrain(&mut job);
+            Ok(file.add(&job.hash, &job.request)?)
+        })
+        .await?;
+        Ok(file.finish()?)
+    }
+
+    /// The prompts' work, in passes over the prompts that hold one input batch at a time:
+    /// every request's hash first (what the journal must answer), then the pending requests
+    /// (sent, or written to a batch file), then the tables, their answers read back from the
+    /// journal. What stays in memory is per request (hashes, places in the journal), never
+    /// the prompts' or answers' text: MS MARCO's 500k prompts fit however long the answers.
     async fn generate(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let jobs = self.jobs(&ctx.read_input("prompts").await?);
         let state_dir = ctx.state_dir()?.to_path_buf();
-        let journal_path = state_dir.join(JOURNAL);
-        let opened = Journal::open(&journal_path)?;
-        let (journal, mut answered) = (opened.journal, opened.entries);
+        let opened = Journal::open(&state_dir.join(JOURNAL))?;
+        let (journal, mut index) = (opened.journal, opened.index);
         if opened.skipped_lines > 0 {
             ctx.set_stat("journal_lines_skipped", opened.skipped_lines as u64);
         }
         if let Some(recorded) = &self.recorded {
-            let entries = Journal::read(recorded)?.into_values();
-            let imported = import_answers(&journal, &mut answered, entries)?;
+            let entries = Journal::entries(recorded)?.map(|e| e.map_err(StageError::from));
+            let imported = import_answers(&journal, &mut index, entries)?;
             ctx.set_stat("imported_from_recording", imported);
         }
-        let mut batch_failures = (0, None);
+        let (mut prompts, mut wanted) = (0, HashSet::new());
+        self.each_job(ctx, |job| {
+            prompts += 1;
+            wanted.insert(job.hash);
+            Ok(())
+        })
+        .await?;
+        let mut batch_failures = Failures::default();
         if let Some(files) = &self.batch_files
             && files.output.exists()
         {
-            let (answers, failed, first) = batch_answers(&files.output, &jobs)?;
-            let imported = import_answers(&journal, &mut answered, answers)?;
+            let (imported, failed) = import_batch(&files.output, &wanted, &journal, &mut index)?;
             ctx.set_stat("imported_from_batch", imported);
-            batch_failures = (failed, first);
+            batch_failures = failed;
         }
-        let mut seen = std::collections::HashSet::new();
-        // Indices, not references: the stream's items must not borrow (higher-ranked lifetimes).
-        let pending: Vec<usize> = (0..jobs.len())
-            .filter(|&i| !answered.contains_key(&jobs[i].hash) && seen.insert(jobs[i].hash.clone()))
-            .collect();
-        let cached = jobs.len() - pending.len();
-
+        let pending = wanted.iter().filter(|h| !index.contains(h)).count();
+        let cached = prompts - pending;
         tracing::debug!(
-            prompts = jobs.len(),
+            prompts,
             from_journal = cached,
-            to_send = pending.len(),
+            to_send = pending,
             "generation planned"
         );
         if let Some(files) = &self.batch_files
-            && !pending.is_empty()
+            && pending > 0
         {
-            let requests = pending
-                .iter()
-                .map(|&i| (jobs[i].hash.as_str(), &jobs[i].request));
-            let written = llm::write_requests(&files.input, requests)?;
+            let written = self.write_pending(ctx, &files.input, &index).await?;
             return Err(StageError::BatchPending {
                 written,
                 input: files.input.clone(),
                 output: files.output.clone(),
                 model: self.config.model.clone(),
-                failed: batch_failures.0,
-                first_failure: batch_failures.1.unwrap_or_default(),
+                failed: batch_failures.count,
+                first_failure: batch_failures.first.unwrap_or_default(),
             });
         }
         if let Some(api) = &self.config.batch_api
-            && !pending.is_empty()
+            && pending > 0
         {
-            self.run_batch(ctx, api, &jobs, &pending, &journal, &mut answered)
+            self.run_batch(ctx, api, pending, &wanted, &journal, &mut index)
                 .await?;
-            let failed = pending
-                .iter()
-                .filter(|&&i| !answered.contains_key(&jobs[i].hash))
-                .map(|&i| {
+            let mut failed = Failures::default();
+            self.each_pending(ctx, &index, |job| {
+                failed.add(|| {
                     format!(
                         "prompt `{}`: no answer in the batch's output or error files",
-                        jobs[i].prompt_id
+                        job.prompt_id
                     )
-                })
-                .collect();
-            settle(ctx, &state_dir, &journal, pending.len(), failed)?;
-        } else if !pending.is_empty() {
-            let mut bought = Spend::default();
-            answered.values().for_each(|e| bought.add(&e.response));
-            let sender = Sender {
-                backend: self.backend()?,
-                policy: RetryPolicy {
-                    max_retries: self.config.max_retries,
-                    base_delay: Duration::from_secs_f64(self.config.backoff_s),
-                    ..RetryPolicy::default()
-                },
-                journal: &journal,
-                bar: ctx.progress(Some(pending.len() as u64), "requests"),
-                budget: self.config.max_total_tokens,
-                spent: AtomicU64::new(bought.total()),
-                completion_tokens: AtomicU64::new(0),
-                failures: AtomicU64::new(0),
-                started: Instant::now(),
-                last_sync: std::sync::Mutex::new(Instant::now()),
-            };
-            let (sender_ref, jobs_ref) = (&sender, &jobs);
-            let outcomes: Vec<(usize, Result<JournalEntry, String>)> =
-                futures::stream::iter(pending.iter().copied())
-                    .map(|index| async move { (index, sender_ref.send(&jobs_ref[index]).await) })
-                    .buffer_unordered(self.config.concurrency)
-                    .collect()
-                    .await;
-            sender.bar.finish_and_clear();
-            journal.sync()?;
-            // The rate of this run's answers (the journal's earlier ones are not timed here).
-            let sending_s = sender.started.elapsed().as_secs_f64().max(1e-3);
-            let bought = sender.completion_tokens.load(Ordering::Relaxed);
-            ctx.set_stat("completion_tokens_per_s", bought as f64 / sending_s);
-            let mut failed = Vec::new();
-            for (index, outcome) in outcomes {
-                let job = &jobs[index];
-                match outcome {
-                    Ok(entry) => {
-                        answered.insert(job.hash.clone(), entry);
-                    }
-                    Err(e) => failed.push(format!("prompt `{}`: {e}", job.prompt_id)),
-                }
-            }
-            settle(ctx, &state_dir, &journal, pending.len(), failed)?;
+                });
+                Ok(())
+            })
+            .await?;
+            settle(ctx, &state_dir, &journal, pending, failed)?;
+        } else if pending > 0 {
+            drop(wanted);
+            self.send_pending(ctx, pending, &journal, &mut index)
+                .await?;
         }
         ctx.set_stat("requests_from_journal", cached as u64);
-        self.write_tables(ctx, &jobs, &answered)
+        self.write_tables(ctx, &journal, &index).await
     }
 
-    /// The three output tables, written 8,192 prompts at a time.
-    fn write_tables(
+    /// Sends the pending requests, `concurrency` in flight from first to last, and journals
+    /// their answers as they arrive.
+    async fn send_pending(
         &self,
         ctx: &mut StageContext,
-        jobs: &[Job],
-        answered: &HashMap<String, JournalEntry>,
+        pending: usize,
+        journal: &Journal,
+        index: &mut JournalIndex,
+    ) -> Result<(), StageError> {
+        let state_dir = ctx.state_dir()?.to_path_buf();
+        let sender = Sender {
+            backend: self.backend()?,
+            policy: RetryPolicy {
+                max_retries: self.config.max_retries,
+                base_delay: Duration::from_secs_f64(self.config.backoff_s),
+                ..RetryPolicy::default()
+            },
+            journal,
+            bar: ctx.progress(Some(pending as u64), "requests"),
+            budget: self.config.max_total_tokens,
+            spent: AtomicU64::new(index.tokens()),
+            completion_tokens: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            started: Instant::now(),
+            last_sync: std::sync::Mutex::new(Instant::now()),
+        };
+        // The prompts stream in as requests go out: a batch of them in memory at a time.
+        let input = ctx.stream_input("prompts").await?;
+        let batches = futures::stream::try_unfold(input, |mut input| async move {
+            Ok::<_, StageError>(input.next().await?.map(|batch| (batch, input)))
+        });
+        let (known, mut seen) = (&*index, HashSet::new());
+        let jobs = batches
+            .map_ok(|batch| {
+                futures::stream::iter(self.jobs(&batch).into_iter().map(Ok::<_, StageError>))
+            })
+            .try_flatten()
+            .try_filter(move |job| {
+                let new = !known.contains(&job.hash) && seen.insert(job.hash.clone());
+                futures::future::ready(new)
+            });
+        let sender_ref = &sender;
+        let mut outcomes = Box::pin(
+            jobs.map(|job| async move {
+                let mut job = job?;
+                self.constrain(&mut job);
+                let outcome = sender_ref.send(&job).await;
+                Ok::<_, StageError>((job, outcome))
+            })
+            .buffer_unordered(self.config.concurrency),
+        );
+        let (mut answered, mut failed) = (Vec::new(), Failures::default());
+        while let Some(sent) = outcomes.next().await {
+            let (job, outcome) = sent?;
+            match outcome {
+                Ok(place) => answered.push((job.hash, place)),
+                Err(e) => failed.add(|| format!("prompt `{}`: {e}", job.prompt_id)),
+            }
+        }
+        drop(outcomes);
+        sender.bar.finish_and_clear();
+        journal.sync()?;
+        for (hash, place) in answered {
+            index.insert(hash, place);
+        }
+        // The rate of this run's answers (the journal's earlier ones are not timed here).
+        let sending_s = sender.started.elapsed().as_secs_f64().max(1e-3);
+        let bought = sender.completion_tokens.load(Ordering::Relaxed);
+        ctx.set_stat("completion_tokens_per_s", bought as f64 / sending_s);
+        settle(ctx, &state_dir, journal, pending, failed)
+    }
+
+    /// The three output tables, in prompt order, written 8,192 prompts at a time with their
+    /// answers read back from the journal.
+    async fn write_tables(
+        &self,
+        ctx: &mut StageContext,
+        journal: &Journal,
+        index: &JournalIndex,
     ) -> Result<(), StageError> {
         let mut writers = Vec::new();
         for kind in ["generations", "graded_docs", "rejects"] {
@@ -656,11 +757,18 @@ impl GenerateStage {
         }
         let mut spend = Spend::default();
         let mut rejected = 0;
-        for chunk in jobs.chunks(8192) {
-            let answers: Vec<(&Job, &ChatResponse)> = chunk
+        let mut chunk = Vec::with_capacity(WRITE_CHUNK);
+        let mut write = |chunk: &mut Vec<Job>| -> Result<(), StageError> {
+            let responses = chunk
                 .iter()
-                .map(|job| (job, &answered[&job.hash].response))
-                .collect();
+                .map(|job| {
+                    let place = index.get(&job.hash).ok_or_else(|| {
+                        StageError::Contract(format!("prompt `{}` has no answer", job.prompt_id))
+                    })?;
+                    Ok(journal.entry(place)?.response)
+                })
+                .collect::<Result<Vec<ChatResponse>, StageError>>()?;
+            let answers: Vec<(&Job, &ChatResponse)> = chunk.iter().zip(&responses).collect();
             answers.iter().for_each(|(_, r)| spend.add(r));
             let (docs, rejects) = self.parse_answers(&answers);
             rejected += rejects.len();
@@ -672,7 +780,18 @@ impl GenerateStage {
             for (writer, batch) in writers.iter_mut().zip(&batches) {
                 writer.write(batch)?;
             }
-        }
+            chunk.clear();
+            Ok(())
+        };
+        self.each_job(ctx, |job| {
+            chunk.push(job);
+            match chunk.len() == WRITE_CHUNK {
+                true => write(&mut chunk),
+                false => Ok(()),
+            }
+        })
+        .await?;
+        write(&mut chunk)?;
         for writer in writers {
             ctx.finish_table(writer)?;
         }
@@ -717,21 +836,18 @@ impl GenerateStage {
     }
 }
 
-/// Appends the recorded journal's entries that the stage's journal lacks; returns how many.
-/// Adds the answers the journal lacks to it (in hash order, so the journal's bytes do not
-/// depend on where they came from); returns how many.
+/// Adds to the journal the answers it lacks, in the order they come; returns how many.
 fn import_answers(
     journal: &Journal,
-    answered: &mut HashMap<String, JournalEntry>,
-    entries: impl IntoIterator<Item = JournalEntry>,
+    index: &mut JournalIndex,
+    entries: impl IntoIterator<Item = Result<JournalEntry, StageError>>,
 ) -> Result<u64, StageError> {
     let mut imported = 0;
-    let mut sorted: Vec<JournalEntry> = entries.into_iter().collect();
-    sorted.sort_by(|a, b| a.hash.cmp(&b.hash));
-    for entry in sorted {
-        if !answered.contains_key(&entry.hash) {
-            journal.append(&entry)?;
-            answered.insert(entry.hash.clone(), entry);
+    for entry in entries {
+        let entry = entry?;
+        if !index.contains(&entry.hash) {
+            let place = journal.append(&entry)?;
+            index.insert(entry.hash, place);
             imported += 1;
         }
     }
