@@ -80,10 +80,30 @@ pub(crate) fn read_at<T: DeserializeOwned>(
     offset: u64,
     len: usize,
 ) -> std::io::Result<T> {
-    use std::os::unix::fs::FileExt;
     let mut bytes = vec![0; len];
-    file.read_exact_at(&mut bytes, offset)?;
+    read_exact_at(file, &mut bytes, offset)?;
     serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}
+
+/// A positioned read: a journal is read back while it is open to append, and its appends land
+/// at the end wherever a read left the cursor.
+#[cfg(unix)]
+fn read_exact_at(file: &File, bytes: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, bytes, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut bytes: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match std::os::windows::fs::FileExt::seek_read(file, bytes, offset)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                bytes = &mut bytes[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
