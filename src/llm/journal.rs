@@ -33,8 +33,19 @@ pub struct JournalEntry {
 #[derive(Debug, Clone, Copy)]
 pub struct Answered {
     offset: u64,
-    len: u32,
+    len: usize,
     pub tokens: u64,
+}
+
+impl Answered {
+    /// `entry`, found in its journal at `offset`, `len` bytes long (without the newline).
+    fn at(entry: &JournalEntry, offset: u64, len: usize) -> Answered {
+        Answered {
+            offset,
+            len,
+            tokens: entry.response.prompt_tokens + entry.response.completion_tokens,
+        }
+    }
 }
 
 /// The answers a journal holds, by request hash.
@@ -107,6 +118,14 @@ pub struct OpenedJournal {
     pub skipped_lines: usize,
 }
 
+fn corrupt(path: &Path, line: usize, e: &serde_json::Error) -> JournalError {
+    JournalError::Corrupt {
+        path: path.to_path_buf(),
+        line,
+        message: e.to_string(),
+    }
+}
+
 fn io_error(path: &Path) -> impl Fn(std::io::Error) -> JournalError + '_ {
     move |source| JournalError::Io {
         path: path.to_path_buf(),
@@ -134,20 +153,12 @@ impl Journal {
                     break;
                 }
                 match line.value {
-                    Ok(entry) => index.insert(
-                        entry.hash,
-                        Answered {
-                            offset: line.offset,
-                            len: line.len as u32,
-                            tokens: entry.response.prompt_tokens + entry.response.completion_tokens,
-                        },
-                    ),
+                    Ok(entry) => {
+                        let answered = Answered::at(&entry, line.offset, line.len);
+                        index.insert(entry.hash, answered);
+                    }
                     Err(e) => {
-                        let error = JournalError::Corrupt {
-                            path: path.to_path_buf(),
-                            line: line.number,
-                            message: e.to_string(),
-                        };
+                        let error = corrupt(path, line.number, &e);
                         tracing::warn!("skipping a damaged journal line: {error}");
                         skipped_lines += 1;
                     }
@@ -183,11 +194,7 @@ impl Journal {
             .filter(|line| line.as_ref().map_or(true, |l| l.complete))
             .map(move |line| {
                 let line = line.map_err(io_error(&path))?;
-                line.value.map_err(|e| JournalError::Corrupt {
-                    path: path.clone(),
-                    line: line.number,
-                    message: e.to_string(),
-                })
+                line.value.map_err(|e| corrupt(&path, line.number, &e))
             }))
     }
 
@@ -201,16 +208,12 @@ impl Journal {
         // line behind (skipped as damaged when the journal is next opened).
         let offset = self.file.metadata().map_err(&io)?.len();
         (&self.file).write_all(&line).map_err(&io)?;
-        Ok(Answered {
-            offset,
-            len: (line.len() - 1) as u32,
-            tokens: entry.response.prompt_tokens + entry.response.completion_tokens,
-        })
+        Ok(Answered::at(entry, offset, line.len() - 1))
     }
 
     /// The entry at `answered` (from this journal's index).
     pub fn entry(&self, answered: Answered) -> Result<JournalEntry, JournalError> {
-        read_at(&self.file, answered.offset, answered.len as usize).map_err(io_error(&self.path))
+        read_at(&self.file, answered.offset, answered.len).map_err(io_error(&self.path))
     }
 
     pub fn sync(&self) -> Result<(), JournalError> {

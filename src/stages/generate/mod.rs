@@ -447,6 +447,26 @@ fn settle(
 /// How many requests failed in the last run (absent after a run with none).
 const FAILURES: &str = "failed";
 
+/// Which prompts' requests are to be sent: those the journal does not answer, each request
+/// once however many prompts make it.
+struct Unanswered<'a> {
+    index: &'a JournalIndex,
+    seen: HashSet<String>,
+}
+
+impl<'a> Unanswered<'a> {
+    fn new(index: &'a JournalIndex) -> Unanswered<'a> {
+        Unanswered {
+            index,
+            seen: HashSet::new(),
+        }
+    }
+
+    fn admits(&mut self, job: &Job) -> bool {
+        !self.index.contains(&job.hash) && self.seen.insert(job.hash.clone())
+    }
+}
+
 /// Prompts per batch of the output tables.
 const WRITE_CHUNK: usize = 8192;
 
@@ -566,12 +586,10 @@ impl GenerateStage {
         index: &JournalIndex,
         mut each: impl FnMut(Job) -> Result<(), StageError>,
     ) -> Result<(), StageError> {
-        let mut seen = HashSet::new();
-        self.each_job(ctx, |job| {
-            if index.contains(&job.hash) || !seen.insert(job.hash.clone()) {
-                return Ok(());
-            }
-            each(job)
+        let mut unanswered = Unanswered::new(index);
+        self.each_job(ctx, |job| match unanswered.admits(&job) {
+            true => each(job),
+            false => Ok(()),
         })
         .await
     }
@@ -702,16 +720,13 @@ impl GenerateStage {
         let batches = futures::stream::try_unfold(input, |mut input| async move {
             Ok::<_, StageError>(input.next().await?.map(|batch| (batch, input)))
         });
-        let (known, mut seen) = (&*index, HashSet::new());
+        let mut unanswered = Unanswered::new(index);
         let jobs = batches
             .map_ok(|batch| {
                 futures::stream::iter(self.jobs(&batch).into_iter().map(Ok::<_, StageError>))
             })
             .try_flatten()
-            .try_filter(move |job| {
-                let new = !known.contains(&job.hash) && seen.insert(job.hash.clone());
-                futures::future::ready(new)
-            });
+            .try_filter(move |job| futures::future::ready(unanswered.admits(job)));
         let sender_ref = &sender;
         let mut outcomes = Box::pin(
             jobs.map(|job| async move {
