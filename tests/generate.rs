@@ -749,8 +749,9 @@ fn batch_files_carry_the_requests_out_and_their_answers_back() {
 }
 
 /// An OpenAI Batch API on the test server: files and batches, each batch answered by the good
-/// model once `finish` is set (until then it stays `in_progress`).
-fn batch_api_server(finish: Arc<AtomicBool>) -> LlmServer {
+/// model once `finish` is set (until then it stays `in_progress`). Files are downloaded in 4
+/// pieces, `pause` before each.
+fn batch_api_server(finish: Arc<AtomicBool>, pause: Duration) -> LlmServer {
     let files = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let batches = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
     let ok = |v: serde_json::Value| Reply::Status(200, v.to_string(), None);
@@ -794,23 +795,39 @@ fn batch_api_server(finish: Arc<AtomicBool>) -> LlmServer {
                 let n: usize = path["/v1/files/file-".len()..path.len() - "/content".len()]
                     .parse()
                     .unwrap();
-                Reply::Status(200, files[n].clone(), None)
+                Reply::Trickle(pause, files[n].clone())
             }
             _ => Reply::Status(404, "{}".to_string(), None),
         }
     })
 }
 
+/// The requests of each batch input file uploaded to `server`, in upload order.
+fn uploaded_files(server: &LlmServer) -> Vec<usize> {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/v1/files")
+        .map(|r| {
+            String::from_utf8_lossy(&r.raw)
+                .lines()
+                .filter(|l| l.starts_with("{\"custom_id\""))
+                .count()
+        })
+        .collect()
+}
+
 #[test]
-fn a_batch_api_run_killed_mid_poll_resumes_the_same_batch_and_never_submits_twice() {
+fn a_batch_api_run_killed_mid_poll_resumes_the_same_batches_and_never_submits_twice() {
     let finish = Arc::new(AtomicBool::new(false));
-    let server = batch_api_server(finish.clone());
+    let server = batch_api_server(finish.clone(), Duration::ZERO);
     let dir = tempfile::tempdir().unwrap();
+    // 6 requests at most 4 a batch: two batches.
     let spec = pipeline(
         dir.path(),
         6,
         &server.url,
-        "      batch_api: {poll_s: 0.02}\n",
+        "      batch_api: {poll_s: 0.02, max_requests: 4}\n",
     );
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_synthrank"))
         .args(["run", spec.to_str().unwrap()])
@@ -825,7 +842,7 @@ fn a_batch_api_run_killed_mid_poll_resumes_the_same_batch_and_never_submits_twic
             .count()
     };
     let started = Instant::now();
-    while polls() < 3 {
+    while polls() < 4 {
         assert!(started.elapsed() < Duration::from_secs(30), "no polling");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -833,19 +850,23 @@ fn a_batch_api_run_killed_mid_poll_resumes_the_same_batch_and_never_submits_twic
     child.wait().unwrap();
     let status = common::success(&common::synthrank(&["status", spec.to_str().unwrap()]));
     assert!(
-        status.contains("0 answered, 6 pending") && status.contains("batch batch-0 in flight"),
+        status.contains("0 answered, 6 pending")
+            && status.contains("batches batch-0, batch-1 in flight"),
         "{status}"
     );
-    // As if the kill had come between creating the batch and recording its id.
+    // As if the kill had come between creating the second batch and recording its id.
     let state = dir.path().join("work/.state/gen/batch.json");
-    let recorded: serde_json::Value =
+    let mut recorded: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
-    assert_eq!(recorded["batch_id"], "batch-0");
-    std::fs::write(
-        &state,
-        serde_json::json!({"file_id": recorded["file_id"], "batch_id": null}).to_string(),
-    )
-    .unwrap();
+    assert_eq!(recorded["parts"][1]["batch_id"], "batch-1");
+    recorded["parts"][1]["batch_id"] = serde_json::Value::Null;
+    std::fs::write(&state, recorded.to_string()).unwrap();
+    let status = common::success(&common::synthrank(&["status", spec.to_str().unwrap()]));
+    assert!(
+        status.contains("batch batch-0 in flight")
+            && status.contains("file file-1 uploaded, its batch not recorded"),
+        "{status}"
+    );
 
     finish.store(true, Ordering::SeqCst);
     let out = common::synthrank(&["run", spec.to_str().unwrap()]);
@@ -857,16 +878,106 @@ fn a_batch_api_run_killed_mid_poll_resumes_the_same_batch_and_never_submits_twic
             .filter(|r| r.method == method && r.path == path)
             .count()
     };
-    assert_eq!(count("POST", "/v1/files"), 1, "uploaded once");
-    assert_eq!(count("POST", "/v1/batches"), 1, "submitted once");
+    assert_eq!(uploaded_files(&server), [4, 2], "each batch uploaded once");
+    assert_eq!(count("POST", "/v1/batches"), 2, "each submitted once");
     assert_eq!(count("POST", "/v1/chat/completions"), 0);
     assert_eq!(rows(&dir.path().join("work/gen/graded_docs.parquet")), 24);
     assert!(!state.exists(), "no batch left in flight");
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("work/.state/gen"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.starts_with("batch-"))
+        .collect();
+    assert!(left.is_empty(), "batch files left behind: {left:?}");
     // Fresh: a rerun asks nothing.
     let before = server.count();
     let out = common::synthrank(&["run", spec.to_str().unwrap()]);
     assert!(out.status.success());
     assert_eq!(server.count(), before);
+}
+
+/// Batches within a byte limit, one in flight at a time: each is submitted only once the one
+/// before has been downloaded.
+#[test]
+fn batch_api_batches_keep_to_the_file_size_and_the_number_in_flight() {
+    // The request lines' length, from the same requests written as a batch file.
+    let offline = tempfile::tempdir().unwrap();
+    let files = "      batch_files: {input: in.jsonl, output: out.jsonl}\n";
+    let spec = pipeline(offline.path(), 5, "http://127.0.0.1:9/v1", files);
+    assert!(
+        !common::synthrank(&["run", spec.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let lines = std::fs::read_to_string(offline.path().join("in.jsonl")).unwrap();
+    let longest = lines.lines().map(|l| l.len() + 1).max().unwrap();
+    // Two of the longest lines fit, three do not.
+    let limit = 5 * longest / 2;
+
+    let server = batch_api_server(Arc::new(AtomicBool::new(true)), Duration::ZERO);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = pipeline(
+        dir.path(),
+        5,
+        &server.url,
+        &format!(
+            "      batch_api: {{poll_s: 0.01, max_file_mb: {}, max_in_flight: 1}}\n",
+            limit as f64 / 1e6
+        ),
+    );
+    let out = common::synthrank(&["run", spec.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert_eq!(uploaded_files(&server), [2, 2, 1]);
+    for file in server.requests().iter().filter(|r| r.path == "/v1/files") {
+        let raw = String::from_utf8_lossy(&file.raw);
+        let content: usize = raw
+            .lines()
+            .filter(|l| l.starts_with("{\"custom_id\""))
+            .map(|l| l.len() + 1)
+            .sum();
+        assert!(content <= limit, "{content} bytes in one batch file");
+    }
+    // Requests in order: a batch is created only after the one before is downloaded.
+    let steps: String = server
+        .requests()
+        .iter()
+        .filter_map(|r| match (r.method.as_str(), r.path.as_str()) {
+            ("POST", "/v1/batches") => Some('c'),
+            ("GET", path) if path.ends_with("/content") => Some('d'),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, "cdcdcd");
+    assert_eq!(rows(&dir.path().join("work/gen/graded_docs.parquet")), 20);
+}
+
+/// A batch's output downloads as long as each piece of it arrives within `timeout_s`, however
+/// long the whole takes; a piece that does not is a timeout.
+#[test]
+fn batch_api_downloads_are_bounded_by_stalls_not_by_their_length() {
+    for (pause_ms, succeeds) in [(200, true), (900, false)] {
+        let server = batch_api_server(
+            Arc::new(AtomicBool::new(true)),
+            Duration::from_millis(pause_ms),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let spec = pipeline(
+            dir.path(),
+            3,
+            &server.url,
+            "      timeout_s: 0.5\n      max_retries: 0\n      batch_api: {poll_s: 0.01}\n",
+        );
+        let started = Instant::now();
+        let out = common::synthrank(&["run", spec.to_str().unwrap()]);
+        assert_eq!(out.status.success(), succeeds, "{}", common::stderr(&out));
+        if succeeds {
+            assert!(started.elapsed() > Duration::from_millis(800), "4 pauses");
+            assert_eq!(rows(&dir.path().join("work/gen/graded_docs.parquet")), 12);
+        } else {
+            let error = common::stderr(&out);
+            assert!(error.contains("timed out after 0.5s"), "{error}");
+        }
+    }
 }
 
 /// The stage streams its prompts: more than one input batch (8,192 rows) of them, a request

@@ -235,6 +235,27 @@ fn out_of_range_durations_name_the_field() {
     }
 }
 
+/// The Batch API's limits are checked when the spec is loaded, each error naming its field.
+#[test]
+fn batch_api_limits_name_the_field() {
+    for (value, field) in [
+        ("{poll_s: -1}", "poll_s"),
+        ("{max_requests: 0}", "max_requests"),
+        ("{max_file_mb: 0}", "max_file_mb"),
+        ("{max_file_mb: -5}", "max_file_mb"),
+        ("{max_in_flight: 0}", "max_in_flight"),
+    ] {
+        let msg = error_of(&format!(
+            "name: p\nstages:\n{QUERIES}  - name: pr\n    kind: render_prompts\n    inputs: [q]\n    config: {{template: q.jsonl}}\n  \
+             - name: g\n    kind: generate\n    inputs: [pr]\n    config:\n      endpoints: [http://127.0.0.1:9/v1]\n      model: m\n      batch_api: {value}\n"
+        ));
+        assert!(
+            msg.contains(&format!("stage `g`, field `batch_api.{field}`: must be")),
+            "{value}: {msg}"
+        );
+    }
+}
+
 /// `device:` is checked when the spec is loaded: a misspelt device, and CUDA asked of a build
 /// without it, name the field (never a silent fall-back to the CPU).
 #[test]

@@ -8,23 +8,34 @@ import json
 import random
 import sys
 
-rng = random.Random(7)
-vocab = [f"w{i:x}" for i in range(30_000)]
-with open(sys.argv[1]) as requests, open(sys.argv[2], "w") as out:
-    for line in requests:
-        custom_id = json.loads(line)["custom_id"]
-        answer = {
-            str(level): {
-                "title": " ".join(rng.choices(vocab, k=5)),
-                "text": " ".join(rng.choices(vocab, k=100)),
+VOCAB = [f"w{i:x}" for i in range(30_000)]
+
+
+def answer(input_path, output_path, seed=7):
+    """Writes one result per request of `input_path` to `output_path`; returns how many."""
+    rng = random.Random(seed)
+    count = 0
+    with open(input_path) as requests, open(output_path, "w") as out:
+        for line in requests:
+            custom_id = json.loads(line)["custom_id"]
+            passages = {
+                str(level): {
+                    "title": " ".join(rng.choices(VOCAB, k=5)),
+                    "text": " ".join(rng.choices(VOCAB, k=100)),
+                }
+                for level in (3, 2, 1, 0)
             }
-            for level in (3, 2, 1, 0)
-        }
-        body = {
-            "model": "scale",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": json.dumps(answer)},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 330, "completion_tokens": 620},
-        }
-        result = {"custom_id": custom_id, "response": {"status_code": 200, "body": body}, "error": None}
-        out.write(json.dumps(result) + "\n")
+            body = {
+                "model": "scale",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": json.dumps(passages)},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 330, "completion_tokens": 620},
+            }
+            result = {"custom_id": custom_id, "response": {"status_code": 200, "body": body}, "error": None}
+            out.write(json.dumps(result) + "\n")
+            count += 1
+    return count
+
+
+if __name__ == "__main__":
+    answer(sys.argv[1], sys.argv[2])

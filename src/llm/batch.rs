@@ -26,6 +26,20 @@ pub(crate) struct RequestFile {
     partial: PathBuf,
     out: std::io::BufWriter<std::fs::File>,
     written: usize,
+    bytes: u64,
+}
+
+/// One request as a line of a batch input file, keyed by its hash.
+fn request_line(custom_id: &str, body: &ChatRequest) -> Vec<u8> {
+    let line = RequestLine {
+        custom_id,
+        method: "POST",
+        url: "/v1/chat/completions",
+        body,
+    };
+    let mut bytes = serde_json::to_vec(&line).expect("requests serialize");
+    bytes.push(b'\n');
+    bytes
 }
 
 impl RequestFile {
@@ -37,22 +51,21 @@ impl RequestFile {
             partial,
             out: std::io::BufWriter::new(file),
             written: 0,
+            bytes: 0,
         })
     }
 
     /// Adds a request keyed by its hash.
     pub fn add(&mut self, custom_id: &str, body: &ChatRequest) -> Result<(), LlmError> {
-        let line = RequestLine {
-            custom_id,
-            method: "POST",
-            url: "/v1/chat/completions",
-            body,
-        };
-        serde_json::to_writer(&mut self.out, &line).expect("requests serialize");
+        self.add_line(&request_line(custom_id, body))
+    }
+
+    fn add_line(&mut self, line: &[u8]) -> Result<(), LlmError> {
         self.out
-            .write_all(b"\n")
+            .write_all(line)
             .map_err(|e| io_error(&self.path, &e))?;
         self.written += 1;
+        self.bytes += line.len() as u64;
         Ok(())
     }
 
@@ -63,6 +76,88 @@ impl RequestFile {
         file.sync_all().map_err(io)?;
         std::fs::rename(&self.partial, &self.path).map_err(io)?;
         Ok(self.written)
+    }
+}
+
+/// How much one batch input file may hold: the OpenAI Batch API takes at most 50,000 requests
+/// and 200 MB a batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PartLimits {
+    pub requests: usize,
+    pub bytes: u64,
+}
+
+/// A finished part of a split batch input: its file and how many requests it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Part {
+    pub path: PathBuf,
+    pub requests: usize,
+}
+
+/// Batch input files within [`PartLimits`], written one after the other:
+/// `DIR/STEM-0.jsonl`, `DIR/STEM-1.jsonl`, ... A part is started by its first request, so
+/// no part is empty.
+pub(crate) struct RequestParts {
+    dir: PathBuf,
+    stem: String,
+    limits: PartLimits,
+    current: Option<RequestFile>,
+    finished: Vec<Part>,
+}
+
+impl RequestParts {
+    pub fn new(dir: &Path, stem: &str, limits: PartLimits) -> RequestParts {
+        RequestParts {
+            dir: dir.to_path_buf(),
+            stem: stem.to_string(),
+            limits,
+            current: None,
+            finished: Vec::new(),
+        }
+    }
+
+    /// Adds a request keyed by its hash to the current part, or to a new one when it would
+    /// take the current part past a limit.
+    pub fn add(&mut self, custom_id: &str, body: &ChatRequest) -> Result<(), LlmError> {
+        let line = request_line(custom_id, body);
+        let size = line.len() as u64;
+        if size > self.limits.bytes {
+            return Err(LlmError::Config(format!(
+                "request {custom_id} is {size} bytes, more than one batch file may hold ({} bytes)",
+                self.limits.bytes
+            )));
+        }
+        let full = self.current.as_ref().is_some_and(|part| {
+            part.written == self.limits.requests || part.bytes + size > self.limits.bytes
+        });
+        if full {
+            self.finish_current()?;
+        }
+        let part = match &mut self.current {
+            Some(part) => part,
+            None => {
+                let path = self
+                    .dir
+                    .join(format!("{}-{}.jsonl", self.stem, self.finished.len()));
+                self.current.insert(RequestFile::create(&path)?)
+            }
+        };
+        part.add_line(&line)
+    }
+
+    fn finish_current(&mut self) -> Result<(), LlmError> {
+        if let Some(part) = self.current.take() {
+            let path = part.path.clone();
+            let requests = part.finish()?;
+            self.finished.push(Part { path, requests });
+        }
+        Ok(())
+    }
+
+    /// Finishes the last part; returns every part in order (none when no request was added).
+    pub fn finish(mut self) -> Result<Vec<Part>, LlmError> {
+        self.finish_current()?;
+        Ok(self.finished)
     }
 }
 
@@ -204,6 +299,78 @@ mod tests {
             .to_string();
         assert!(
             error.ends_with("out.jsonl:2: not a batch result: expected ident at line 1 column 2"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn parts_hold_at_most_their_limits_and_together_every_request_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |i: usize| request_line(&format!("h{i}"), &request(&format!("r{i}")));
+        let size = line(0).len() as u64;
+        let whole = dir.path().join("whole.jsonl");
+        let mut file = RequestFile::create(&whole).unwrap();
+        for i in 0..7 {
+            file.add(&format!("h{i}"), &request(&format!("r{i}")))
+                .unwrap();
+        }
+        file.finish().unwrap();
+        // Three requests a part by count, then two by bytes.
+        for (limits, sizes) in [
+            (
+                PartLimits {
+                    requests: 3,
+                    bytes: 100 * size,
+                },
+                vec![3, 3, 1],
+            ),
+            (
+                PartLimits {
+                    requests: 100,
+                    bytes: 2 * size + 1,
+                },
+                vec![2, 2, 2, 1],
+            ),
+        ] {
+            let mut parts = RequestParts::new(dir.path(), "part", limits);
+            for i in 0..7 {
+                assert_eq!(line(i).len() as u64, size, "requests of one size");
+                parts
+                    .add(&format!("h{i}"), &request(&format!("r{i}")))
+                    .unwrap();
+            }
+            let parts = parts.finish().unwrap();
+            assert_eq!(parts.iter().map(|p| p.requests).collect::<Vec<_>>(), sizes);
+            let mut joined = String::new();
+            for (n, part) in parts.iter().enumerate() {
+                assert_eq!(part.path, dir.path().join(format!("part-{n}.jsonl")));
+                let text = std::fs::read_to_string(&part.path).unwrap();
+                assert_eq!(text.lines().count(), part.requests);
+                assert!(text.len() as u64 <= limits.bytes);
+                joined.push_str(&text);
+            }
+            assert_eq!(joined, std::fs::read_to_string(&whole).unwrap());
+        }
+        let empty = RequestParts::new(
+            dir.path(),
+            "none",
+            PartLimits {
+                requests: 1,
+                bytes: 1 << 20,
+            },
+        );
+        assert!(empty.finish().unwrap().is_empty());
+        let mut small = RequestParts::new(
+            dir.path(),
+            "small",
+            PartLimits {
+                requests: 1,
+                bytes: size - 1,
+            },
+        );
+        let error = small.add("h0", &request("r0")).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!("request h0 is {size} bytes")),
             "{error}"
         );
     }

@@ -2,7 +2,8 @@
 //! output and error files. Half the price of single requests on hosted APIs; the answers come
 //! within the completion window instead of at once.
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -65,7 +66,14 @@ struct BatchList {
     data: Vec<Batch>,
 }
 
+/// The slowest upload that finishes: a batch input file may take its size at this rate on top
+/// of the timeout (a 200 MB file, 200 s more).
+const MIN_UPLOAD_BYTES_PER_S: f64 = 1e6;
+
 impl BatchApi {
+    /// `timeout` bounds each call, except that an upload gets more time by its size and a
+    /// download goes on as long as each chunk of it arrives within `timeout`: batch files are
+    /// hundreds of megabytes.
     pub fn new(
         endpoint: &str,
         api_key: Option<Secret>,
@@ -73,7 +81,7 @@ impl BatchApi {
     ) -> Result<Self, LlmError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
-            .timeout(timeout)
+            .connect_timeout(timeout)
             .build()
             .map_err(|e| LlmError::Config(e.to_string()))?;
         let base = endpoint.trim_end_matches('/');
@@ -86,15 +94,24 @@ impl BatchApi {
         })
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, LlmError> {
+    /// Sends `request`; without a `timeout` of its own, the caller bounds it.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, LlmError> {
         let request = match &self.api_key {
             Some(key) => request.bearer_auth(key.expose()),
+            None => request,
+        };
+        let request = match timeout {
+            Some(timeout) => request.timeout(timeout),
             None => request,
         };
         let response = request
             .send()
             .await
-            .map_err(|e| transport_error(e, self.timeout))?;
+            .map_err(|e| transport_error(e, timeout.unwrap_or(self.timeout)))?;
         successful(response).await
     }
 
@@ -102,16 +119,35 @@ impl BatchApi {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<T, LlmError> {
+        self.json_within(request, self.timeout).await
+    }
+
+    async fn json_within<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<T, LlmError> {
         let bytes = self
-            .send(request)
+            .send(request, Some(timeout))
             .await?
             .bytes()
             .await
-            .map_err(|e| transport_error(e, self.timeout))?;
+            .map_err(|e| transport_error(e, timeout))?;
         serde_json::from_slice(&bytes).map_err(|e| LlmError::Malformed(e.to_string()))
     }
 
-    /// Uploads a batch input file (`purpose: batch`); returns its file id.
+    /// `work`, or a timeout error once it has taken `self.timeout`.
+    async fn within<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, LlmError>>,
+    ) -> Result<T, LlmError> {
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or(Err(LlmError::Timeout(self.timeout.as_secs_f64())))
+    }
+
+    /// Uploads a batch input file (`purpose: batch`); returns its file id. The file is read
+    /// whole: a batch input is at most 200 MB (`PartLimits`).
     pub async fn upload(&self, path: &Path) -> Result<String, LlmError> {
         let content = std::fs::read(path).map_err(|e| LlmError::BatchFile {
             path: path.to_path_buf(),
@@ -128,6 +164,7 @@ impl BatchApi {
         .into_bytes();
         body.extend_from_slice(&content);
         body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let body_len = body.len();
         let request = self
             .client
             .post(format!("{}/files", self.base))
@@ -136,7 +173,9 @@ impl BatchApi {
                 format!("multipart/form-data; boundary={boundary}"),
             )
             .body(body);
-        Ok(self.json::<Created>(request).await?.id)
+        let timeout =
+            self.timeout + Duration::from_secs_f64(body_len as f64 / MIN_UPLOAD_BYTES_PER_S);
+        Ok(self.json_within::<Created>(request, timeout).await?.id)
     }
 
     /// Creates a batch of chat completions over an uploaded input file.
@@ -173,18 +212,29 @@ impl BatchApi {
             .find(|b| b.input_file_id.as_deref() == Some(input_file_id)))
     }
 
-    /// A file's content (an output or error file).
-    pub async fn download(&self, file_id: &str) -> Result<Vec<u8>, LlmError> {
-        let response = self
-            .send(
-                self.client
-                    .get(format!("{}/files/{file_id}/content", self.base)),
-            )
-            .await?;
-        Ok(response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(e, self.timeout))?
-            .to_vec())
+    /// Downloads a file's content (an output or error file) to `path`, one chunk in memory at
+    /// a time; `path` appears once the whole content is there and synced.
+    pub async fn download(&self, file_id: &str, path: &Path) -> Result<(), LlmError> {
+        let url = format!("{}/files/{file_id}/content", self.base);
+        let mut response = self.within(self.send(self.client.get(url), None)).await?;
+        let io = |e: std::io::Error| LlmError::BatchFile {
+            path: path.to_path_buf(),
+            line: 0,
+            message: e.to_string(),
+        };
+        let partial = PathBuf::from(format!("{}.partial", path.display()));
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(io)?);
+        loop {
+            let chunk = response.chunk();
+            let chunk =
+                self.within(async { chunk.await.map_err(|e| transport_error(e, self.timeout)) });
+            let Some(chunk) = chunk.await? else {
+                break;
+            };
+            file.write_all(&chunk).map_err(io)?;
+        }
+        let file = file.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&partial, path).map_err(io)
     }
 }

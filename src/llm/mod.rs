@@ -19,8 +19,8 @@ mod structured;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-pub(crate) use batch::{RequestFile, read_results};
-pub(crate) use batch_api::BatchApi;
+pub(crate) use batch::{Part, PartLimits, RequestFile, RequestParts, read_results};
+pub(crate) use batch_api::{Batch, BatchApi};
 pub use embedded::{EmbeddedBackend, EmbeddedOptions};
 pub use journal::{Answered, JournalEntry, JournalIndex, OpenedJournal};
 pub use journal::{Journal, JournalError};

@@ -41,6 +41,8 @@ pub enum Reply {
     Status(u16, String, Option<u32>),
     /// Wait, then run the inner reply.
     Stall(Duration, Box<Reply>),
+    /// 200 with this body sent in 4 pieces, after each pause (a slow transfer).
+    Trickle(Duration, String),
     /// Close the connection without answering.
     Drop,
     /// 200 with a body that is not JSON.
@@ -157,6 +159,22 @@ async fn serve(
             Reply::Status(status, body, retry_after) => (status, body, retry_after),
             Reply::Malformed => (200, "{\"choices\": [ this is not json".to_string(), None),
             Reply::Drop => return,
+            Reply::Trickle(pause, body) => {
+                let head = format!(
+                    "HTTP/1.1 200 X\r\ncontent-type: application/jsonl\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for piece in body.as_bytes().chunks(body.len().div_ceil(4).max(1)) {
+                    tokio::time::sleep(pause).await;
+                    if socket.write_all(piece).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
             Reply::Stall(..) => unreachable!(),
         };
         let mut response = format!(

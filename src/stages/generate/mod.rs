@@ -17,9 +17,9 @@ use batch::{BatchApiConfig, BatchFiles, import_batch};
 
 use crate::llm::{
     Answered, ChatBackend, ChatRequest, ChatResponse, EmbeddedBackend, EmbeddedOptions,
-    GradedPassage, Journal, JournalEntry, JournalIndex, Message, OpenAiBackend, OpenAiConfig,
-    ParseError, RequestFile, RetryPolicy, Secret, StructuredOutput, graded_passages_schema,
-    parse_all_levels, parse_single_level,
+    GradedPassage, Journal, JournalEntry, JournalIndex, LlmError, Message, OpenAiBackend,
+    OpenAiConfig, ParseError, RequestFile, RetryPolicy, Secret, StructuredOutput,
+    graded_passages_schema, parse_all_levels, parse_single_level,
 };
 use crate::pipeline::{
     ConfigError, InputRole, InputRoles, NamedFile, OutputDecl, Stage, StageContext, StageError,
@@ -594,20 +594,19 @@ impl GenerateStage {
         .await
     }
 
-    /// Writes the pending requests to a batch input file; returns how many it holds.
-    async fn write_pending(
+    /// Calls `add` with each pending request as it would be sent (constrained), keyed by its
+    /// hash: how batch input files are written.
+    async fn each_pending_request(
         &self,
         ctx: &mut StageContext,
-        path: &Path,
         index: &JournalIndex,
-    ) -> Result<usize, StageError> {
-        let mut file = RequestFile::create(path)?;
+        mut add: impl FnMut(&str, &ChatRequest) -> Result<(), LlmError>,
+    ) -> Result<(), StageError> {
         self.each_pending(ctx, index, |mut job| {
             self.constrain(&mut job);
-            Ok(file.add(&job.hash, &job.request)?)
+            Ok(add(&job.hash, &job.request)?)
         })
-        .await?;
-        Ok(file.finish()?)
+        .await
     }
 
     /// The prompts' work, in passes over the prompts that hold one input batch at a time:
@@ -653,7 +652,10 @@ impl GenerateStage {
         if let Some(files) = &self.batch_files
             && pending > 0
         {
-            let written = self.write_pending(ctx, &files.input, &index).await?;
+            let mut file = RequestFile::create(&files.input)?;
+            self.each_pending_request(ctx, &index, |hash, request| file.add(hash, request))
+                .await?;
+            let written = file.finish()?;
             return Err(StageError::BatchPending {
                 written,
                 input: files.input.clone(),
