@@ -374,13 +374,21 @@ fn requests_per_second_paces_the_requests() {
     common::run(&p, Selection::Only("prompts".into()), false);
     common::run(&p, Selection::Only("gen".into()), false);
     assert_eq!(server.count(), 6);
-    // Six requests at 20/s arrive at least 50 ms apart, one from the next (a little less for
-    // the network's jitter), whatever else the stage spends its time on.
+    // Six requests at 20/s span 5 x 50 ms from the first to the last (less 10% for jitter),
+    // whatever else the stage spends its time on. One late arrival (the server's thread
+    // scheduled late on a loaded machine) shortens the gap after it and lengthens the one
+    // before, so the span is checked closely and each gap loosely: two requests let through
+    // together still fail it.
     let mut arrivals: Vec<Instant> = server.requests().iter().map(|r| r.at).collect();
     arrivals.sort();
+    let span = arrivals[5] - arrivals[0];
+    assert!(
+        span >= Duration::from_millis(225),
+        "six requests within {span:?}"
+    );
     for pair in arrivals.windows(2) {
         let gap = pair[1] - pair[0];
-        assert!(gap >= Duration::from_millis(45), "requests {gap:?} apart");
+        assert!(gap >= Duration::from_millis(20), "requests {gap:?} apart");
     }
 }
 
