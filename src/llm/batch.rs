@@ -19,12 +19,43 @@ struct RequestLine<'a> {
     body: &'a ChatRequest,
 }
 
-/// A batch input file being written, one request at a time; it appears under its name only
-/// once finished, so a reader never sees a half-written file.
-pub(crate) struct RequestFile {
+/// A batch file written under `PATH.partial` and renamed to `PATH` once complete and synced,
+/// so a reader (or a run after a crash) never sees part of it.
+pub(super) struct PartialFile {
     path: PathBuf,
     partial: PathBuf,
     out: std::io::BufWriter<std::fs::File>,
+}
+
+impl PartialFile {
+    pub fn create(path: &Path) -> Result<PartialFile, LlmError> {
+        let partial = PathBuf::from(format!("{}.partial", path.display()));
+        let file = std::fs::File::create(&partial).map_err(|e| io_error(path, &e))?;
+        Ok(PartialFile {
+            path: path.to_path_buf(),
+            partial,
+            out: std::io::BufWriter::new(file),
+        })
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), LlmError> {
+        self.out
+            .write_all(bytes)
+            .map_err(|e| io_error(&self.path, &e))
+    }
+
+    pub fn finish(self) -> Result<(), LlmError> {
+        let io = |e: std::io::Error| io_error(&self.path, &e);
+        let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&self.partial, &self.path).map_err(io)
+    }
+}
+
+/// A batch input file being written, one request at a time; it appears under its name only
+/// once finished.
+pub(crate) struct RequestFile {
+    file: PartialFile,
     written: usize,
     bytes: u64,
 }
@@ -44,12 +75,8 @@ fn request_line(custom_id: &str, body: &ChatRequest) -> Vec<u8> {
 
 impl RequestFile {
     pub fn create(path: &Path) -> Result<RequestFile, LlmError> {
-        let partial = PathBuf::from(format!("{}.partial", path.display()));
-        let file = std::fs::File::create(&partial).map_err(|e| io_error(path, &e))?;
         Ok(RequestFile {
-            path: path.to_path_buf(),
-            partial,
-            out: std::io::BufWriter::new(file),
+            file: PartialFile::create(path)?,
             written: 0,
             bytes: 0,
         })
@@ -61,9 +88,7 @@ impl RequestFile {
     }
 
     fn add_line(&mut self, line: &[u8]) -> Result<(), LlmError> {
-        self.out
-            .write_all(line)
-            .map_err(|e| io_error(&self.path, &e))?;
+        self.file.write(line)?;
         self.written += 1;
         self.bytes += line.len() as u64;
         Ok(())
@@ -71,10 +96,7 @@ impl RequestFile {
 
     /// Syncs the file and renames it into place; returns how many requests it holds.
     pub fn finish(self) -> Result<usize, LlmError> {
-        let io = |e: std::io::Error| io_error(&self.path, &e);
-        let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&self.partial, &self.path).map_err(io)?;
+        self.file.finish()?;
         Ok(self.written)
     }
 }
@@ -147,7 +169,7 @@ impl RequestParts {
 
     fn finish_current(&mut self) -> Result<(), LlmError> {
         if let Some(part) = self.current.take() {
-            let path = part.path.clone();
+            let path = part.file.path.clone();
             let requests = part.finish()?;
             self.finished.push(Part { path, requests });
         }
@@ -161,7 +183,8 @@ impl RequestParts {
     }
 }
 
-fn io_error(path: &Path, e: &std::io::Error) -> LlmError {
+/// An I/O error on a batch file, naming the file.
+pub(super) fn io_error(path: &Path, e: &std::io::Error) -> LlmError {
     batch_file_error(path, 0, e.to_string())
 }
 

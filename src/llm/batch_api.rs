@@ -2,13 +2,13 @@
 //! output and error files. Half the price of single requests on hosted APIs; the answers come
 //! within the completion window instead of at once.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
 
+use super::batch::{PartialFile, io_error};
 use super::openai::{successful, transport_error};
 use super::{LlmError, Secret};
 
@@ -146,24 +146,29 @@ impl BatchApi {
             .unwrap_or(Err(LlmError::Timeout(self.timeout.as_secs_f64())))
     }
 
-    /// Uploads a batch input file (`purpose: batch`); returns its file id. The file is read
-    /// whole: a batch input is at most 200 MB (`PartLimits`).
+    /// Uploads a batch input file (`purpose: batch`); returns its file id. The file is held in
+    /// memory once, as the request's body: a batch input is at most `max_file_mb`.
     pub async fn upload(&self, path: &Path) -> Result<String, LlmError> {
-        let content = std::fs::read(path).map_err(|e| LlmError::BatchFile {
-            path: path.to_path_buf(),
-            line: 0,
-            message: e.to_string(),
-        })?;
-        // multipart/form-data by hand: two parts, no dependency for it.
-        let boundary = format!("synthrank-{}", blake3::hash(&content).to_hex());
+        let io = |e: std::io::Error| io_error(path, &e);
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len() as usize;
+        // multipart/form-data by hand: two parts, no dependency for it. The boundary is drawn
+        // before the content is read, so that the content is read once, into the body.
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let seed = format!("{}:{size}:{}", path.display(), started.as_nanos());
+        let boundary = format!("synthrank-{}", blake3::hash(seed.as_bytes()).to_hex());
+        let trailer = format!("\r\n--{boundary}--\r\n");
         let mut body = format!(
             "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
              --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"requests.jsonl\"\r\n\
              Content-Type: application/jsonl\r\n\r\n"
         )
         .into_bytes();
-        body.extend_from_slice(&content);
-        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        body.reserve_exact(size + trailer.len());
+        std::io::Read::read_to_end(&mut file, &mut body).map_err(io)?;
+        body.extend_from_slice(trailer.as_bytes());
         let body_len = body.len();
         let request = self
             .client
@@ -217,13 +222,7 @@ impl BatchApi {
     pub async fn download(&self, file_id: &str, path: &Path) -> Result<(), LlmError> {
         let url = format!("{}/files/{file_id}/content", self.base);
         let mut response = self.within(self.send(self.client.get(url), None)).await?;
-        let io = |e: std::io::Error| LlmError::BatchFile {
-            path: path.to_path_buf(),
-            line: 0,
-            message: e.to_string(),
-        };
-        let partial = PathBuf::from(format!("{}.partial", path.display()));
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(io)?);
+        let mut file = PartialFile::create(path)?;
         loop {
             let chunk = response.chunk();
             let chunk =
@@ -231,10 +230,8 @@ impl BatchApi {
             let Some(chunk) = chunk.await? else {
                 break;
             };
-            file.write_all(&chunk).map_err(io)?;
+            file.write(&chunk)?;
         }
-        let file = file.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&partial, path).map_err(io)
+        file.finish()
     }
 }
