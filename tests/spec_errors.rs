@@ -212,6 +212,14 @@ fn cli_reports_spec_errors_in_one_line_with_exit_code_2() {
     );
 }
 
+/// The error of a spec whose `generate` stage `g` has `line` (on line 17) in its config.
+fn generate_config_error(line: &str) -> String {
+    error_of(&format!(
+        "name: p\nstages:\n{QUERIES}  - name: pr\n    kind: render_prompts\n    inputs: [q]\n    config: {{template: q.jsonl}}\n  \
+         - name: g\n    kind: generate\n    inputs: [pr]\n    config:\n      endpoints: [http://127.0.0.1:9/v1]\n      model: m\n      {line}\n"
+    ))
+}
+
 /// Durations that `std::time::Duration` cannot hold (negative, NaN, astronomically large, or a
 /// rate whose interval is) are refused with the field's line, never a panic at run time.
 #[test]
@@ -224,10 +232,7 @@ fn out_of_range_durations_name_the_field() {
         ("requests_per_second", "1.0e-300"),
         ("requests_per_second", "-2"),
     ] {
-        let msg = error_of(&format!(
-            "name: p\nstages:\n{QUERIES}  - name: pr\n    kind: render_prompts\n    inputs: [q]\n    config: {{template: q.jsonl}}\n  \
-             - name: g\n    kind: generate\n    inputs: [pr]\n    config:\n      endpoints: [http://127.0.0.1:9/v1]\n      model: m\n      {field}: {value}\n"
-        ));
+        let msg = generate_config_error(&format!("{field}: {value}"));
         assert!(
             msg.starts_with(&format!(":17: stage `g`, field `{field}`: must be")),
             "{field}: {value}: {msg}"
@@ -245,10 +250,7 @@ fn batch_api_limits_name_the_field() {
         ("{max_file_mb: -5}", "max_file_mb"),
         ("{max_in_flight: 0}", "max_in_flight"),
     ] {
-        let msg = error_of(&format!(
-            "name: p\nstages:\n{QUERIES}  - name: pr\n    kind: render_prompts\n    inputs: [q]\n    config: {{template: q.jsonl}}\n  \
-             - name: g\n    kind: generate\n    inputs: [pr]\n    config:\n      endpoints: [http://127.0.0.1:9/v1]\n      model: m\n      batch_api: {value}\n"
-        ));
+        let msg = generate_config_error(&format!("batch_api: {value}"));
         assert!(
             msg.contains(&format!("stage `g`, field `batch_api.{field}`: must be")),
             "{value}: {msg}"

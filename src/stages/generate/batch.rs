@@ -89,11 +89,12 @@ pub(super) fn check_config(config: &Config) -> Result<(), ConfigError> {
     }
     if let Some(api) = &config.batch_api {
         check_seconds("batch_api.poll_s", api.poll_s, false)?;
-        if api.max_requests == 0 {
-            return Err(ConfigError::new(
-                "batch_api.max_requests",
-                "must be at least 1",
-            ));
+        let counts = [
+            ("batch_api.max_requests", Some(api.max_requests)),
+            ("batch_api.max_in_flight", api.max_in_flight),
+        ];
+        if let Some((field, _)) = counts.into_iter().find(|(_, n)| *n == Some(0)) {
+            return Err(ConfigError::new(field, "must be at least 1"));
         }
         if !(api.max_file_mb.is_finite() && api.limits().bytes > 0) {
             return Err(ConfigError::new(
@@ -102,12 +103,6 @@ pub(super) fn check_config(config: &Config) -> Result<(), ConfigError> {
                     "must be a positive number of megabytes, not {}",
                     api.max_file_mb
                 ),
-            ));
-        }
-        if api.max_in_flight == Some(0) {
-            return Err(ConfigError::new(
-                "batch_api.max_in_flight",
-                "must be at least 1",
             ));
         }
     }
