@@ -758,30 +758,83 @@ fn batch_files_carry_the_requests_out_and_their_answers_back() {
 
 /// An OpenAI Batch API on the test server: files and batches, each batch answered by the good
 /// model once `finish` is set (until then it stays `in_progress`). Files are downloaded in 4
-/// pieces, `pause` before each.
-fn batch_api_server(finish: Arc<AtomicBool>, pause: Duration) -> LlmServer {
-    let files = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+/// pieces, `pause` before each. Each batch created is followed by `others` batches of someone
+/// else's, and the list comes newest first in pages of 2 (a server may give fewer than asked).
+/// With `lose_first_create`, the connection drops after the first batch is created, before the
+/// answer.
+#[derive(Default)]
+struct BatchServer {
+    finish: Arc<AtomicBool>,
+    pause: Duration,
+    others: usize,
+    lose_first_create: bool,
+}
+
+fn batch_api_server(config: BatchServer) -> LlmServer {
+    let BatchServer {
+        finish,
+        pause,
+        others,
+        lose_first_create,
+    } = config;
+    // Contents, and batches, with their creation times on one clock.
+    let files = Arc::new(std::sync::Mutex::new(Vec::<(String, i64)>::new()));
     let batches = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let clock = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let ok = |v: serde_json::Value| Reply::Status(200, v.to_string(), None);
     LlmServer::start(move |r, _| {
         let (mut files, mut batches) = (files.lock().unwrap(), batches.lock().unwrap());
+        let tick = || clock.fetch_add(1, Ordering::SeqCst) + 1;
         match (r.method.as_str(), r.path.as_str()) {
             ("POST", "/v1/files") => {
                 let raw = String::from_utf8_lossy(&r.raw);
                 let start = raw.find("application/jsonl\r\n\r\n").unwrap() + 21;
                 let end = raw.rfind("\r\n--").unwrap();
-                files.push(raw[start..end].to_string());
+                files.push((raw[start..end].to_string(), tick()));
+                let (n, created_at) = (files.len() - 1, files[files.len() - 1].1);
                 ok(
-                    serde_json::json!({"id": format!("file-{}", files.len() - 1), "purpose": "batch"}),
+                    serde_json::json!({"id": format!("file-{n}"), "purpose": "batch", "created_at": created_at}),
                 )
             }
+            ("GET", path) if path.starts_with("/v1/files/file-") && !path.ends_with("/content") => {
+                let n: usize = path["/v1/files/file-".len()..].parse().unwrap();
+                ok(serde_json::json!({"id": format!("file-{n}"), "created_at": files[n].1}))
+            }
             ("POST", "/v1/batches") => {
-                let batch = serde_json::json!({"id": format!("batch-{}", batches.len()), "status": "in_progress",
-                    "input_file_id": r.body["input_file_id"], "request_counts": {"total": 0, "completed": 0, "failed": 0}});
+                let ours = batches
+                    .iter()
+                    .filter(|b| b["input_file_id"] != "elsewhere")
+                    .count();
+                let batch = serde_json::json!({"id": format!("batch-{ours}"), "status": "in_progress",
+                    "input_file_id": r.body["input_file_id"], "created_at": tick(),
+                    "request_counts": {"total": 0, "completed": 0, "failed": 0}});
                 batches.push(batch.clone());
+                for _ in 0..others {
+                    let n = batches.len();
+                    batches.push(
+                        serde_json::json!({"id": format!("other-{n}"), "status": "completed",
+                        "input_file_id": "elsewhere", "created_at": tick()}),
+                    );
+                }
+                if lose_first_create && ours == 0 {
+                    return Reply::Drop;
+                }
                 ok(batch)
             }
-            ("GET", "/v1/batches?limit=100") => ok(serde_json::json!({"data": *batches})),
+            ("GET", path) if path.starts_with("/v1/batches?") => {
+                let newest_first: Vec<&serde_json::Value> = batches.iter().rev().collect();
+                let from = match path.split_once("&after=") {
+                    Some((_, after)) => {
+                        newest_first.iter().position(|b| b["id"] == after).unwrap() + 1
+                    }
+                    None => 0,
+                };
+                let page: Vec<_> = newest_first.iter().skip(from).take(2).collect();
+                ok(
+                    serde_json::json!({"data": page, "has_more": from + 2 < newest_first.len(),
+                    "last_id": page.last().map(|b| b["id"].clone())}),
+                )
+            }
             ("GET", path) if path.starts_with("/v1/batches/") => {
                 let id = &path["/v1/batches/".len()..];
                 let batch = batches.iter_mut().find(|b| b["id"] == id).unwrap();
@@ -791,9 +844,9 @@ fn batch_api_server(finish: Arc<AtomicBool>, pause: Duration) -> LlmServer {
                         .unwrap();
                     let dir = tempfile::tempdir().unwrap();
                     let (i, o) = (dir.path().join("i"), dir.path().join("o"));
-                    std::fs::write(&i, &files[input]).unwrap();
+                    std::fs::write(&i, &files[input].0).unwrap();
                     run_batch_offline(&i, &o, &[]);
-                    files.push(std::fs::read_to_string(&o).unwrap());
+                    files.push((std::fs::read_to_string(&o).unwrap(), tick()));
                     batch["status"] = "completed".into();
                     batch["output_file_id"] = format!("file-{}", files.len() - 1).into();
                 }
@@ -803,7 +856,7 @@ fn batch_api_server(finish: Arc<AtomicBool>, pause: Duration) -> LlmServer {
                 let n: usize = path["/v1/files/file-".len()..path.len() - "/content".len()]
                     .parse()
                     .unwrap();
-                Reply::Trickle(pause, files[n].clone())
+                Reply::Trickle(pause, files[n].0.clone())
             }
             _ => Reply::Status(404, "{}".to_string(), None),
         }
@@ -828,7 +881,14 @@ fn uploaded_files(server: &LlmServer) -> Vec<usize> {
 #[test]
 fn a_batch_api_run_killed_mid_poll_resumes_the_same_batches_and_never_submits_twice() {
     let finish = Arc::new(AtomicBool::new(false));
-    let server = batch_api_server(finish.clone(), Duration::ZERO);
+    // Three batches of someone else's after each of ours: the lost one is on the second page.
+    // The answer to the first create is lost: the retry finds that batch.
+    let server = batch_api_server(BatchServer {
+        finish: finish.clone(),
+        others: 3,
+        lose_first_create: true,
+        ..BatchServer::default()
+    });
     let dir = tempfile::tempdir().unwrap();
     // 6 requests at most 4 a batch: two batches.
     let spec = pipeline(
@@ -888,6 +948,10 @@ fn a_batch_api_run_killed_mid_poll_resumes_the_same_batches_and_never_submits_tw
     };
     assert_eq!(uploaded_files(&server), [4, 2], "each batch uploaded once");
     assert_eq!(count("POST", "/v1/batches"), 2, "each submitted once");
+    assert!(
+        server.requests().iter().any(|r| r.path.contains("&after=")),
+        "found past the first page"
+    );
     assert_eq!(count("POST", "/v1/chat/completions"), 0);
     assert_eq!(rows(&dir.path().join("work/gen/graded_docs.parquet")), 24);
     assert!(!state.exists(), "no batch left in flight");
@@ -922,7 +986,10 @@ fn batch_api_batches_keep_to_the_file_size_and_the_number_in_flight() {
     // Two of the longest lines fit, three do not.
     let limit = 5 * longest / 2;
 
-    let server = batch_api_server(Arc::new(AtomicBool::new(true)), Duration::ZERO);
+    let server = batch_api_server(BatchServer {
+        finish: Arc::new(AtomicBool::new(true)),
+        ..BatchServer::default()
+    });
     let dir = tempfile::tempdir().unwrap();
     let spec = pipeline(
         dir.path(),
@@ -964,10 +1031,11 @@ fn batch_api_batches_keep_to_the_file_size_and_the_number_in_flight() {
 #[test]
 fn batch_api_downloads_are_bounded_by_stalls_not_by_their_length() {
     for (pause_ms, succeeds) in [(200, true), (900, false)] {
-        let server = batch_api_server(
-            Arc::new(AtomicBool::new(true)),
-            Duration::from_millis(pause_ms),
-        );
+        let server = batch_api_server(BatchServer {
+            finish: Arc::new(AtomicBool::new(true)),
+            pause: Duration::from_millis(pause_ms),
+            ..BatchServer::default()
+        });
         let dir = tempfile::tempdir().unwrap();
         let spec = pipeline(
             dir.path(),

@@ -27,6 +27,9 @@ pub(crate) struct Batch {
     pub status: String,
     #[serde(default)]
     pub input_file_id: Option<String>,
+    /// Unix seconds, on the same clock as the input file's.
+    #[serde(default)]
+    pub created_at: Option<i64>,
     #[serde(default)]
     pub output_file_id: Option<String>,
     #[serde(default)]
@@ -61,9 +64,49 @@ struct Created {
     id: String,
 }
 
+/// A page of the batch list, newest first.
 #[derive(Deserialize)]
 struct BatchList {
     data: Vec<Batch>,
+    #[serde(default)]
+    has_more: bool,
+    #[serde(default)]
+    last_id: Option<String>,
+}
+
+/// What matters of an uploaded file: when it was uploaded (unix seconds).
+#[derive(Deserialize)]
+struct FileObject {
+    #[serde(default)]
+    created_at: Option<i64>,
+}
+
+/// Batches asked for per page of the list (the API's largest page).
+const LIST_PAGE: usize = 100;
+
+/// What a page of batches, newest first, says of the batch made from a file.
+#[derive(Debug)]
+enum Scan {
+    Found(Batch),
+    /// The page reaches batches created before the file was uploaded: none further can have
+    /// been made from it.
+    Absent,
+    /// Not on this page; it may be on the next.
+    NotYet,
+}
+
+fn scan(page: Vec<Batch>, input_file_id: &str, uploaded_at: Option<i64>) -> Scan {
+    for batch in page {
+        if batch.input_file_id.as_deref() == Some(input_file_id) {
+            return Scan::Found(batch);
+        }
+        if let (Some(created), Some(uploaded)) = (batch.created_at, uploaded_at)
+            && created < uploaded
+        {
+            return Scan::Absent;
+        }
+    }
+    Scan::NotYet
 }
 
 /// The slowest upload that finishes: a batch input file may take its size at this rate on top
@@ -205,16 +248,38 @@ impl BatchApi {
             .await
     }
 
-    /// The most recent batch made from `input_file_id`, if any: how a run that died between
-    /// creating a batch and recording its id finds it instead of creating a second one.
+    /// The batch made from `input_file_id`, if any: how a run finds a batch that was created
+    /// but not recorded (killed in between, or the answer to the create lost) instead of
+    /// creating a second one. The list is read newest first, a page at a time, back to the
+    /// file's upload: however many other batches the organisation created since.
     pub async fn find(&self, input_file_id: &str) -> Result<Option<Batch>, LlmError> {
-        let list: BatchList = self
-            .json(self.client.get(format!("{}/batches?limit=100", self.base)))
+        let file: FileObject = self
+            .json(
+                self.client
+                    .get(format!("{}/files/{input_file_id}", self.base)),
+            )
             .await?;
-        Ok(list
-            .data
-            .into_iter()
-            .find(|b| b.input_file_id.as_deref() == Some(input_file_id)))
+        let mut after: Option<String> = None;
+        loop {
+            let mut query = vec![("limit", LIST_PAGE.to_string())];
+            query.extend(after.iter().map(|id| ("after", id.clone())));
+            let url = reqwest::Url::parse_with_params(&format!("{}/batches", self.base), &query)
+                .map_err(|e| LlmError::Config(format!("{}: {e}", self.base)))?;
+            let page: BatchList = self.json(self.client.get(url)).await?;
+            let next = page
+                .last_id
+                .clone()
+                .or_else(|| page.data.last().map(|b| b.id.clone()));
+            match scan(page.data, input_file_id, file.created_at) {
+                Scan::Found(batch) => return Ok(Some(batch)),
+                Scan::Absent => return Ok(None),
+                // A server that ignores `after` would repeat the page forever.
+                Scan::NotYet if !page.has_more || next.is_none() || next == after => {
+                    return Ok(None);
+                }
+                Scan::NotYet => after = next,
+            }
+        }
     }
 
     /// Downloads a file's content (an output or error file) to `path`, one chunk in memory at
@@ -233,5 +298,37 @@ impl BatchApi {
             file.write(&chunk)?;
         }
         file.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(id: &str, input: &str, created_at: Option<i64>) -> Batch {
+        serde_json::from_value(json!({
+            "id": id, "status": "in_progress", "input_file_id": input, "created_at": created_at,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_page_finds_the_batch_or_says_whether_to_read_on() {
+        let page = || {
+            vec![
+                batch("b3", "other", Some(30)),
+                batch("b2", "mine", Some(20)),
+                batch("b1", "other", Some(10)),
+            ]
+        };
+        assert!(matches!(scan(page(), "mine", Some(20)), Scan::Found(b) if b.id == "b2"));
+        // b1 was created before the file: the list has passed the file's upload.
+        assert!(matches!(scan(page(), "lost", Some(15)), Scan::Absent));
+        // Everything on the page is newer than the file: the next page may hold it.
+        assert!(matches!(scan(page(), "lost", Some(5)), Scan::NotYet));
+        // Without times, only the end of the list says it is absent.
+        let untimed = vec![batch("b1", "other", None)];
+        assert!(matches!(scan(untimed, "lost", Some(15)), Scan::NotYet));
+        assert!(matches!(scan(page(), "lost", None), Scan::NotYet));
     }
 }

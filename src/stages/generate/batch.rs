@@ -288,8 +288,9 @@ struct Batches {
 
 impl Batches {
     /// Uploads part `n`'s input file and creates its batch, each step recorded before the
-    /// next depends on it. A run killed after creating the batch but before recording it
-    /// finds the batch by its input file instead of creating a second one.
+    /// next depends on it. A run killed after creating the batch but before recording it, or
+    /// a create retried after its answer was lost, finds the batch by its input file instead
+    /// of creating a second one.
     async fn submit(&mut self, n: usize, window: &str) -> Result<(), StageError> {
         let (api, policy) = (&self.api, &self.policy);
         let file_id = match self.state.parts[n].file_id.clone() {
@@ -302,10 +303,16 @@ impl Batches {
                 id
             }
         };
-        let batch = match policy.retry(|| api.find(&file_id)).await.0? {
-            Some(batch) => batch,
-            None => policy.retry(|| api.create(&file_id, window)).await.0?,
-        };
+        // Looked for before every attempt: a create whose answer was lost may have made one.
+        let batch = policy
+            .retry(|| async {
+                match api.find(&file_id).await? {
+                    Some(batch) => Ok(batch),
+                    None => api.create(&file_id, window).await,
+                }
+            })
+            .await
+            .0?;
         tracing::debug!(batch = %batch.id, file = %file_id, "batch in flight");
         self.state.parts[n].batch_id = Some(batch.id);
         self.state.save(&self.state_dir)
