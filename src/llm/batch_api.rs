@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -189,30 +190,29 @@ impl BatchApi {
             .unwrap_or(Err(LlmError::Timeout(self.timeout.as_secs_f64())))
     }
 
-    /// Uploads a batch input file (`purpose: batch`); returns its file id. The file is held in
-    /// memory once, as the request's body: a batch input is at most `max_file_mb`.
+    /// Uploads a batch input file (`purpose: batch`); returns its file id. The file is
+    /// streamed into the request a chunk at a time.
     pub async fn upload(&self, path: &Path) -> Result<String, LlmError> {
         let io = |e: std::io::Error| io_error(path, &e);
-        let mut file = std::fs::File::open(path).map_err(io)?;
-        let size = file.metadata().map_err(io)?.len() as usize;
+        let file = tokio::fs::File::open(path).await.map_err(io)?;
+        let size = file.metadata().await.map_err(io)?.len();
         // multipart/form-data by hand: two parts, no dependency for it. The boundary is drawn
-        // before the content is read, so that the content is read once, into the body.
+        // from the file's name, size and the time, not its content, which is never held.
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let seed = format!("{}:{size}:{}", path.display(), started.as_nanos());
         let boundary = format!("synthrank-{}", blake3::hash(seed.as_bytes()).to_hex());
-        let trailer = format!("\r\n--{boundary}--\r\n");
-        let mut body = format!(
+        let head = format!(
             "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
              --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"requests.jsonl\"\r\n\
              Content-Type: application/jsonl\r\n\r\n"
-        )
-        .into_bytes();
-        body.reserve_exact(size + trailer.len());
-        std::io::Read::read_to_end(&mut file, &mut body).map_err(io)?;
-        body.extend_from_slice(trailer.as_bytes());
-        let body_len = body.len();
+        );
+        let tail = format!("\r\n--{boundary}--\r\n");
+        let body_len = head.len() as u64 + size + tail.len() as u64;
+        let body = futures::stream::iter([Ok(head.into_bytes())])
+            .chain(file_chunks(file))
+            .chain(futures::stream::iter([Ok(tail.into_bytes())]));
         let request = self
             .client
             .post(format!("{}/files", self.base))
@@ -220,7 +220,8 @@ impl BatchApi {
                 reqwest::header::CONTENT_TYPE,
                 format!("multipart/form-data; boundary={boundary}"),
             )
-            .body(body);
+            .header(reqwest::header::CONTENT_LENGTH, body_len)
+            .body(reqwest::Body::wrap_stream(body));
         let timeout =
             self.timeout + Duration::from_secs_f64(body_len as f64 / MIN_UPLOAD_BYTES_PER_S);
         Ok(self.json_within::<Created>(request, timeout).await?.id)
@@ -300,6 +301,28 @@ impl BatchApi {
         file.finish()
     }
 }
+
+/// A file's content in chunks of at most [`UPLOAD_CHUNK`] bytes.
+fn file_chunks(
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static {
+    futures::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let mut chunk = vec![0; UPLOAD_CHUNK];
+        match tokio::io::AsyncReadExt::read(&mut file, &mut chunk).await {
+            Ok(0) => None,
+            Ok(n) => {
+                chunk.truncate(n);
+                Some((Ok(chunk), Some(file)))
+            }
+            // The request fails with the error; nothing more is read.
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
+/// Bytes of a batch input file read at a time as it is uploaded.
+const UPLOAD_CHUNK: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
