@@ -23,7 +23,7 @@ echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($(nproc
 echo "inputs: $passages passages ($(du -h "$data/corpus.tsv" | cut -f1)), $queries queries, $graded graded passages"
 printf '%-16s %12s %10s %14s\n' stage rows seconds "peak RSS MiB"
 for stage in corpus queries qrels graded_raw graded lists tokens corpus_slice query_slice \
-  corpus_vectors query_vectors run; do
+  corpus_vectors query_vectors run model; do
   /usr/bin/time -f '%e %M' -o "$dir/time" "$bin" run "$spec" --var "data=$data" \
     --workdir "$work" --only "$stage" 2>"$dir/log" || { cat "$dir/log"; exit 1; }
   rows=$(grep -oP "$stage: done — \K[0-9]+" "$dir/log")

@@ -102,12 +102,17 @@ fn complete_checkpoints(workdir: &Path) -> Vec<PathBuf> {
     steps
 }
 
-fn resumed_from(workdir: &Path) -> u64 {
+/// A counter of the train stage's manifest.
+fn stat(workdir: &Path, name: &str) -> u64 {
     let manifest: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(workdir.join("train/_manifest.json")).unwrap(),
     )
     .unwrap();
-    manifest["stats"]["resumed_from_step"].as_u64().unwrap()
+    manifest["stats"][name].as_u64().unwrap()
+}
+
+fn resumed_from(workdir: &Path) -> u64 {
+    stat(workdir, "resumed_from_step")
 }
 
 #[test]
@@ -124,9 +129,28 @@ fn killed_training_resumes_to_the_same_result() {
     let partial = checkpoints(crashed.path()).join(".step-0000000099.partial");
     std::fs::create_dir_all(&partial).unwrap();
     std::fs::write(partial.join("model.safetensors"), b"half a file").unwrap();
-    run_to_end(&spec, crashed.path());
+    // Resumed with the token ids mapped from a file: where they are kept is not part of the
+    // run, and the lists read from the file are the lists held in memory. The spec is written
+    // where its relative paths name the same files, spelled as before.
+    let repo = common::repo();
+    let layout = tempfile::tempdir().unwrap();
+    for dir in ["models", "data-samples"] {
+        std::os::unix::fs::symlink(repo.join(dir), layout.path().join(dir)).unwrap();
+    }
+    let pipelines = layout.path().join("tests/pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    let mapped = std::fs::read_to_string(&spec).unwrap().replace(
+        "      checkpoint_every: 1\n",
+        "      checkpoint_every: 1\n      tokens_in_memory_mb: 0\n",
+    );
+    let mapped = common::write_spec(&pipelines, "mapped.yaml", &mapped);
+    run_to_end(&mapped, crashed.path());
     let resumed = resumed_from(crashed.path());
     assert!(resumed >= 1, "the rerun did not resume");
+    assert!(
+        stat(crashed.path(), "tokens_mapped_bytes") > 0,
+        "ids not mapped"
+    );
     assert_eq!(log(crashed.path()), log(straight.path()));
     assert_eq!(weights(crashed.path()), weights(straight.path()));
     // Once the model is committed its checkpoints (three times its size) are gone.

@@ -8,10 +8,10 @@ mod load;
 mod render_prompts;
 mod report;
 mod search;
+mod spill_vec;
 mod sql;
 mod tokenize;
 mod train;
-mod vector_store;
 
 use crate::pipeline::Registry;
 

@@ -13,7 +13,7 @@ use crate::pipeline::{
 };
 use crate::retrieval::{self, SearchOptions, Vectors};
 use crate::stages::blocking;
-use crate::stages::vector_store::VectorStore;
+use crate::stages::spill_vec::SpillVec;
 use crate::table::{self, columns};
 
 pub(crate) struct Search;
@@ -44,7 +44,7 @@ struct Config {
     #[serde(default)]
     threads: Option<usize>,
     /// Corpus vectors up to this many MiB are held in memory; larger ones are written to an
-    /// unlinked file in the stage's state directory and mapped (`vector_store`).
+    /// unlinked file in the stage's state directory and mapped (`spill_vec`).
     #[serde(default = "default_corpus_in_memory_mb")]
     corpus_in_memory_mb: u64,
 }
@@ -93,7 +93,7 @@ impl Stage for SearchStage {
 /// Ids and row-major vectors of an embeddings table.
 struct Embeddings {
     ids: Vec<String>,
-    vectors: VectorStore,
+    vectors: SpillVec<f32>,
     dim: usize,
 }
 
@@ -109,7 +109,7 @@ impl Embeddings {
         let state = ctx.state_path().to_path_buf();
         let mut out = Embeddings {
             ids: Vec::new(),
-            vectors: VectorStore::new(memory_limit, &state),
+            vectors: SpillVec::new(memory_limit, &state),
             dim: 0,
         };
         if let Some(rows) = ctx.input_rows(role) {

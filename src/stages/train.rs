@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use arrow::array::{Float64Array, Int32Array, RecordBatch, StringArray};
+use arrow::array::RecordBatch;
 use futures::future::BoxFuture;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -24,10 +24,13 @@ use crate::pipeline::{
 use crate::spec::clean_path;
 use crate::stages::{blocking, with_threads};
 use crate::table::{self, columns};
+
+mod lists;
 use crate::train::{
     AdamWConfig, Decay, Schedule, StepStats, TrainConfig, TrainGroup, Trainer, Warmup,
     warmup_steps_for_ratio, write_synced,
 };
+use lists::{ListsBuilder, TrainLists};
 
 pub(crate) struct Train;
 
@@ -96,6 +99,11 @@ struct Config {
     /// Also write model.onnx into the model directory (for the `embed` stage's onnx backend).
     #[serde(default)]
     export_onnx: bool,
+    /// Token ids of the `tokens` table up to this many MiB are held in memory; more are
+    /// written to an unlinked file in the stage's state directory and mapped. Not part of the
+    /// run key: where the ids are kept does not change the training.
+    #[serde(default = "default_tokens_in_memory_mb", skip_serializing)]
+    tokens_in_memory_mb: u64,
     /// Worker threads for the tensor engine (default: all cores).
     #[serde(default)]
     threads: Option<usize>,
@@ -122,6 +130,10 @@ fn one_usize() -> usize {
 fn yes() -> bool {
     true
 }
+fn default_tokens_in_memory_mb() -> u64 {
+    4096
+}
+
 fn default_betas() -> [f64; 2] {
     [0.9, 0.999]
 }
@@ -255,113 +267,6 @@ struct LogRow {
     samples_per_s: f64,
 }
 
-/// A row of the `tokens` table.
-struct TokenRow {
-    query: String,
-    epoch: i32,
-    position: i32,
-    label: f64,
-    query_tokens: Vec<u32>,
-    passage_tokens: Vec<u32>,
-}
-
-fn token_rows(batches: &[RecordBatch]) -> Vec<TokenRow> {
-    let mut rows = Vec::new();
-    for batch in batches {
-        let q = columns::get::<StringArray>(batch, "query_id");
-        let e = columns::get::<Int32Array>(batch, "epoch");
-        let p = columns::get::<Int32Array>(batch, "position");
-        let l = columns::get::<Float64Array>(batch, "label");
-        let qt = columns::token_lists(batch, "query_tokens");
-        let pt = columns::token_lists(batch, "passage_tokens");
-        for (i, (qt, pt)) in qt.into_iter().zip(pt).enumerate() {
-            rows.push(TokenRow {
-                query: q.value(i).to_string(),
-                epoch: e.value(i),
-                position: p.value(i),
-                label: l.value(i),
-                query_tokens: qt,
-                passage_tokens: pt,
-            });
-        }
-    }
-    rows
-}
-
-/// Training groups per epoch of the table (`epoch` 0, 1, ...), each in query order, passages
-/// by position.
-fn read_groups(batches: &[RecordBatch]) -> Result<Vec<Vec<TrainGroup>>, StageError> {
-    let mut rows = token_rows(batches);
-    rows.sort_by(|a, b| (a.epoch, &a.query, a.position).cmp(&(b.epoch, &b.query, b.position)));
-    let mut epochs: Vec<Vec<TrainGroup>> = Vec::new();
-    let mut current: Option<(i32, String)> = None;
-    for row in rows {
-        let key = Some((row.epoch, row.query));
-        if key.as_ref().map(|k| k.0) != current.as_ref().map(|k| k.0) {
-            if row.epoch != epochs.len() as i32 {
-                return Err(StageError::data(
-                    "tokens",
-                    None,
-                    format!(
-                        "epoch {} follows epoch {}: epochs are numbered 0, 1, ...",
-                        row.epoch,
-                        epochs.len() as i32 - 1
-                    ),
-                ));
-            }
-            epochs.push(Vec::new());
-        }
-        let groups = epochs.last_mut().expect("pushed above");
-        if key != current {
-            groups.push(TrainGroup {
-                query: row.query_tokens,
-                passages: Vec::new(),
-                labels: Vec::new(),
-            });
-            current = key;
-        }
-        let last = groups.last_mut().expect("pushed above");
-        last.passages.push(row.passage_tokens);
-        last.labels.push(row.label);
-    }
-    check_shapes(&epochs)?;
-    Ok(epochs)
-}
-
-/// One group size for the losses, the same number of lists in every epoch.
-fn check_shapes(epochs: &[Vec<TrainGroup>]) -> Result<(), StageError> {
-    let first = epochs.first().and_then(|e| e.first());
-    if let (Some(first), Some(bad)) = (
-        first,
-        epochs
-            .iter()
-            .flatten()
-            .find(|g| Some(g.passages.len()) != first.map(|f| f.passages.len())),
-    ) {
-        return Err(StageError::data(
-            "tokens",
-            None,
-            format!(
-                "groups of {} and {} passages: the losses need one group size",
-                first.passages.len(),
-                bad.passages.len()
-            ),
-        ));
-    }
-    if let Some(bad) = epochs.iter().find(|e| e.len() != epochs[0].len()) {
-        return Err(StageError::data(
-            "tokens",
-            None,
-            format!(
-                "epochs of {} and {} lists: every epoch needs the same queries",
-                epochs[0].len(),
-                bad.len()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 impl TrainStage {
     fn train_config(&self, total_steps: u64) -> TrainConfig {
         let c = &self.config;
@@ -430,17 +335,30 @@ impl TrainStage {
         ))
     }
 
+    /// The `tokens` table's lists, read a record batch at a time.
+    async fn read_lists(&self, ctx: &mut StageContext) -> Result<TrainLists, StageError> {
+        let memory_limit = self.config.tokens_in_memory_mb << 20;
+        let mut builder = ListsBuilder::new(memory_limit, ctx.state_dir()?);
+        let mut input = ctx.stream_input("tokens").await?;
+        while let Some(batch) = input.next().await? {
+            builder.add(&batch)?;
+        }
+        let lists = builder.finish()?;
+        ctx.set_stat("tokens_mapped_bytes", lists.mapped_bytes());
+        Ok(lists)
+    }
+
     async fn train(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let tokens_path = ctx
             .inputs()
             .find(|i| i.role == "tokens")
             .map(|i| i.path.clone())
             .expect("required input");
-        let epochs = read_groups(&ctx.read_input("tokens").await?)?;
-        let lists = epochs.first().map_or(0, Vec::len);
-        let (steps_per_epoch, total_steps) = self.step_plan(lists)?;
+        let lists = self.read_lists(ctx).await?;
+        let groups = lists.lists();
+        let (steps_per_epoch, total_steps) = self.step_plan(groups)?;
         let run = TrainingRun {
-            epochs,
+            lists,
             steps_per_epoch,
             total_steps,
             config: self.config.clone(),
@@ -490,7 +408,7 @@ impl TrainStage {
         ctx.set_stat("device", outcome.device);
         ctx.set_stat("precision", self.config.precision.name());
         ctx.set_stat("resumed_from_step", outcome.resumed_from);
-        ctx.set_stat("groups", lists as u64);
+        ctx.set_stat("groups", groups as u64);
         if let Some(last) = log.last() {
             ctx.set_stat("final_loss", last.loss);
         }
@@ -500,7 +418,7 @@ impl TrainStage {
 
 /// Everything the training loop needs, owned, so it runs on a blocking thread.
 struct TrainingRun {
-    epochs: Vec<Vec<TrainGroup>>,
+    lists: TrainLists,
     steps_per_epoch: u64,
     total_steps: u64,
     config: Config,
@@ -538,8 +456,9 @@ impl TrainingRun {
             let step = trainer.steps();
             let epoch = step / self.steps_per_epoch;
             // Epoch e trains on the table's lists for e, cycling through its epochs.
-            let groups = &self.epochs[epoch as usize % self.epochs.len()];
-            let micro = self.micro_batches(groups, order.of(epoch, groups.len()), step);
+            let table_epoch = epoch as usize % self.lists.epochs();
+            let order = order.of(epoch, self.lists.lists());
+            let micro = self.micro_batches(table_epoch, order, step);
             let refs: Vec<&[TrainGroup]> = micro.iter().map(Vec::as_slice).collect();
             let started = Instant::now();
             let stats: StepStats = with_threads(c.threads, || trainer.step(&refs))?;
@@ -573,7 +492,7 @@ impl TrainingRun {
     /// The step's groups, split into its accumulation micro-batches.
     fn micro_batches(
         &self,
-        groups: &[TrainGroup],
+        table_epoch: usize,
         order: &[usize],
         step: u64,
     ) -> Vec<Vec<TrainGroup>> {
@@ -582,7 +501,11 @@ impl TrainingRun {
         let first = ((step % self.steps_per_epoch) as usize) * per_step;
         order[first..first + per_step]
             .chunks(c.batch_size)
-            .map(|idx| idx.iter().map(|&i| groups[i].clone()).collect())
+            .map(|idx| {
+                idx.iter()
+                    .map(|&i| self.lists.group(table_epoch, i))
+                    .collect()
+            })
             .collect()
     }
 

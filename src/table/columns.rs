@@ -61,21 +61,6 @@ pub fn tokens<'a>(values: impl IntoIterator<Item = &'a [u32]>) -> ArrayRef {
     Arc::new(builder.finish())
 }
 
-/// The token id sequences of a List<Int32> column.
-pub(crate) fn token_lists(batch: &RecordBatch, name: &str) -> Vec<Vec<u32>> {
-    let list = get::<arrow::array::ListArray>(batch, name);
-    (0..list.len())
-        .map(|i| {
-            let values = list.value(i);
-            let ints = values
-                .as_any()
-                .downcast_ref::<Int32Array>()
-                .expect("token lists hold Int32");
-            ints.values().iter().map(|&t| t as u32).collect()
-        })
-        .collect()
-}
-
 /// A FixedSizeList<Float32> column of `dim`-sized vectors from row-major values.
 pub fn vectors(values: Vec<f32>, dim: usize) -> ArrayRef {
     let field = Arc::new(arrow::datatypes::Field::new(
