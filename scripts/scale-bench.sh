@@ -4,6 +4,7 @@
 # /usr/bin/time (wall time, peak RSS), times `status` on the result, and runs the `tokenizers`
 # library's encode_batch on the same passages as the peer of `tokenize`.
 # Usage: scripts/scale-bench.sh [PASSAGES QUERIES GRADED] (env SCALE_DIR, default /tmp/synthrank-scale)
+# The peer runs in the peers' Python (PEERS_PYTHON, default .peers/bin/python: scripts/bench.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/synthrank/target}"
@@ -34,6 +35,6 @@ done
 read -r seconds kib <"$dir/time"
 printf '%-16s %12s %10s %14s\n' "(status)" "" "$seconds" "$((kib / 1024))"
 "$bin" export "$spec" lists --format tsv -o "$dir/lists.tsv" --var "data=$data" --workdir "$work"
-peer=$(python3 benches/scale/tokenizers_peer.py models/all-MiniLM-L6-v2/tokenizer.json "$dir/lists.tsv" 128)
+peer=$("${PEERS_PYTHON:-.peers/bin/python}" benches/scale/tokenizers_peer.py models/all-MiniLM-L6-v2/tokenizer.json "$dir/lists.tsv" 128)
 echo "peer: tokenizers encode_batch on the same $(($(wc -l <"$dir/lists.tsv") - 1)) passages: $peer s"
 rm -f "$dir/lists.tsv"
