@@ -761,13 +761,15 @@ fn batch_files_carry_the_requests_out_and_their_answers_back() {
 /// pieces, `pause` before each. Each batch created is followed by `others` batches of someone
 /// else's, and the list comes newest first in pages of 2 (a server may give fewer than asked).
 /// With `lose_first_create`, the connection drops after the first batch is created, before the
-/// answer.
+/// answer; with `files_unlisted`, a file's description is not found (404), as on servers that
+/// only take uploads and serve contents.
 #[derive(Default)]
 struct BatchServer {
     finish: Arc<AtomicBool>,
     pause: Duration,
     others: usize,
     lose_first_create: bool,
+    files_unlisted: bool,
 }
 
 fn batch_api_server(config: BatchServer) -> LlmServer {
@@ -776,6 +778,7 @@ fn batch_api_server(config: BatchServer) -> LlmServer {
         pause,
         others,
         lose_first_create,
+        files_unlisted,
     } = config;
     // Contents, and batches, with their creation times on one clock.
     let files = Arc::new(std::sync::Mutex::new(Vec::<(String, i64)>::new()));
@@ -796,7 +799,11 @@ fn batch_api_server(config: BatchServer) -> LlmServer {
                     serde_json::json!({"id": format!("file-{n}"), "purpose": "batch", "created_at": created_at}),
                 )
             }
-            ("GET", path) if path.starts_with("/v1/files/file-") && !path.ends_with("/content") => {
+            ("GET", path)
+                if path.starts_with("/v1/files/file-")
+                    && !path.ends_with("/content")
+                    && !files_unlisted =>
+            {
                 let n: usize = path["/v1/files/file-".len()..].parse().unwrap();
                 ok(serde_json::json!({"id": format!("file-{n}"), "created_at": files[n].1}))
             }
@@ -986,8 +993,10 @@ fn batch_api_batches_keep_to_the_file_size_and_the_number_in_flight() {
     // Two of the longest lines fit, three do not.
     let limit = 5 * longest / 2;
 
+    // Files not described: looking for a lost batch reads the list to its end.
     let server = batch_api_server(BatchServer {
         finish: Arc::new(AtomicBool::new(true)),
+        files_unlisted: true,
         ..BatchServer::default()
     });
     let dir = tempfile::tempdir().unwrap();
@@ -1023,6 +1032,10 @@ fn batch_api_batches_keep_to_the_file_size_and_the_number_in_flight() {
         })
         .collect();
     assert_eq!(steps, "cdcdcd");
+    let described = |r: &&common::llm_server::Received| {
+        r.path.starts_with("/v1/files/file-") && !r.path.ends_with("/content")
+    };
+    assert_eq!(server.requests().iter().filter(described).count(), 3);
     assert_eq!(rows(&dir.path().join("work/gen/graded_docs.parquet")), 20);
 }
 

@@ -254,12 +254,17 @@ impl BatchApi {
     /// creating a second one. The list is read newest first, a page at a time, back to the
     /// file's upload: however many other batches the organisation created since.
     pub async fn find(&self, input_file_id: &str) -> Result<Option<Batch>, LlmError> {
-        let file: FileObject = self
-            .json(
-                self.client
-                    .get(format!("{}/files/{input_file_id}", self.base)),
-            )
-            .await?;
+        let file = self
+            .client
+            .get(format!("{}/files/{input_file_id}", self.base));
+        // A server that does not describe files: the list is read to its end instead.
+        let uploaded_at = match self.json::<FileObject>(file).await {
+            Ok(file) => file.created_at,
+            Err(LlmError::Status {
+                status: 404 | 405, ..
+            }) => None,
+            Err(e) => return Err(e),
+        };
         let mut after: Option<String> = None;
         loop {
             let mut query = vec![("limit", LIST_PAGE.to_string())];
@@ -271,7 +276,7 @@ impl BatchApi {
                 .last_id
                 .clone()
                 .or_else(|| page.data.last().map(|b| b.id.clone()));
-            match scan(page.data, input_file_id, file.created_at) {
+            match scan(page.data, input_file_id, uploaded_at) {
                 Scan::Found(batch) => return Ok(Some(batch)),
                 Scan::Absent => return Ok(None),
                 // A server that ignores `after` would repeat the page forever.

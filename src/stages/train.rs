@@ -2,6 +2,8 @@
 //! the `model` table) and a `train_log`. Checkpoints in the stage's state directory let a killed
 //! run resume where it stopped, with the same result as an uninterrupted run.
 
+mod lists;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,8 +26,6 @@ use crate::pipeline::{
 use crate::spec::clean_path;
 use crate::stages::{blocking, with_threads};
 use crate::table::{self, columns};
-
-mod lists;
 use crate::train::{
     AdamWConfig, Decay, Schedule, StepStats, TrainConfig, TrainGroup, Trainer, Warmup,
     warmup_steps_for_ratio, write_synced,
@@ -133,7 +133,6 @@ fn yes() -> bool {
 fn default_tokens_in_memory_mb() -> u64 {
     4096
 }
-
 fn default_betas() -> [f64; 2] {
     [0.9, 0.999]
 }
