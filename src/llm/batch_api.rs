@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
+use tokio_util::io::ReaderStream;
 
 use super::batch::{PartialFile, io_error};
 use super::openai::{successful, transport_error};
@@ -210,9 +211,9 @@ impl BatchApi {
         );
         let tail = format!("\r\n--{boundary}--\r\n");
         let body_len = head.len() as u64 + size + tail.len() as u64;
-        let body = futures::stream::iter([Ok(head.into_bytes())])
-            .chain(file_chunks(file))
-            .chain(futures::stream::iter([Ok(tail.into_bytes())]));
+        let body = futures::stream::iter([Ok(head.into_bytes().into())])
+            .chain(ReaderStream::with_capacity(file, UPLOAD_CHUNK))
+            .chain(futures::stream::iter([Ok(tail.into_bytes().into())]));
         let request = self
             .client
             .post(format!("{}/files", self.base))
@@ -305,25 +306,6 @@ impl BatchApi {
         }
         file.finish()
     }
-}
-
-/// A file's content in chunks of at most [`UPLOAD_CHUNK`] bytes.
-fn file_chunks(
-    file: tokio::fs::File,
-) -> impl futures::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static {
-    futures::stream::unfold(Some(file), |file| async move {
-        let mut file = file?;
-        let mut chunk = vec![0; UPLOAD_CHUNK];
-        match tokio::io::AsyncReadExt::read(&mut file, &mut chunk).await {
-            Ok(0) => None,
-            Ok(n) => {
-                chunk.truncate(n);
-                Some((Ok(chunk), Some(file)))
-            }
-            // The request fails with the error; nothing more is read.
-            Err(e) => Some((Err(e), None)),
-        }
-    })
 }
 
 /// Bytes of a batch input file read at a time as it is uploaded.
